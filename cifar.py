@@ -1,0 +1,332 @@
+"""Wide ResNets on CIFAR: teachers, and students with attention transfer (--beta) and KD (--alpha).
+
+    python cifar.py --save logs/resnet_16_2_teacher --depth 16 --width 2
+    python cifar.py --save logs/at_16_1_16_2 --teacher_id resnet_16_2_teacher --beta 1e+3
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import utils
+from resnet import wrn, wrn_depth_to_blocks, wrn_params
+from utils import UserError, at_loss, kd_loss
+
+PROG = 'cifar.py'
+MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
+STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
+DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        utils.die(PROG, message)
+
+
+def build_parser():
+    p = Parser(prog=PROG, description='Wide ResNet training on CIFAR with attention transfer')
+    a = p.add_argument
+    # the 2017 flags: same names, types and defaults
+    a('--depth', default=16, type=int, help='WRN depth, 6n+4')
+    a('--width', default=1, type=float, help='WRN widening factor k')
+    a('--dataset', default='CIFAR10', type=str, help='CIFAR10 or CIFAR100')
+    a('--dataroot', default='.', type=str,
+      help='torchvision CIFAR folder (downloaded when missing), or a class-folder dataset with train/ and test/')
+    a('--dtype', default='float', type=str, help='float, double, or half / bfloat16 (autocast)')
+    a('--nthread', default=4, type=int, help='DataLoader workers')
+    a('--teacher_id', default='', type=str, help='teacher run: a name under logs/, or a run folder')
+    a('--batch_size', default=128, type=int)
+    a('--lr', default=0.1, type=float)
+    a('--epochs', default=200, type=int)
+    a('--weight_decay', default=0.0005, type=float)
+    a('--epoch_step', default='[60,120,160]', type=str, help='JSON list: epochs at whose start lr *= lr_decay_ratio')
+    a('--lr_decay_ratio', default=0.2, type=float)
+    a('--resume', default='', type=str, help='model.pt7 to continue from')
+    a('--randomcrop_pad', default=4, type=float, help='reflect padding before the random 32x32 crop')
+    a('--temperature', default=4, type=float, help='KD temperature')
+    a('--alpha', default=0, type=float, help='KD weight')
+    a('--beta', default=0, type=float, help='AT weight')
+    a('--cuda', action='store_true', help='(2017 flag, kept for compatibility; see --device)')
+    a('--save', default='', type=str, help='run folder for model.pt7 and log.txt (default: logs/<time>)')
+    a('--ngpu', default=1, type=int, help='GPUs to split each batch over')
+    a('--gpu_id', default='0', type=str, help='CUDA_VISIBLE_DEVICES')
+    # new
+    a('--seed', default=0, type=int, help='seeds torch, numpy, random and the data order')
+    a('--device', default='', type=str, help='cpu or cuda (default: cuda when available)')
+    a('--no_progress', action='store_true', help='no tqdm bars')
+    return p
+
+
+def parse_args(argv=None):
+    opt = build_parser().parse_args(argv)
+    try:
+        steps = json.loads(opt.epoch_step)
+    except json.JSONDecodeError:
+        steps = None
+    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise UserError(f'--epoch_step must be a JSON list of ints, like [60,120,160]; got {opt.epoch_step!r}')
+    try:
+        wrn_depth_to_blocks(opt.depth)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if opt.width <= 0 or int(16 * opt.width) < 1:
+        raise UserError(f'--width must be positive, got {opt.width}')
+    for name in ('batch_size', 'epochs', 'ngpu'):
+        if getattr(opt, name) <= 0 and not (name == 'epochs' and getattr(opt, name) == 0):
+            raise UserError(f'--{name} must be positive, got {getattr(opt, name)}')
+    if opt.nthread < 0:
+        raise UserError(f'--nthread must be >= 0, got {opt.nthread}')
+    if opt.dataset not in DATASETS:
+        raise UserError(f'--dataset must be one of {", ".join(DATASETS)}, got {opt.dataset!r}')
+    if opt.dtype not in {**utils.AMP_DTYPES, **utils.PARAM_DTYPES}:
+        raise UserError(f'--dtype must be float, double, half or bfloat16, got {opt.dtype!r}')
+    if opt.temperature <= 0:
+        raise UserError(f'--temperature must be positive, got {opt.temperature}')
+    return opt
+
+
+# ---------------------------------------------------------------- data
+
+def class_folder_split(root, train):
+    """train/ or test/ (also val/) of a class-folder dataset under root, else None."""
+    names = ['train'] if train else ['test', 'val']
+    for n in names:
+        if os.path.isdir(os.path.join(root, n)) and os.path.isdir(os.path.join(root, 'train')):
+            return os.path.join(root, n)
+    return None
+
+
+def create_dataset(opt, train):
+    import torchvision.transforms as T
+    from torchvision import datasets
+    transform = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    if train:
+        pad = int(opt.randomcrop_pad)
+        transform = T.Compose([T.RandomCrop(32, padding=pad, padding_mode='reflect'),
+                               T.RandomHorizontalFlip(), transform])
+    folder = class_folder_split(opt.dataroot, train)
+    if folder:
+        try:
+            return datasets.ImageFolder(folder, transform)
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f'cannot read class folders in {folder}: {e}') from None
+    if os.path.isdir(os.path.join(opt.dataroot, 'train')):
+        raise UserError(f'{opt.dataroot} has train/ but no test/ folder')
+    cls = getattr(datasets, opt.dataset)
+    try:
+        return cls(opt.dataroot, train=train, download=False, transform=transform)
+    except RuntimeError:
+        pass  # not there yet: download, as the 2017 code does
+    existed = os.path.isdir(opt.dataroot)
+    try:
+        return cls(opt.dataroot, train=train, download=True, transform=transform)
+    except Exception as e:
+        if not existed and os.path.isdir(opt.dataroot) and not os.listdir(opt.dataroot):
+            os.rmdir(opt.dataroot)  # torchvision made it for the failed download
+        raise UserError(
+            f'{opt.dataset} is not in --dataroot {opt.dataroot!r} and could not be downloaded '
+            f'({type(e).__name__}); pass --dataroot DIR holding the torchvision files, or a class-folder '
+            f'dataset (DIR/train/<class>/*.png, DIR/test/<class>/*.png)') from None
+
+
+def num_classes_of(dataset, opt):
+    return len(dataset.classes) if hasattr(dataset, 'classes') else DATASETS[opt.dataset]
+
+
+def create_loaders(opt, device):
+    train_set, test_set = create_dataset(opt, True), create_dataset(opt, False)
+    if len(train_set) == 0 or len(test_set) == 0:
+        raise UserError(f'--dataroot {opt.dataroot}: empty train or test set')
+    if len(train_set.classes) != len(test_set.classes):
+        raise UserError(f'--dataroot {opt.dataroot}: train has {len(train_set.classes)} classes, '
+                        f'test has {len(test_set.classes)}')
+    # the 2017 default of 4 workers exceeds small machines' cores; that is fine, say nothing
+    warnings.filterwarnings('ignore', message='This DataLoader will create')
+    kw = dict(batch_size=opt.batch_size, num_workers=opt.nthread, pin_memory=device.type == 'cuda',
+              persistent_workers=opt.nthread > 0)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=True, drop_last=False,
+        generator=torch.Generator().manual_seed(opt.seed), **kw)
+    test_loader = torch.utils.data.DataLoader(test_set, shuffle=False, **kw)
+    return train_loader, test_loader, num_classes_of(train_set, opt)
+
+
+# ---------------------------------------------------------------- teacher
+
+def split_prefixed(params, prefix):
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def resolve_run_folder(run_id):
+    for folder in (os.path.join('logs', run_id), run_id):
+        if os.path.isdir(folder):
+            return folder
+    raise UserError(f'--teacher_id {run_id!r}: no run folder logs/{run_id} or {run_id}')
+
+
+def load_teacher(run_id, num_classes):
+    """A finished CIFAR run (2017 format too) as (f, params, info)."""
+    folder = resolve_run_folder(run_id)
+    for name in ('log.txt', 'model.pt7'):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f'teacher run folder {folder} has no {name}')
+    stats = utils.read_json_stats(os.path.join(folder, 'log.txt'))
+    if not stats:
+        raise UserError(f'teacher {folder}/log.txt has no json_stats line')
+    info = stats[0]
+    try:
+        depth, width = int(info['depth']), float(info['width'])
+        wrn_depth_to_blocks(depth)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f'teacher {folder}/log.txt does not give a valid WRN depth and width') from None
+    params = utils.load_checkpoint(os.path.join(folder, 'model.pt7'))['params']
+    if any(k.startswith('student.') for k in params):  # a distilled run: its student is the teacher
+        params = split_prefixed(params, 'student.')
+    fc = params.get('fc.weight')
+    if fc is not None and fc.shape[0] != num_classes:
+        raise UserError(f'teacher {folder} was trained on {fc.shape[0]} classes, this dataset has {num_classes}')
+    with torch.device('meta'):
+        expected = wrn_params(depth, width, num_classes)
+    utils.check_params(params, expected, f'teacher {folder}/model.pt7')
+    return wrn, {k: params[k].float() for k in expected}, dict(depth=depth, width=width, folder=folder)
+
+
+# ---------------------------------------------------------------- run
+
+def check_save(opt):
+    """Refuse to touch a folder that holds a run, unless it is being resumed."""
+    if not opt.save:
+        opt.save = os.path.dirname(opt.resume) if opt.resume else os.path.join(
+            'logs', time.strftime('cifar_%Y%m%d-%H%M%S'))
+    existing = [n for n in ('model.pt7', 'log.txt') if os.path.exists(os.path.join(opt.save, n))]
+    if existing and not opt.resume:
+        raise UserError(f'--save {opt.save} already holds a run ({existing[0]}); pass --resume '
+                        f'{os.path.join(opt.save, "model.pt7")} to continue it, or choose another --save')
+
+
+def make_save(opt):
+    try:
+        os.makedirs(opt.save, exist_ok=True)
+        probe = os.path.join(opt.save, '.write_test')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'--save {opt.save} is not writable: {e.strerror}') from None
+
+
+def select_device(opt):
+    if opt.device not in ('', 'cpu', 'cuda') and not opt.device.startswith('cuda:'):
+        raise UserError(f'--device must be cpu or cuda, got {opt.device!r}')
+    if opt.device != 'cpu':
+        os.environ.setdefault('CUDA_VISIBLE_DEVICES', opt.gpu_id)  # before CUDA initialises
+    device = torch.device(opt.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda, but no CUDA GPU is available (try --device cpu)')
+    available = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if opt.ngpu > 1 and opt.ngpu > available:
+        raise UserError(f'--ngpu {opt.ngpu} needs {opt.ngpu} GPUs; {available} visible '
+                        f'(--gpu_id {opt.gpu_id}, device {device.type})')
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(argv=None):
+    opt = parse_args(argv)
+    print('parsed options:', vars(opt))
+    device = select_device(opt)
+    check_save(opt)
+    seed_everything(opt.seed)
+    train_loader, test_loader, num_classes = create_loaders(opt, device)
+    epoch_step = json.loads(opt.epoch_step)
+
+    params_s = wrn_params(opt.depth, opt.width, num_classes)
+    teacher = load_teacher(opt.teacher_id, num_classes) if opt.teacher_id else None
+    params_t = teacher[1] if teacher else {}
+    dtype = utils.PARAM_DTYPES.get(opt.dtype, torch.float32)
+    for p in (params_s, params_t):
+        for k in p:
+            p[k] = p[k].to(device, dtype)
+    utils.set_requires_grad_except_bn_(params_s)
+    for v in params_t.values():
+        v.requires_grad_(False)
+    # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling
+    saved = ({**{'student.' + k: v for k, v in params_s.items()},
+              **{'teacher.' + k: v for k, v in params_t.items()}} if teacher else params_s)
+
+    trained = [v for v in params_s.values() if v.requires_grad]
+
+    def make_optimizer(lr):
+        return torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=opt.weight_decay)
+
+    optimizer = make_optimizer(opt.lr)
+    epoch = 0
+    if opt.resume:
+        state = utils.load_checkpoint(opt.resume)
+        utils.check_params(state['params'], saved, f'--resume {opt.resume}')
+        with torch.no_grad():
+            for k, v in saved.items():
+                v.copy_(state['params'][k])
+        try:
+            if state.get('optimizer'):
+                optimizer.load_state_dict(state['optimizer'])
+            epoch = int(state.get('epoch', 0))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f'--resume {opt.resume}: optimizer state does not fit this model ({e})') from None
+        print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
+
+    devices = list(range(opt.ngpu))
+
+    def forward(f, params, inputs, mode):
+        return utils.data_parallel(f, inputs, params, mode, devices)
+
+    def compute(inputs, targets, mode):
+        y_s, g_s = forward(wrn, params_s, inputs, mode)
+        if not teacher:
+            return F.cross_entropy(y_s, targets), y_s, []
+        with torch.no_grad():
+            y_t, g_t = forward(wrn, params_t, inputs, False)
+        at_losses = [at_loss(x, y) for x, y in zip(g_s, g_t)]
+        return kd_loss(y_s, y_t, targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses), y_s, at_losses
+
+    make_save(opt)
+    n_parameters = utils.n_trained(params_s)
+    print(f'student WRN-{opt.depth}-{opt.width:g}: {n_parameters:,} parameters; {num_classes} classes; '
+          f'device {device}; run folder {opt.save}'
+          + (f'; teacher WRN-{teacher[2]["depth"]}-{teacher[2]["width"]:g} from {teacher[2]["folder"]}'
+             if teacher else ''))
+
+    def on_epoch_end(stats, optimizer):
+        utils.save_checkpoint(os.path.join(opt.save, 'model.pt7'), saved, optimizer, stats['epoch'])
+        record = {**vars(opt), **stats, 'num_classes': num_classes, 'n_parameters': n_parameters}
+        utils.append_log(os.path.join(opt.save, 'log.txt'), record)
+        print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} '
+              f'acc {stats["train_acc"]:.2f}%, test loss {stats["test_loss"]:.4f} acc {stats["test_acc"]:.2f}% '
+              f'({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
+
+    utils.train(compute, make_optimizer=make_optimizer, optimizer=optimizer,
+                train_loader=train_loader, test_loader=test_loader, epochs=opt.epochs,
+                start_epoch=epoch, epoch_step=epoch_step, lr_decay_ratio=opt.lr_decay_ratio,
+                device=device, on_epoch_end=on_epoch_end, n_at=3 if teacher else 0,
+                dtype=opt.dtype, progress=not opt.no_progress)
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except UserError as e:
+        utils.die(PROG, e, code=1)
+    except KeyboardInterrupt:
+        print(f'\n{PROG}: interrupted; model.pt7 holds the last finished epoch', file=sys.stderr)
+        sys.exit(130)

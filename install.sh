@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs everything into the active Python environment (make a venv first).
+# torchnet 0.0.4 needs visdom, an sdist whose setup.py imports pkg_resources,
+# which setuptools>=81 no longer ships; pip's default isolated build would fetch
+# the newest setuptools and fail. So: pin a setuptools that still has
+# pkg_resources, and build the sdists against it.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python}
+"$PY" -m pip install --upgrade pip 'setuptools>=70,<81' wheel
+"$PY" -m pip install --no-build-isolation -r requirements.txt

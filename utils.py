@@ -1,0 +1,281 @@
+"""Losses, functional layers, checkpoints and the training loop shared by cifar.py and imagenet.py."""
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.nn.init import kaiming_normal_
+from torch.nn.parallel import gather, parallel_apply, scatter
+from torch.nn.parallel._functions import Broadcast
+import torchnet as tnt
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr, never as a traceback."""
+
+
+def die(prog, message, code=2):
+    print(f'{prog}: error: {message}', file=sys.stderr)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- losses
+
+def at(x):
+    """Spatial attention map: per-sample L2-normalised mean over channels of x^2."""
+    return F.normalize(x.pow(2).mean(1).flatten(1))
+
+
+def at_loss(x, y):
+    return (at(x) - at(y)).pow(2).mean()
+
+
+def kd_loss(y, teacher_scores, labels, T, alpha):
+    """Hinton's KD: alpha * T^2 * KL(teacher || student) per sample + (1 - alpha) * CE."""
+    p = F.log_softmax(y / T, dim=1)
+    q = F.softmax(teacher_scores / T, dim=1)
+    l_kl = F.kl_div(p, q, reduction='sum') * (T ** 2) / y.shape[0]
+    l_ce = F.cross_entropy(y, labels)
+    return l_kl * alpha + l_ce * (1. - alpha)
+
+
+distillation = kd_loss  # the 2017 name
+
+
+# ---------------------------------------------------------------- params
+
+def conv_params(ni, no, k=1):
+    return kaiming_normal_(torch.empty(no, ni, k, k))
+
+
+def linear_params(ni, no):
+    return {'weight': kaiming_normal_(torch.empty(no, ni)), 'bias': torch.zeros(no)}
+
+
+def bn_params(n):
+    return {'weight': torch.rand(n), 'bias': torch.zeros(n),
+            'running_mean': torch.zeros(n), 'running_var': torch.ones(n)}
+
+
+bnparams = bn_params  # the 2017 name
+
+
+def flatten(params):
+    """{'a': {'b': t}} -> {'a.b': t}."""
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.update({f'{k}.{kk}': vv for kk, vv in flatten(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
+def is_trained(name):
+    return not name.endswith(('running_mean', 'running_var'))
+
+
+def set_requires_grad_except_bn_(params):
+    for k, v in params.items():
+        v.requires_grad_(is_trained(k) and v.is_floating_point())
+
+
+def batch_norm(x, params, base, mode):
+    return F.batch_norm(x, weight=params[base + '.weight'], bias=params[base + '.bias'],
+                        running_mean=params[base + '.running_mean'],
+                        running_var=params[base + '.running_var'], training=mode)
+
+
+def data_parallel(f, input, params, mode, device_ids, output_device=None):
+    """DataParallel for a functional model: split the batch over `device_ids`.
+
+    As with nn.DataParallel, batch-norm running statistics are updated on the
+    first device's replica only.
+    """
+    device_ids = list(device_ids)
+    if len(device_ids) <= 1:
+        return f(input, params, mode)
+    if output_device is None:
+        output_device = device_ids[0]
+    names = list(params)
+    copies = Broadcast.apply(device_ids, *params.values())
+    replicas = [dict(zip(names, copies[i * len(names):(i + 1) * len(names)]))
+                for i in range(len(device_ids))]
+    # share the first replica's running stats with the master copy
+    for k in names:
+        if not is_trained(k):
+            replicas[0][k] = params[k]
+    inputs = scatter(input, device_ids)
+    outputs = parallel_apply([lambda x, p=p: f(x, p, mode) for p in replicas[:len(inputs)]],
+                             [(x,) for x in inputs], devices=device_ids[:len(inputs)])
+    return gather(outputs, output_device)
+
+
+def n_trained(params):
+    return sum(v.numel() for k, v in params.items() if is_trained(k))
+
+
+# ---------------------------------------------------------------- run folders
+
+def save_checkpoint(path, params, optimizer, epoch):
+    """Writes {params, optimizer, epoch} atomically: a kill mid-save keeps the old file."""
+    state = dict(params={k: v.detach().cpu() for k, v in params.items()},
+                 optimizer=optimizer.state_dict(), epoch=epoch)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load a model.pt7 without running code; bad files raise UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f'no such checkpoint: {path}')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'cannot read checkpoint {path}: {type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else "corrupt file"}') from None
+    if not isinstance(state, dict) or not isinstance(state.get('params'), dict):
+        raise UserError(f'{path} is not a model.pt7 checkpoint (expected a dict with "params")')
+    return state
+
+
+def read_json_stats(log_path):
+    """The json_stats records of a log.txt, in order."""
+    records = []
+    with open(log_path) as fh:
+        for n, line in enumerate(fh, 1):
+            i = line.find('json_stats: ')
+            if i < 0:
+                continue
+            try:
+                records.append(json.loads(line[i + len('json_stats: '):]))
+            except json.JSONDecodeError:
+                raise UserError(f'{log_path}, line {n}: not a valid json_stats line') from None
+    return records
+
+
+def append_log(log_path, record):
+    with open(log_path, 'a') as fh:
+        fh.write('json_stats: ' + json.dumps(record) + '\n')
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def check_params(params, expected, what):
+    """Refuse missing, extra or mis-shaped tensors with one line naming the key."""
+    for k, v in expected.items():
+        if k not in params:
+            raise UserError(f'{what}: missing tensor {k!r}')
+        if tuple(params[k].shape) != tuple(v.shape):
+            raise UserError(f'{what}: tensor {k!r} has shape {tuple(params[k].shape)}, '
+                            f'expected {tuple(v.shape)}')
+    extra = sorted(set(params) - set(expected))
+    if extra:
+        raise UserError(f'{what}: unexpected tensor {extra[0]!r}')
+
+
+# ---------------------------------------------------------------- training loop
+
+AMP_DTYPES = {'half': torch.float16, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+PARAM_DTYPES = {'float': torch.float32, 'float32': torch.float32,
+                'double': torch.float64, 'float64': torch.float64}
+
+
+def autocast_for(device, dtype):
+    """Mixed precision: fp32 master weights, compute in `dtype` under autocast."""
+    if dtype in AMP_DTYPES:
+        return torch.autocast(device.type, dtype=AMP_DTYPES[dtype])
+    return nullcontext()
+
+
+def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
+          epochs, start_epoch, epoch_step, lr_decay_ratio, device, on_epoch_end,
+          n_at=0, topk=(1,), dtype='float', progress=True):
+    """Trains with torchnet's Engine; evaluates on `test_loader` after every epoch.
+
+    compute(inputs, targets, mode) -> (loss, logits, [per-group AT losses]).
+    make_optimizer(lr) builds a fresh optimizer: at an epoch in `epoch_step` the
+    lr is multiplied by `lr_decay_ratio` and the momentum restarts, as in 2017.
+    on_epoch_end(stats, optimizer) saves and logs; stats are the 2017 fields.
+    Returns the last epoch's stats.
+    """
+    engine = tnt.engine.Engine()
+    meter_loss = tnt.meter.AverageValueMeter()
+    classacc = tnt.meter.ClassErrorMeter(topk=list(topk), accuracy=True)
+    timer_train = tnt.meter.TimeMeter('s')
+    timer_test = tnt.meter.TimeMeter('s')
+    meters_at = [tnt.meter.AverageValueMeter() for _ in range(n_at)]
+    amp = autocast_for(device, dtype)
+    in_dtype = PARAM_DTYPES.get(dtype, torch.float32)
+    last = {}
+
+    def h(sample):
+        inputs, targets, mode = sample
+        with amp:
+            loss, y, at_losses = compute(inputs, targets, mode)
+        if mode:
+            for m, v in zip(meters_at, at_losses):
+                m.add(v.item())
+        return loss, y
+
+    def on_sample(state):
+        inputs, targets = state['sample'][:2]
+        state['sample'] = [inputs.to(device, in_dtype, non_blocking=True),
+                           targets.to(device, non_blocking=True), state['train']]
+
+    def on_forward(state):
+        classacc.add(state['output'].detach().float(), state['sample'][1])
+        meter_loss.add(state['loss'].item())
+        if progress and state['train']:
+            state['iterator'].set_postfix(loss=f'{meter_loss.value()[0]:.3f}',
+                                          acc=f'{classacc.value()[0]:.2f}', refresh=False)
+
+    def on_start(state):
+        if state['train']:
+            state['epoch'] = start_epoch
+
+    def on_start_epoch(state):
+        epoch = state['epoch'] + 1
+        if epoch in epoch_step:
+            lr = state['optimizer'].param_groups[0]['lr']
+            state['optimizer'] = make_optimizer(lr * lr_decay_ratio)
+        for m in [meter_loss, classacc, *meters_at]:
+            m.reset()
+        timer_train.reset()
+        state['iterator'] = tqdm(train_loader, desc=f'epoch {epoch}/{epochs}', dynamic_ncols=True,
+                                 leave=False, disable=not progress)
+
+    def on_end_epoch(state):
+        train_loss, train_acc = meter_loss.value()[0], classacc.value()
+        train_time = timer_train.value()
+        meter_loss.reset()
+        classacc.reset()
+        timer_test.reset()
+        with torch.no_grad():
+            engine.test(h, tqdm(test_loader, desc='test', leave=False, dynamic_ncols=True,
+                                disable=not progress))
+        test_acc = classacc.value()
+        stats = {
+            'train_loss': train_loss,
+            'train_acc': train_acc[0],
+            'test_loss': meter_loss.value()[0],
+            'test_acc': test_acc[0] if len(test_acc) == 1 else test_acc,
+            'epoch': state['epoch'],
+            'train_time': train_time,
+            'test_time': timer_test.value(),
+            'at_losses': [list(m.value()) for m in meters_at],
+        }
+        last.update(stats)
+        on_epoch_end(stats, state['optimizer'])
+
+    engine.hooks.update(on_sample=on_sample, on_forward=on_forward, on_start=on_start,
+                        on_start_epoch=on_start_epoch, on_end_epoch=on_end_epoch)
+    engine.train(h, train_loader, epochs, optimizer)
+    return last
