@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -103,6 +104,13 @@ def class_folder_split(root, train):
     return None
 
 
+def first_missing_dir(path):
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
 def create_dataset(opt, train):
     import torchvision.transforms as T
     from torchvision import datasets
@@ -124,12 +132,12 @@ def create_dataset(opt, train):
         return cls(opt.dataroot, train=train, download=False, transform=transform)
     except RuntimeError:
         pass  # not there yet: download, as the 2017 code does
-    existed = os.path.isdir(opt.dataroot)
+    made = first_missing_dir(opt.dataroot)
     try:
         return cls(opt.dataroot, train=train, download=True, transform=transform)
     except Exception as e:
-        if not existed and os.path.isdir(opt.dataroot) and not os.listdir(opt.dataroot):
-            os.rmdir(opt.dataroot)  # torchvision made it for the failed download
+        if made and not any(files for _, _, files in os.walk(made)):
+            shutil.rmtree(made)  # torchvision made these folders for the failed download
         raise UserError(
             f'{opt.dataset} is not in --dataroot {opt.dataroot!r} and could not be downloaded '
             f'({type(e).__name__}); pass --dataroot DIR holding the torchvision files, or a class-folder '

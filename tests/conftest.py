@@ -1,0 +1,58 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def make_class_folders(root, classes=3, train_per_class=16, test_per_class=8, seed=0):
+    """A tiny learnable dataset: class c has a bright channel c, on noise."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', train_per_class), ('test', test_per_class)):
+        for c in range(classes):
+            d = Path(root, split, f'class{c}')
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)
+                img[..., c % 3] += 120
+                Image.fromarray(img).save(d / f'{i:03d}.png')
+    return Path(root)
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    return make_class_folders(tmp_path_factory.mktemp('data'))
+
+
+def run_cifar(args, cwd, check=True, timeout=300):
+    """Runs cifar.py as a user would, in `cwd` (so logs/ resolves there)."""
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
+    p = subprocess.run([sys.executable, str(ROOT / 'cifar.py'), '--no_progress', *map(str, args)],
+                       cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f'cifar.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}')
+    return p
+
+
+def read_log(folder):
+    lines = Path(folder, 'log.txt').read_text().splitlines()
+    assert all(line.startswith('json_stats: ') for line in lines)
+    return [json.loads(line[len('json_stats: '):]) for line in lines]
+
+
+def tree_digest(folder):
+    """A hash of every file's path and bytes under folder."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob('*')):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

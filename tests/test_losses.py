@@ -1,0 +1,79 @@
+"""Losses against the formulas of REFERENCE.md section 5, written out by hand in numpy."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+
+def hand_at(x):
+    x = x.numpy().astype(np.float64)
+    n, c, h, w = x.shape
+    out = np.zeros((n, h * w))
+    for i in range(n):
+        m = np.zeros(h * w)
+        for j in range(h * w):
+            m[j] = sum(x[i, k].reshape(-1)[j] ** 2 for k in range(c)) / c
+        out[i] = m / max(math.sqrt((m ** 2).sum()), 1e-12)
+    return out
+
+
+def hand_kd(y, t, labels, T, alpha):
+    y, t = y.numpy().astype(np.float64), t.numpy().astype(np.float64)
+    n, k = y.shape
+    kl, ce = 0.0, 0.0
+    for i in range(n):
+        ys, ts = y[i] / T, t[i] / T
+        log_p = ys - math.log(sum(math.exp(v) for v in ys))
+        q = [math.exp(v) / sum(math.exp(u) for u in ts) for v in ts]
+        kl += sum(q[j] * (math.log(q[j]) - log_p[j]) for j in range(k))
+        ce += -(y[i][labels[i]] - math.log(sum(math.exp(v) for v in y[i])))
+    return alpha * T * T * kl / n + (1 - alpha) * ce / n
+
+
+def test_at_is_normalised_channel_mean_of_squares():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, 6)
+    a = utils.at(x)
+    assert a.shape == (3, 24)
+    np.testing.assert_allclose(a.numpy(), hand_at(x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(a.norm(dim=1).numpy(), 1, rtol=1e-6)
+
+
+def test_at_loss_is_mean_squared_map_difference():
+    torch.manual_seed(1)
+    s, t = torch.randn(4, 8, 5, 5), torch.randn(4, 16, 5, 5)  # channel counts may differ
+    expected = ((hand_at(s) - hand_at(t)) ** 2).mean()
+    assert utils.at_loss(s, t).item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert utils.at_loss(s, s).item() == 0
+    # the map ignores channel scale and sign, so a rescaled copy matches exactly
+    assert utils.at_loss(s, -3 * s).item() == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize('alpha,T', [(0.9, 4.0), (0.0, 4.0), (1.0, 2.0), (0.5, 1.0)])
+def test_kd_loss_matches_formula(alpha, T):
+    torch.manual_seed(2)
+    y, t = torch.randn(6, 10) * 3, torch.randn(6, 10) * 3
+    labels = torch.randint(0, 10, (6,))
+    got = utils.kd_loss(y, t, labels, T, alpha).item()
+    assert got == pytest.approx(hand_kd(y, t, labels, T, alpha), rel=1e-6, abs=1e-6)
+
+
+def test_kd_divides_kl_by_batch_not_batch_times_classes():
+    # the 2018 fix: equal logits give 0; known KL for a 2-class case
+    y = torch.tensor([[0.0, 0.0]])
+    t = torch.tensor([[math.log(3.0), 0.0]])  # q = (3/4, 1/4), p = (1/2, 1/2)
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert utils.kd_loss(y, t, torch.tensor([0]), 1.0, 1.0).item() == pytest.approx(kl, rel=1e-6)
+    y2, t2 = y.repeat(5, 1), t.repeat(5, 1)
+    assert utils.kd_loss(y2, t2, torch.zeros(5, dtype=torch.long), 1.0, 1.0).item() == pytest.approx(kl, rel=1e-6)
+
+
+def test_alpha_zero_is_cross_entropy_and_alias():
+    y, t = torch.randn(4, 3), torch.randn(4, 3)
+    labels = torch.tensor([0, 2, 1, 1])
+    ce = torch.nn.functional.cross_entropy(y, labels)
+    assert utils.kd_loss(y, t, labels, 4, 0).item() == pytest.approx(ce.item(), rel=1e-7)
+    assert utils.distillation is utils.kd_loss

@@ -1,0 +1,145 @@
+"""End to end: cifar.py on a tiny class-folder dataset, as a user runs it."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import read_log, run_cifar
+from nn_wrn import NNWideResNet
+
+SMALL = ['--depth', 10, '--width', 1, '--batch_size', 16, '--nthread', 0]
+STATS = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'num_classes', 'n_parameters',
+         'train_time', 'test_time', 'at_losses'}
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def nn_test_accuracy(params, depth, width, data_root):
+    """Test accuracy of saved params run through the torch.nn reference WRN, with our own
+    reading and normalising of the images (REFERENCE section 3)."""
+    mean = np.array([125.3, 123.0, 113.9]) / 255
+    std = np.array([63.0, 62.1, 66.7]) / 255
+    classes = sorted(p.name for p in Path(data_root, 'test').iterdir())
+    xs, ys = [], []
+    for c, name in enumerate(classes):
+        for f in sorted(Path(data_root, 'test', name).iterdir()):
+            xs.append((np.asarray(Image.open(f).convert('RGB'), np.float64) / 255 - mean) / std)
+            ys.append(c)
+    x = torch.tensor(np.stack(xs), dtype=torch.float32).permute(0, 3, 1, 2)
+    net = NNWideResNet(depth, width, len(classes)).load_flat_state(params).eval()
+    with torch.no_grad():
+        pred = net(x)[0].argmax(1)
+    return 100.0 * (pred == torch.tensor(ys)).float().mean().item()
+
+
+@pytest.fixture(scope='module')
+def teacher_run(tiny_data, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp('work')
+    run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 2, '--save', 'logs/teacher'], cwd)
+    return cwd
+
+
+def test_teacher_run_folder_format(teacher_run, tiny_data):
+    folder = teacher_run / 'logs' / 'teacher'
+    state = load(folder / 'model.pt7')
+    assert set(state) == {'params', 'optimizer', 'epoch'} and state['epoch'] == 2
+    assert 'conv0' in state['params'] and 'fc.weight' in state['params']
+    assert not any(k.startswith(('student.', 'teacher.')) for k in state['params'])
+    assert state['optimizer']['param_groups'][0]['momentum'] == 0.9
+    log = read_log(folder)
+    assert [r['epoch'] for r in log] == [1, 2]
+    for r in log:
+        assert STATS <= set(r)
+        assert r['depth'] == 10 and r['seed'] == 0 and r['save'] == 'logs/teacher'  # every option
+        assert r['num_classes'] == 3 and r['at_losses'] == [] and r['n_parameters'] == 77_395
+    # the saved params, run through an independent torch.nn WRN, give the logged accuracy
+    acc = nn_test_accuracy({k: v.float() for k, v in state['params'].items()}, 10, 1, tiny_data)
+    assert acc == pytest.approx(log[-1]['test_acc'], abs=1e-6)
+
+
+def test_student_with_teacher_at_and_kd(teacher_run, tiny_data):
+    run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 2, '--save', 'logs/student',
+               '--teacher_id', 'teacher', '--beta', 1e3, '--alpha', 0.9], teacher_run)
+    folder = teacher_run / 'logs' / 'student'
+    state = load(folder / 'model.pt7')
+    names = set(state['params'])
+    assert {n for n in names if not n.startswith('student.') and not n.startswith('teacher.')} == set()
+    teacher = load(teacher_run / 'logs' / 'teacher' / 'model.pt7')['params']
+    for k, v in teacher.items():  # the teacher rode along, untouched
+        assert torch.equal(state['params']['teacher.' + k], v)
+    assert not torch.equal(state['params']['student.conv0'], teacher['conv0'])
+    log = read_log(folder)
+    assert len(log) == 2 and log[0]['teacher_id'] == 'teacher' and log[0]['beta'] == 1e3
+    assert len(log[0]['at_losses']) == 3 and all(m > 0 and math.isfinite(m) for m, _ in log[0]['at_losses'])
+    # the distilled student's checkpoint itself serves as a teacher (its student. tensors)
+    run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 1, '--save', 'logs/student2',
+               '--teacher_id', str(folder), '--beta', 1e3], teacher_run)
+
+
+def test_resume_continues_epochs_and_lr_schedule(tiny_data, tmp_path):
+    common = [*SMALL, '--dataroot', tiny_data, '--epoch_step', '[2,3]', '--lr', 0.1]
+    run_cifar([*common, '--epochs', 1, '--save', 'logs/r'], tmp_path)
+    assert load(tmp_path / 'logs/r/model.pt7')['optimizer']['param_groups'][0]['lr'] == pytest.approx(0.1)
+    out = run_cifar([*common, '--epochs', 3, '--resume', 'logs/r/model.pt7'], tmp_path)
+    assert 'resumed from logs/r/model.pt7 at epoch 1' in out.stdout
+    state = load(tmp_path / 'logs/r/model.pt7')
+    assert state['epoch'] == 3
+    assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(0.1 * 0.2 * 0.2)
+    assert [r['epoch'] for r in read_log(tmp_path / 'logs/r')] == [1, 2, 3]
+    # a run with no lr steps keeps the lr, and its momentum buffers come back on resume
+    assert all('momentum_buffer' in s for s in state['optimizer']['state'].values())
+
+
+def test_same_seed_same_run_other_seed_other_run(tiny_data, tmp_path):
+    args = [*SMALL, '--dataroot', tiny_data, '--epochs', 1]
+    run_cifar([*args, '--save', 'logs/a'], tmp_path)
+    run_cifar([*args, '--save', 'logs/b'], tmp_path)
+    run_cifar([*args, '--save', 'logs/c', '--seed', 1], tmp_path)
+    a, b, c = (read_log(tmp_path / 'logs' / n)[0] for n in 'abc')
+    assert (a['train_loss'], a['test_loss']) == (b['train_loss'], b['test_loss'])
+    assert a['train_loss'] != c['train_loss'] and c['seed'] == 1
+    pa, pb = (load(tmp_path / 'logs' / n / 'model.pt7')['params'] for n in 'ab')
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def write_2017_run(folder, depth, width, num_classes):
+    """A teacher run as the 2017 code left it: plain names, legacy torch.save, log with
+    the 2017 options (no seed, no device)."""
+    torch.manual_seed(5)
+    net = NNWideResNet(depth, width, num_classes)
+    params = net.flat_state()
+    folder.mkdir(parents=True)
+    torch.save({'params': params, 'optimizer': {}, 'epoch': 200},
+               folder / 'model.pt7', _use_new_zipfile_serialization=False)
+    opts = dict(depth=depth, width=float(width), dataset='CIFAR10', dataroot='.', dtype='float', nthread=4,
+                teacher_id='', batch_size=128, lr=0.1, epochs=200, weight_decay=0.0005,
+                epoch_step='[60,120,160]', lr_decay_ratio=0.2, resume='', randomcrop_pad=4,
+                temperature=4, alpha=0, beta=0, cuda=False, save=str(folder), ngpu=1, gpu_id='0')
+    stats = dict(train_loss=0.1, train_acc=[99.0], test_loss=0.3, test_acc=93.7, epoch=200,
+                 num_classes=num_classes, n_parameters=1, train_time=1.0, test_time=1.0, at_losses=[])
+    (folder / 'log.txt').write_text('json_stats: ' + json.dumps({**opts, **stats}) + '\n')
+    return params
+
+
+def test_2017_format_teacher(tiny_data, tmp_path):
+    params = write_2017_run(tmp_path / 'logs' / 'resnet_16_2_teacher', 16, 2, 3)
+    run_cifar([*SMALL, '--depth', 16, '--dataroot', tiny_data, '--epochs', 1, '--save', 'logs/at_16_1_16_2',
+               '--teacher_id', 'resnet_16_2_teacher', '--beta', 1e3, '--alpha', 0.9], tmp_path)
+    saved = load(tmp_path / 'logs/at_16_1_16_2/model.pt7')['params']
+    assert saved['teacher.group0.block0.convdim'].shape == (32, 16, 1, 1)
+    assert torch.equal(saved['teacher.fc.weight'], params['fc.weight'])
+    assert saved['student.fc.weight'].shape == (3, 64)
+
+
+@pytest.mark.parametrize('dtype', ['half', 'bfloat16'])
+def test_mixed_precision_does_not_crash(tiny_data, tmp_path, dtype):
+    run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 1, '--dtype', dtype, '--save', 'logs/m'], tmp_path)
+    r = read_log(tmp_path / 'logs/m')[0]
+    assert math.isfinite(r['train_loss']) and r['dtype'] == dtype
+    assert load(tmp_path / 'logs/m/model.pt7')['params']['conv0'].dtype == torch.float32  # fp32 master weights
