@@ -195,10 +195,44 @@ def autocast_for(device, dtype):
     return nullcontext()
 
 
+def compiled(f, enabled, prog):
+    """torch.compile(f), falling back to f, with one line, where compilation fails."""
+    if not enabled:
+        return f
+    current = [torch.compile(f)]
+
+    def call(*args, **kwargs):
+        if current[0] is f:
+            return f(*args, **kwargs)
+        try:
+            return current[0](*args, **kwargs)
+        except Exception as e:  # no compiler, unsupported backend, ...
+            print(f'{prog}: --compile unavailable here ({type(e).__name__}); running eagerly', file=sys.stderr)
+            current[0] = f
+            return f(*args, **kwargs)
+    return call
+
+
+class GradScaled:
+    """An optimizer whose step(closure) goes through a GradScaler (fp16), for torchnet's Engine."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def __getattr__(self, name):  # param_groups, zero_grad, state_dict, ...
+        return getattr(self.optimizer, name)
+
+    def step(self, closure):
+        loss = closure()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
+
+
 def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
           epochs, start_epoch, epoch_step, lr_decay_ratio, device, on_epoch_end,
           n_at=0, topk=(1,), dtype='float', progress=True):
-    """Trains with torchnet's Engine; evaluates on `test_loader` after every epoch.
+    """Trains with torchnet's Engine; evaluates on `test_loader` (if any) after every epoch.
 
     compute(inputs, targets, mode) -> (loss, logits, [per-group AT losses]).
     make_optimizer(lr) builds a fresh optimizer: at an epoch in `epoch_step` the
@@ -214,16 +248,22 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
     meters_at = [tnt.meter.AverageValueMeter() for _ in range(n_at)]
     amp = autocast_for(device, dtype)
     in_dtype = PARAM_DTYPES.get(dtype, torch.float32)
-    last = {}
+    if AMP_DTYPES.get(dtype) == torch.float16:  # fp16 gradients underflow without loss scaling
+        scaler = torch.amp.GradScaler(device.type)
+        new_optimizer, optimizer = (lambda lr: GradScaled(make_optimizer(lr), scaler)), GradScaled(optimizer, scaler)
+    else:
+        scaler, new_optimizer = None, make_optimizer
+    last, current = {}, {}
 
     def h(sample):
         inputs, targets, mode = sample
         with amp:
             loss, y, at_losses = compute(inputs, targets, mode)
+        current['loss'] = loss.detach()
         if mode:
             for m, v in zip(meters_at, at_losses):
                 m.add(v.item())
-        return loss, y
+        return (scaler.scale(loss) if scaler and mode else loss), y
 
     def on_sample(state):
         inputs, targets = state['sample'][:2]
@@ -232,7 +272,7 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
 
     def on_forward(state):
         classacc.add(state['output'].detach().float(), state['sample'][1])
-        meter_loss.add(state['loss'].item())
+        meter_loss.add(current['loss'].item())
         if progress and state['train']:
             state['iterator'].set_postfix(loss=f'{meter_loss.value()[0]:.3f}',
                                           acc=f'{classacc.value()[0]:.2f}', refresh=False)
@@ -245,7 +285,7 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
         epoch = state['epoch'] + 1
         if epoch in epoch_step:
             lr = state['optimizer'].param_groups[0]['lr']
-            state['optimizer'] = make_optimizer(lr * lr_decay_ratio)
+            state['optimizer'] = new_optimizer(lr * lr_decay_ratio)
         for m in [meter_loss, classacc, *meters_at]:
             m.reset()
         timer_train.reset()
@@ -254,24 +294,18 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
 
     def on_end_epoch(state):
         train_loss, train_acc = meter_loss.value()[0], classacc.value()
-        train_time = timer_train.value()
-        meter_loss.reset()
-        classacc.reset()
-        timer_test.reset()
-        with torch.no_grad():
-            engine.test(h, tqdm(test_loader, desc='test', leave=False, dynamic_ncols=True,
-                                disable=not progress))
-        test_acc = classacc.value()
-        stats = {
-            'train_loss': train_loss,
-            'train_acc': train_acc[0],
-            'test_loss': meter_loss.value()[0],
-            'test_acc': test_acc[0] if len(test_acc) == 1 else test_acc,
-            'epoch': state['epoch'],
-            'train_time': train_time,
-            'test_time': timer_test.value(),
-            'at_losses': [list(m.value()) for m in meters_at],
-        }
+        stats = {'train_loss': train_loss, 'train_acc': train_acc[0], 'epoch': state['epoch'],
+                 'train_time': timer_train.value(), 'at_losses': [list(m.value()) for m in meters_at]}
+        if test_loader is not None:
+            meter_loss.reset()
+            classacc.reset()
+            timer_test.reset()
+            with torch.no_grad():
+                engine.test(h, tqdm(test_loader, desc='test', leave=False, dynamic_ncols=True,
+                                    disable=not progress))
+            test_acc = classacc.value()
+            stats.update(test_loss=meter_loss.value()[0], test_time=timer_test.value(),
+                         test_acc=test_acc[0] if len(test_acc) == 1 else test_acc)
         last.update(stats)
         on_epoch_end(stats, state['optimizer'])
 
@@ -279,3 +313,63 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
                         on_start_epoch=on_start_epoch, on_end_epoch=on_end_epoch)
     engine.train(h, train_loader, epochs, optimizer)
     return last
+
+
+# ---------------------------------------------------------------- device-resident data
+
+def crop_flip(padded, top, left, flip, size):
+    """Per-sample crops of `padded` (B,C,H,W) at (top, left), mirrored where `flip`: one gather."""
+    b, c = padded.shape[:2]
+    ar = torch.arange(size, device=padded.device)
+    rows = (top[:, None] + ar)[:, None, :, None]
+    cols = left[:, None] + ar
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    return padded[torch.arange(b, device=padded.device)[:, None, None, None],
+                  torch.arange(c, device=padded.device)[None, :, None, None], rows, cols]
+
+
+class DeviceLoader:
+    """A whole image dataset as one uint8 tensor on the training device, batched there.
+
+    Training batches get what the torchvision pipeline gives one image at a time:
+    reflect-pad, a random crop back to full size and a random horizontal flip,
+    then scaling to [0,1] and normalisation, vectorised over the batch. The
+    order is reshuffled every epoch from `generator`. It yields (inputs, targets)
+    like a DataLoader, already on the device.
+    """
+
+    def __init__(self, images, labels, *, batch_size, mean, std, train, pad=4, device='cpu',
+                 generator=None, channels_last=False):
+        device = torch.device(device)
+        self.images = images.to(device)  # (N, C, H, W) uint8
+        self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
+        self.batch_size, self.train, self.pad = batch_size, train, int(pad)
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.generator = generator
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def augment(self, x):
+        n, size = x.shape[0], x.shape[-1]
+        if self.pad:
+            x = F.pad(x, [self.pad] * 4, mode='reflect')
+        g, dev = self.generator, x.device
+        top = torch.randint(0, 2 * self.pad + 1, (n,), device=dev, generator=g)
+        left = torch.randint(0, 2 * self.pad + 1, (n,), device=dev, generator=g)
+        flip = torch.randint(0, 2, (n,), device=dev, generator=g).bool()
+        return crop_flip(x, top, left, flip, size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = (torch.randperm(n, device=self.labels.device, generator=self.generator)
+                 if self.train else torch.arange(n, device=self.labels.device))
+        for idx in order.split(self.batch_size):
+            x = self.images[idx].float()
+            if self.train:
+                x = self.augment(x)
+            # the same float ops as ToTensor + Normalize, so outputs match torchvision's bit for bit
+            x = x.div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
+            yield x, self.labels[idx]
