@@ -143,3 +143,21 @@ def test_mixed_precision_does_not_crash(tiny_data, tmp_path, dtype):
     r = read_log(tmp_path / 'logs/m')[0]
     assert math.isfinite(r['train_loss']) and r['dtype'] == dtype
     assert load(tmp_path / 'logs/m/model.pt7')['params']['conv0'].dtype == torch.float32  # fp32 master weights
+
+
+def test_torchvision_loader_path(tiny_data, tmp_path):
+    """The 2017 per-image pipeline stays selectable and gives a consistent run."""
+    run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 1, '--loader', 'torchvision', '--nthread', 1,
+               '--channels_last', 0, '--save', 'logs/tv'], tmp_path)
+    r = read_log(tmp_path / 'logs/tv')[0]
+    assert r['loader'] == 'torchvision' and r['channels_last'] == 0
+    acc = nn_test_accuracy(load(tmp_path / 'logs/tv/model.pt7')['params'], 10, 1, tiny_data)
+    assert acc == pytest.approx(r['test_acc'], abs=1e-6)
+
+
+def test_compile_falls_back_cleanly(tiny_data, tmp_path):
+    """--compile either compiles or says in one line that it runs eagerly; the run completes."""
+    p = run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 1, '--compile', '--save', 'logs/c'],
+                  tmp_path, timeout=600)
+    assert 'Traceback' not in p.stderr
+    assert math.isfinite(read_log(tmp_path / 'logs/c')[0]['train_loss'])

@@ -1,0 +1,99 @@
+"""The device-resident loader gives what the 2017 torchvision pipeline gives, image for image."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import utils
+from cifar import MEAN, STD
+
+
+def torchvision_view(img, top, left, flip):
+    """The 2017 pipeline with its random draws fixed: reflect-pad 4, crop, flip, normalise."""
+    x = TF.crop(TF.pad(img, 4, padding_mode='reflect'), top, left, 32, 32)
+    x = TF.hflip(x) if flip else x
+    return TF.normalize(TF.to_tensor(x), MEAN, STD)
+
+
+@pytest.fixture(scope='module')
+def image():
+    return np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def loader(images, labels, train, batch_size=500, seed=0):
+    return utils.DeviceLoader(images, labels, batch_size=batch_size, mean=MEAN, std=STD, train=train,
+                              generator=torch.Generator().manual_seed(seed))
+
+
+def test_each_offset_and_flip_equals_torchvision(image):
+    pil = Image.fromarray(image)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    padded = torch.nn.functional.pad(x, [4] * 4, mode='reflect')
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    for top, left, flip in itertools.product(range(9), range(9), (False, True)):
+        out = utils.crop_flip(padded, torch.tensor([top]), torch.tensor([left]), torch.tensor([flip]), 32)
+        out = out.div_(255).sub_(mean).div_(std)[0]
+        assert torch.equal(out, torchvision_view(pil, top, left, flip)), (top, left, flip)
+
+
+def test_random_crops_cover_all_81_offsets_by_2_flips(image):
+    pil = Image.fromarray(image)
+    views = {(t, l, f): torchvision_view(pil, t, l, f) for t in range(9) for l in range(9) for f in (0, 1)}
+    keys = {v.numpy().tobytes(): k for k, v in views.items()}
+    assert len(keys) == 162  # a random image: every view distinct
+    images = torch.from_numpy(image).permute(2, 0, 1)[None].repeat(3000, 1, 1, 1)
+    seen = []
+    for x, _ in loader(images, [0] * 3000, train=True):
+        seen += [keys[v.numpy().tobytes()] for v in x]  # KeyError: an output torchvision cannot give
+    counts = {k: seen.count(k) for k in views}
+    assert min(counts.values()) > 0 and len(seen) == 3000
+    # roughly uniform, as RandomCrop and RandomHorizontalFlip are
+    assert max(counts.values()) < 3 * 3000 / 162
+    assert abs(sum(k[2] for k in seen) / 3000 - 0.5) < 0.05
+
+
+def test_shuffle_is_seeded_and_fresh_each_epoch():
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 3, 32, 32).contiguous()
+    labels = list(range(50))
+
+    def epochs(seed):
+        ld = loader(images, labels, train=True, batch_size=16, seed=seed)
+        return [torch.cat([y for _, y in ld]).tolist() for _ in range(2)]
+
+    a, b, c = epochs(0), epochs(0), epochs(1)
+    assert a == b and a != c
+    assert a[0] != a[1] and sorted(a[0]) == sorted(a[1]) == labels
+
+
+def test_test_split_is_plain_and_in_order(image):
+    images = torch.from_numpy(image).permute(2, 0, 1)[None].repeat(7, 1, 1, 1)
+    ld = loader(images, list(range(7)), train=False, batch_size=3)
+    batches = list(ld)
+    assert len(ld) == 3 and [len(y) for _, y in batches] == [3, 3, 1]
+    assert torch.cat([y for _, y in batches]).tolist() == list(range(7))
+    plain = TF.normalize(TF.to_tensor(Image.fromarray(image)), MEAN, STD)
+    assert all(torch.equal(v, plain) for x, _ in batches for v in x)
+
+
+def test_channels_last_changes_layout_not_values(image):
+    images = torch.from_numpy(image).permute(2, 0, 1)[None].repeat(4, 1, 1, 1)
+    a = next(iter(loader(images, [0] * 4, train=False)))[0]
+    ld = utils.DeviceLoader(images, [0] * 4, batch_size=4, mean=MEAN, std=STD, train=False, channels_last=True)
+    b = next(iter(ld))[0]
+    assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compiled_falls_back_to_eager_with_one_line(monkeypatch, capsys):
+    def broken_compile(f):
+        def fail(*a, **k):
+            raise RuntimeError('no C++ compiler')
+        return fail
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    f = utils.compiled(lambda x: x + 1, True, 'prog')
+    assert f(1) == 2 and f(2) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['prog: --compile unavailable here (RuntimeError); running eagerly']
+    assert utils.compiled(len, False, 'prog') is len
