@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Throughput of cifar.py's paths, measured side by side in one process.
+
+Each configuration is built once through cifar.py's own `build` and trained by
+utils.train, the loop cifar.py uses; img/s count data loading and the whole
+step. The configurations run in turn (A B C A B C ...) and the medians over
+repeats are printed with their ratio to the first one.
+
+    python scripts/benchmark.py --dataroot /tmp/cifar10-jpg
+    python scripts/benchmark.py --dataroot /tmp/cifar10-jpg --configs faithful,fast,fast-bf16 --repeats 5
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from itertools import islice
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import torch  # noqa: E402
+
+import cifar  # noqa: E402
+import utils  # noqa: E402
+from resnet import wrn_params  # noqa: E402
+
+CONFIGS = {
+    'faithful': ['--loader', 'torchvision', '--channels_last', '0'],  # the 2017 path: per-image PIL, fp32 eager
+    'fast': [],  # cifar.py's defaults
+    'fast-bf16': ['--dtype', 'bfloat16'],
+    'fast-half': ['--dtype', 'half'],
+    'fast-compile': ['--compile'],
+    'fast-nocl': ['--channels_last', '0'],
+}
+
+
+class Timed:
+    """Yields `n` batches of a loader, cycling it, and notes when each one was asked for."""
+
+    def __init__(self, loader, n, device):
+        self.loader, self.n, self.device, self.times = loader, n, device, []
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        self.times = []
+        it = iter(self.loader)
+        for i in range(self.n + 1):
+            if self.device.type == 'cuda':
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            if i == self.n:
+                return
+            try:
+                yield next(it)
+            except StopIteration:  # a small split: go round again
+                it = iter(self.loader)
+                yield next(it)
+
+
+def make_teacher(folder, depth, width, num_classes):
+    """A randomly initialised teacher run folder: speed does not depend on the weights."""
+    os.makedirs(folder)
+    torch.save({'params': wrn_params(depth, width, num_classes), 'optimizer': {}, 'epoch': 0},
+               os.path.join(folder, 'model.pt7'))
+    with open(os.path.join(folder, 'log.txt'), 'w') as fh:
+        fh.write('json_stats: ' + json.dumps({'depth': depth, 'width': width}) + '\n')
+
+
+def train_rate(run, opt, steps, warmup):
+    timed = Timed(run.train_loader, warmup + steps, run.device)
+    utils.train(run.compute, make_optimizer=run.make_optimizer, optimizer=run.make_optimizer(opt.lr),
+                train_loader=timed, test_loader=None, epochs=1, start_epoch=0, epoch_step=[],
+                lr_decay_ratio=1, device=run.device, on_epoch_end=lambda *a: None,
+                n_at=3 if run.teacher else 0, dtype=opt.dtype, progress=False)
+    return steps * opt.batch_size / (timed.times[-1] - timed.times[warmup])
+
+
+def eval_rate(run, opt, steps, warmup):
+    timed = Timed(run.test_loader, warmup + steps, run.device)
+    with torch.no_grad(), utils.autocast_for(run.device, opt.dtype):
+        for x, y in timed:
+            run.compute(x.to(run.device), y.to(run.device), False)[0].item()
+    return steps * opt.batch_size / (timed.times[-1] - timed.times[warmup])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--dataroot', required=True)
+    p.add_argument('--configs', default='faithful,fast', help=f'comma list of {", ".join(CONFIGS)}')
+    p.add_argument('--depth', type=int, default=16)
+    p.add_argument('--width', type=float, default=1)
+    p.add_argument('--teacher', default='16,2', help='teacher depth,width; "" for no teacher')
+    p.add_argument('--batch_size', type=int, default=128)
+    p.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--device', default='')
+    p.add_argument('--nthread', default='4', help="DataLoader workers of the faithful path (cifar.py's default)")
+    args = p.parse_args()
+    names = args.configs.split(',')
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        sys.exit(f'benchmark.py: error: unknown config {unknown[0]!r}; choose from {", ".join(CONFIGS)}')
+
+    tmp = tempfile.mkdtemp()
+    common = ['--dataroot', args.dataroot, '--depth', str(args.depth), '--width', str(args.width),
+              '--batch_size', str(args.batch_size), '--no_progress', '--device', args.device, '--nthread', args.nthread]
+    if args.teacher:
+        td, tw = args.teacher.split(',')
+        train_dir = os.path.join(args.dataroot, 'train')
+        classes = len(os.listdir(train_dir)) if os.path.isdir(train_dir) else 10
+        make_teacher(os.path.join(tmp, 'teacher'), int(td), float(tw), classes)
+        common += ['--teacher_id', os.path.join(tmp, 'teacher'), '--beta', '1e+3']
+
+    runs = {}
+    for name in names:
+        opt = cifar.parse_args(common + CONFIGS[name])
+        t = time.perf_counter()
+        try:
+            runs[name] = (cifar.build(opt), opt)
+        except utils.UserError as e:
+            sys.exit(f'benchmark.py: error: {e}')
+        print(f'# {name}: built in {time.perf_counter() - t:.1f}s (data decoding included)', flush=True)
+    device = runs[names[0]][0].device
+    train, evals, peak = {n: [] for n in names}, {n: [] for n in names}, {}
+    for r in range(args.repeats):
+        for name in names:
+            run, opt = runs[name]
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats()
+            train[name].append(train_rate(run, opt, args.steps, args.warmup))
+            evals[name].append(eval_rate(run, opt, args.steps, args.warmup))
+            if device.type == 'cuda':
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
+            print(f'# repeat {r + 1}: {name}: train {train[name][-1]:.1f} img/s, eval {evals[name][-1]:.1f} img/s',
+                  flush=True)
+
+    cpu = platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU {cpu}, {torch.get_num_threads()} threads'
+    teacher = f'WRN-{args.teacher.replace(",", "-")} teacher, AT' if args.teacher else 'no teacher'
+    print(f'\nWRN-{args.depth}-{args.width:g} student, {teacher}, batch {args.batch_size}; {where}; '
+          f'torch {torch.__version__}; medians of {args.repeats} x {args.steps} steps')
+    print('| config | train img/s | ratio | eval img/s | ratio |' + (' peak MiB |' if peak else ''))
+    print('|---|---|---|---|---|' + ('---|' if peak else ''))
+    base_t, base_e = statistics.median(train[names[0]]), statistics.median(evals[names[0]])
+    for n in names:
+        mt, me = statistics.median(train[n]), statistics.median(evals[n])
+        print(f'| {n} | {mt:.1f} | {mt / base_t:.2f}x | {me:.1f} | {me / base_e:.2f}x |'
+              + (f' {peak[n]:.0f} |' if peak else ''))
+    if not peak:
+        print(f'process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB')
+
+
+if __name__ == '__main__':
+    main()
