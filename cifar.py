@@ -6,7 +6,6 @@
 import argparse
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -16,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import utils
 from resnet import wrn, wrn_depth_to_blocks, wrn_params
-from utils import UserError, at_loss, kd_loss
+from utils import UserError
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
@@ -244,142 +242,42 @@ def load_teacher(run_id, num_classes):
 
 # ---------------------------------------------------------------- run
 
-def check_save(opt):
-    """Refuse to touch a folder that holds a run, unless it is being resumed."""
-    if not opt.save:
-        opt.save = os.path.dirname(opt.resume) if opt.resume else os.path.join(
-            'logs', time.strftime('cifar_%Y%m%d-%H%M%S'))
-    existing = [n for n in ('model.pt7', 'log.txt') if os.path.exists(os.path.join(opt.save, n))]
-    if existing and not opt.resume:
-        raise UserError(f'--save {opt.save} already holds a run ({existing[0]}); pass --resume '
-                        f'{os.path.join(opt.save, "model.pt7")} to continue it, or choose another --save')
-
-
-def make_save(opt):
-    try:
-        os.makedirs(opt.save, exist_ok=True)
-        probe = os.path.join(opt.save, '.write_test')
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f'--save {opt.save} is not writable: {e.strerror}') from None
-
-
-def select_device(opt):
-    if opt.device not in ('', 'cpu', 'cuda') and not opt.device.startswith('cuda:'):
-        raise UserError(f'--device must be cpu or cuda, got {opt.device!r}')
-    if opt.device != 'cpu':
-        os.environ.setdefault('CUDA_VISIBLE_DEVICES', opt.gpu_id)  # before CUDA initialises
-    device = torch.device(opt.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda, but no CUDA GPU is available (try --device cpu)')
-    available = torch.cuda.device_count() if device.type == 'cuda' else 0
-    if opt.ngpu > 1 and opt.ngpu > available:
-        raise UserError(f'--ngpu {opt.ngpu} needs {opt.ngpu} GPUs; {available} visible '
-                        f'(--gpu_id {opt.gpu_id}, device {device.type})')
-    return device
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 CHANNELS_LAST = {'cpu': True, 'cuda': False}  # measured on CPU (1.35x step); CUDA not yet measured
 
 
 def build(opt):
     """Everything a run needs, from parsed options: data, parameters, loss and optimizer."""
-    device = select_device(opt)
+    device = utils.select_device(opt)
     if opt.channels_last is None:
         opt.channels_last = int(CHANNELS_LAST[device.type])
-    seed_everything(opt.seed)
+    utils.seed_everything(opt.seed)
     train_loader, test_loader, num_classes = create_loaders(opt, device)
 
     params_s = wrn_params(opt.depth, opt.width, num_classes)
     teacher = load_teacher(opt.teacher_id, num_classes) if opt.teacher_id else None
     params_t = teacher[1] if teacher else {}
-    dtype = utils.PARAM_DTYPES.get(opt.dtype, torch.float32)
-    fmt = torch.channels_last if opt.channels_last else torch.contiguous_format
-    for p in (params_s, params_t):
-        for k, v in p.items():
-            v = v.to(device, dtype)
-            p[k] = v.contiguous(memory_format=fmt) if v.dim() == 4 else v
-    utils.set_requires_grad_except_bn_(params_s)
-    for v in params_t.values():
-        v.requires_grad_(False)
-    trained = [v for v in params_s.values() if v.requires_grad]
-
-    def make_optimizer(lr):
-        return torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=opt.weight_decay)
-
-    devices = list(range(opt.ngpu))
+    utils.place_params(params_s, params_t, device, opt.dtype, opt.channels_last)
     f_s = utils.compiled(wrn, opt.compile, PROG)
     f_t = utils.compiled(wrn, opt.compile, PROG)
-
-    def compute(inputs, targets, mode):
-        y_s, g_s = utils.data_parallel(f_s, inputs, params_s, mode, devices)
-        if not teacher:
-            return F.cross_entropy(y_s, targets), y_s, []
-        with torch.inference_mode():  # once per batch, no graph kept
-            y_t, g_t = utils.data_parallel(f_t, inputs, params_t, False, devices)
-        at_losses = [at_loss(x, y) for x, y in zip(g_s, g_t)]
-        return kd_loss(y_s, y_t, targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses), y_s, at_losses
+    compute = utils.make_compute(f_s, params_s, f_t if teacher else None, params_t, opt)
 
     return SimpleNamespace(
         device=device, train_loader=train_loader, test_loader=test_loader, num_classes=num_classes,
-        params_s=params_s, teacher=teacher, compute=compute, make_optimizer=make_optimizer,
+        params_s=params_s, compute=compute, n_at=3 if teacher else 0, topk=(1,),
+        make_optimizer=utils.sgd_factory(params_s, opt.weight_decay),
+        description=f'student WRN-{opt.depth}-{opt.width:g}' + (
+            f', teacher WRN-{teacher[2]["depth"]}-{teacher[2]["width"]:g} from {teacher[2]["folder"]}'
+            if teacher else ''),
         # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling
         saved=({**{'student.' + k: v for k, v in params_s.items()},
                 **{'teacher.' + k: v for k, v in params_t.items()}} if teacher else params_s))
 
 
-def resume(path, saved, optimizer):
-    """Restores params and optimizer from a model.pt7; returns its epoch."""
-    state = utils.load_checkpoint(path)
-    utils.check_params(state['params'], saved, f'--resume {path}')
-    with torch.no_grad():
-        for k, v in saved.items():
-            v.copy_(state['params'][k])
-    try:
-        if state.get('optimizer'):
-            optimizer.load_state_dict(state['optimizer'])
-        return int(state.get('epoch', 0))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f'--resume {path}: optimizer state does not fit this model ({e})') from None
-
-
 def main(argv=None):
     opt = parse_args(argv)
     print('parsed options:', vars(opt))
-    check_save(opt)
-    run = build(opt)
-    optimizer = run.make_optimizer(opt.lr)
-    epoch = 0
-    if opt.resume:
-        epoch = resume(opt.resume, run.saved, optimizer)
-        print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
-    make_save(opt)
-    n_parameters = utils.n_trained(run.params_s)
-    teacher = run.teacher[2] if run.teacher else None
-    print(f'student WRN-{opt.depth}-{opt.width:g}: {n_parameters:,} parameters; {run.num_classes} classes; '
-          f'device {run.device}; run folder {opt.save}'
-          + (f'; teacher WRN-{teacher["depth"]}-{teacher["width"]:g} from {teacher["folder"]}' if teacher else ''))
-
-    def on_epoch_end(stats, optimizer):
-        utils.save_checkpoint(os.path.join(opt.save, 'model.pt7'), run.saved, optimizer, stats['epoch'])
-        record = {**vars(opt), **stats, 'num_classes': run.num_classes, 'n_parameters': n_parameters}
-        utils.append_log(os.path.join(opt.save, 'log.txt'), record)
-        print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} '
-              f'acc {stats["train_acc"]:.2f}%, test loss {stats["test_loss"]:.4f} acc {stats["test_acc"]:.2f}% '
-              f'({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
-
-    utils.train(run.compute, make_optimizer=run.make_optimizer, optimizer=optimizer,
-                train_loader=run.train_loader, test_loader=run.test_loader, epochs=opt.epochs,
-                start_epoch=epoch, epoch_step=json.loads(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
-                device=run.device, on_epoch_end=on_epoch_end, n_at=3 if run.teacher else 0,
-                dtype=opt.dtype, progress=not opt.no_progress)
+    utils.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
+    utils.fit(opt, build(opt))
 
 
 if __name__ == '__main__':

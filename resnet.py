@@ -6,9 +6,14 @@ uses batch statistics). Structure (blocks per group, shortcut convs) is read
 from the keys, so one function serves every depth and width, and a teacher
 loaded from disk needs no side information to run.
 """
+import contextlib
+import io
+import os
+
+import torch
 import torch.nn.functional as F
 
-from utils import batch_norm, bn_params, conv_params, flatten, linear_params
+from utils import UserError, batch_norm, bn_params, conv_params, flatten, linear_params
 
 
 def wrn_depth_to_blocks(depth):
@@ -78,3 +83,200 @@ def wrn(input, params, mode, prefix=''):
 def resnet(depth, width, num_classes):
     """The 2017 entry point: returns (f, flat_params)."""
     return wrn, wrn_params(depth, width, num_classes)
+
+
+# ---------------------------------------------------------------- ImageNet ResNets
+
+IMAGENET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+
+
+def resnet_imagenet_params(depth, width, num_classes=1000):
+    """Post-activation basic-block ResNet-18/34; a 1x1 conv, without bn, where a shortcut changes channels."""
+    if depth not in IMAGENET_BLOCKS:
+        raise ValueError(f'ImageNet ResNet depth must be one of {sorted(IMAGENET_BLOCKS)}, got {depth}')
+    widths = [int(w * width) for w in (64, 128, 256, 512)]
+
+    def block(ni, no):
+        p = {'conv0': conv_params(ni, no, 3), 'bn0': bn_params(no),
+             'conv1': conv_params(no, no, 3), 'bn1': bn_params(no)}
+        if ni != no:
+            p['convdim'] = conv_params(ni, no, 1)
+        return p
+
+    groups, ni = {}, widths[0]
+    for g, (n, no) in enumerate(zip(IMAGENET_BLOCKS[depth], widths)):
+        groups[f'group{g}'] = {f'block{i}': block(ni if i == 0 else no, no) for i in range(n)}
+        ni = no
+    return flatten({'conv0': conv_params(3, widths[0], 7), 'bn0': bn_params(widths[0]), **groups,
+                    'fc': linear_params(widths[3], num_classes)})
+
+
+def resnet_imagenet(input, params, mode, prefix=''):
+    """Forward pass of `resnet_imagenet_params`: (logits, [g0, g1, g2, g3])."""
+    def block(x, base, stride):
+        o = F.relu(batch_norm(F.conv2d(x, params[base + '.conv0'], stride=stride, padding=1),
+                              params, base + '.bn0', mode))
+        z = batch_norm(F.conv2d(o, params[base + '.conv1'], padding=1), params, base + '.bn1', mode)
+        if base + '.convdim' in params:
+            return F.relu(z + F.conv2d(x, params[base + '.convdim'], stride=stride))
+        return F.relu(z + x)
+
+    o = F.conv2d(input, params[prefix + 'conv0'], stride=2, padding=3)
+    o = F.max_pool2d(F.relu(batch_norm(o, params, prefix + 'bn0', mode)), 3, 2, 1)
+    groups = []
+    for g in range(4):
+        for i in range(count_blocks(params, prefix, g)):
+            o = block(o, f'{prefix}group{g}.block{i}', 2 if g > 0 and i == 0 else 1)
+        groups.append(o)
+    o = F.adaptive_avg_pool2d(o, 1).flatten(1)  # = avg_pool2d(o, 7) on 224x224 inputs
+    return F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias']), groups
+
+
+def folded_resnet(input, params, mode=False):
+    """A teacher export (bn folded into the convs, REFERENCE section 8): (logits, [g0, g1, g2, g3])."""
+    def conv(x, base, stride, padding):
+        return F.conv2d(x, params[base + '.weight'], params.get(base + '.bias'), stride, padding)
+
+    def block(x, base, stride):
+        o = conv(F.relu(conv(x, base + '.conv0', stride, 1)), base + '.conv1', 1, 1)
+        if base + '.conv_dim.weight' in params:
+            return F.relu(o + conv(x, base + '.conv_dim', stride, 0))
+        return F.relu(o + x)
+
+    o = F.max_pool2d(F.relu(conv(input, 'conv0', 2, 3)), 3, 2, 1)
+    groups = []
+    for g in range(4):
+        n = sum(1 for k in params if k.startswith(f'group{g}.block') and k.endswith('.conv0.weight'))
+        for i in range(n):
+            o = block(o, f'group{g}.block{i}', 2 if g > 0 and i == 0 else 1)
+        groups.append(o)
+    o = F.adaptive_avg_pool2d(o, 1).flatten(1)
+    return F.linear(o, params['fc.weight'], params['fc.bias']), groups
+
+
+def fold_torchvision(state_dict, eps=1e-5):
+    """A torchvision ResNet-18/34 state_dict as a teacher export: every bn folded into its conv.
+
+    A downsample's bn shift has no key of its own in the export: it joins the
+    block's conv1 bias, since both are added before the final relu.
+    """
+    sd = {k: v.detach().float().cpu() for k, v in state_dict.items()}
+
+    def fold(conv, bn):
+        scale = sd[bn + '.weight'] / torch.sqrt(sd[bn + '.running_var'] + eps)
+        return sd[conv + '.weight'] * scale.view(-1, 1, 1, 1), sd[bn + '.bias'] - sd[bn + '.running_mean'] * scale
+
+    out = {}
+    out['conv0.weight'], out['conv0.bias'] = fold('conv1', 'bn1')
+    for g in range(4):
+        i = 0
+        while f'layer{g + 1}.{i}.conv1.weight' in sd:
+            src, dst = f'layer{g + 1}.{i}', f'group{g}.block{i}'
+            out[dst + '.conv0.weight'], out[dst + '.conv0.bias'] = fold(src + '.conv1', src + '.bn1')
+            out[dst + '.conv1.weight'], out[dst + '.conv1.bias'] = fold(src + '.conv2', src + '.bn2')
+            if src + '.downsample.0.weight' in sd:
+                w, b = fold(src + '.downsample.0', src + '.downsample.1')
+                out[dst + '.conv_dim.weight'] = w
+                out[dst + '.conv1.bias'] = out[dst + '.conv1.bias'] + b
+            i += 1
+    out['fc.weight'], out['fc.bias'] = sd['fc.weight'], sd['fc.bias']
+    return out
+
+
+def expected_export_shapes(params):
+    """The shapes a teacher export must have, given its conv0 and the blocks its keys name."""
+    try:
+        c0 = params['conv0.weight'].shape[0]
+        n_classes = params['fc.weight'].shape[0]
+    except KeyError as e:
+        raise UserError(f'missing tensor {e.args[0]!r}') from None
+    shapes, ni = {'conv0.weight': (c0, 3, 7, 7), 'conv0.bias': (c0,)}, c0
+    for g in range(4):
+        n = sum(1 for k in params if k.startswith(f'group{g}.block') and k.endswith('.conv0.weight'))
+        if n == 0:
+            raise UserError(f'missing tensor \'group{g}.block0.conv0.weight\'')
+        no = params[f'group{g}.block0.conv0.weight'].shape[0]
+        for i in range(n):
+            b, cin = f'group{g}.block{i}', ni if i == 0 else no
+            shapes.update({b + '.conv0.weight': (no, cin, 3, 3), b + '.conv0.bias': (no,),
+                           b + '.conv1.weight': (no, no, 3, 3), b + '.conv1.bias': (no,)})
+            if i == 0 and g > 0:
+                shapes[b + '.conv_dim.weight'] = (no, cin, 1, 1)
+        ni = no
+    shapes.update({'fc.weight': (n_classes, ni), 'fc.bias': (n_classes,)})
+    return shapes
+
+
+def load_teacher(path):
+    """A ResNet teacher export as (f, params), f(inputs, params) -> (logits, [g0, g1, g2, g3]).
+
+    path: a .pth/.pt file (torch, loaded with weights_only=True), a .hkl file
+    (hickle), or torchvision:NAME[:WEIGHTS] to fold torchvision's weights (the
+    pretrained download, or a local state_dict file).
+    """
+    if path.startswith('torchvision:'):
+        params = fold_torchvision(torchvision_state_dict(path))
+    elif path.endswith('.hkl'):
+        params = read_hkl(path)
+    else:
+        params = read_pth(path)
+    params = {k: torch.as_tensor(v).float() for k, v in params.items()}
+    try:
+        expected = expected_export_shapes(params)
+        for k, shape in expected.items():
+            if k not in params:
+                raise UserError(f'missing tensor {k!r}')
+            if tuple(params[k].shape) != shape:
+                raise UserError(f'tensor {k!r} has shape {tuple(params[k].shape)}, expected {shape}')
+        extra = sorted(set(params) - set(expected))
+        if extra:
+            raise UserError(f'unexpected tensor {extra[0]!r}')
+    except UserError as e:
+        raise UserError(f'teacher {path}: {e}') from None
+    return folded_resnet, params
+
+
+def read_pth(path):
+    if not os.path.isfile(path):
+        raise UserError(f'no such teacher file: {path}')
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'cannot read teacher {path} as a torch file ({type(e).__name__}); '
+                        f'a teacher is a flat dict of tensors (.pth) or arrays (.hkl)') from None
+    if isinstance(data, dict) and isinstance(data.get('params'), dict):
+        data = data['params']  # a model.pt7-style file
+    if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
+        raise UserError(f'teacher {path} is not a flat dict of tensors')
+    return data
+
+
+def read_hkl(path):
+    import hickle
+    if not os.path.isfile(path):
+        raise UserError(f'no such teacher file: {path}')
+    try:
+        data = hickle.load(path)
+    except Exception as e:
+        raise UserError(f'cannot read teacher {path} as hickle ({type(e).__name__})') from None
+    if not isinstance(data, dict):
+        raise UserError(f'teacher {path} is not a dict of arrays')
+    return data
+
+
+def torchvision_state_dict(spec):
+    """torchvision:NAME (pretrained download) or torchvision:NAME:FILE (a local state_dict)."""
+    import torchvision
+    _, name, *file = spec.split(':', 2)
+    if name not in ('resnet18', 'resnet34'):
+        raise UserError(f'{spec}: NAME must be resnet18 or resnet34 (basic-block ResNets)')
+    if file:
+        return read_pth(file[0])
+    print(f'downloading torchvision {name} weights', flush=True)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's own lines, noise if it fails
+            model = torchvision.models.get_model(name, weights='DEFAULT')
+    except Exception as e:
+        raise UserError(f'{spec}: cannot download torchvision weights ({type(e).__name__}); offline, '
+                        f'pass torchvision:{name}:/path/to/{name}-weights.pth') from None
+    return model.state_dict()

@@ -1,9 +1,11 @@
 """Losses, functional layers, checkpoints and the training loop shared by cifar.py and imagenet.py."""
 import json
 import os
+import random
 import sys
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.init import kaiming_normal_
@@ -181,6 +183,128 @@ def check_params(params, expected, what):
         raise UserError(f'{what}: unexpected tensor {extra[0]!r}')
 
 
+# ---------------------------------------------------------------- runs: shared by cifar.py and imagenet.py
+
+def check_save(opt, default_name):
+    """Refuse to touch a folder that holds a run, unless it is being resumed."""
+    if not opt.save:
+        opt.save = os.path.dirname(opt.resume) if opt.resume else os.path.join('logs', default_name)
+    existing = [n for n in ('model.pt7', 'log.txt') if os.path.exists(os.path.join(opt.save, n))]
+    if existing and not opt.resume:
+        raise UserError(f'--save {opt.save} already holds a run ({existing[0]}); pass --resume '
+                        f'{os.path.join(opt.save, "model.pt7")} to continue it, or choose another --save')
+
+
+def make_save(opt):
+    try:
+        os.makedirs(opt.save, exist_ok=True)
+        probe = os.path.join(opt.save, '.write_test')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'--save {opt.save} is not writable: {e.strerror}') from None
+
+
+def select_device(opt):
+    if opt.device not in ('', 'cpu', 'cuda') and not opt.device.startswith('cuda:'):
+        raise UserError(f'--device must be cpu or cuda, got {opt.device!r}')
+    if opt.device != 'cpu':
+        os.environ.setdefault('CUDA_VISIBLE_DEVICES', opt.gpu_id)  # before CUDA initialises
+    device = torch.device(opt.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda, but no CUDA GPU is available (try --device cpu)')
+    available = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if opt.ngpu > 1 and opt.ngpu > available:
+        raise UserError(f'--ngpu {opt.ngpu} needs {opt.ngpu} GPUs; {available} visible '
+                        f'(--gpu_id {opt.gpu_id}, device {device.type})')
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def place_params(params_s, params_t, device, dtype, channels_last):
+    """Moves both param dicts to the device (in place); only the student's trained tensors learn."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for p in (params_s, params_t):
+        for k, v in p.items():
+            v = v.to(device, PARAM_DTYPES.get(dtype, torch.float32))
+            p[k] = v.contiguous(memory_format=fmt) if v.dim() == 4 else v
+    set_requires_grad_except_bn_(params_s)
+    for v in params_t.values():
+        v.requires_grad_(False)
+
+
+def sgd_factory(params, weight_decay):
+    trained = [v for v in params.values() if v.requires_grad]
+    return lambda lr: torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def make_compute(f_s, params_s, f_t, params_t, opt, at_groups=None):
+    """The loss: cross-entropy alone, or kd_loss + beta * sum of at_loss over `at_groups` (all by default).
+
+    f(inputs, params, mode) -> (logits, group outputs); f_t None means no teacher.
+    """
+    devices = list(range(opt.ngpu))
+
+    def compute(inputs, targets, mode):
+        y_s, g_s = data_parallel(f_s, inputs, params_s, mode, devices)
+        if f_t is None:
+            return F.cross_entropy(y_s, targets), y_s, []
+        with torch.inference_mode():  # once per batch, no graph kept
+            y_t, g_t = data_parallel(f_t, inputs, params_t, False, devices)
+        groups = range(len(g_s)) if at_groups is None else at_groups
+        at_losses = [at_loss(g_s[i], g_t[i]) for i in groups]
+        return kd_loss(y_s, y_t, targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses), y_s, at_losses
+    return compute
+
+
+def restore(path, saved, optimizer):
+    """Loads a model.pt7 into `saved` params and the optimizer; returns its epoch."""
+    state = load_checkpoint(path)
+    check_params(state['params'], saved, f'--resume {path}')
+    with torch.no_grad():
+        for k, v in saved.items():
+            v.copy_(state['params'][k])
+    try:
+        if state.get('optimizer'):
+            optimizer.load_state_dict(state['optimizer'])
+        return int(state.get('epoch', 0))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f'--resume {path}: optimizer state does not fit this model ({e})') from None
+
+
+def fit(opt, run):
+    """Trains `run` (see cifar.build) under `opt`, writing model.pt7 and log.txt into opt.save."""
+    optimizer = run.make_optimizer(opt.lr)
+    epoch = 0
+    if opt.resume:
+        epoch = restore(opt.resume, run.saved, optimizer)
+        print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
+    make_save(opt)
+    n_parameters = n_trained(run.params_s)
+    print(f'{run.description}: {n_parameters:,} parameters; {run.num_classes} classes; '
+          f'device {run.device}; run folder {opt.save}')
+
+    def on_epoch_end(stats, optimizer):
+        save_checkpoint(os.path.join(opt.save, 'model.pt7'), run.saved, optimizer, stats['epoch'])
+        append_log(os.path.join(opt.save, 'log.txt'),
+                   {**vars(opt), **stats, 'num_classes': run.num_classes, 'n_parameters': n_parameters})
+        acc = stats['test_acc'] if isinstance(stats['test_acc'], list) else [stats['test_acc']]
+        print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} '
+              f'acc {stats["train_acc"]:.2f}%, test loss {stats["test_loss"]:.4f} acc '
+              + '/'.join(f'{a:.2f}' for a in acc) + f'% ({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
+
+    return train(run.compute, make_optimizer=run.make_optimizer, optimizer=optimizer,
+                 train_loader=run.train_loader, test_loader=run.test_loader, epochs=opt.epochs,
+                 start_epoch=epoch, epoch_step=json.loads(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
+                 device=run.device, on_epoch_end=on_epoch_end, n_at=run.n_at, topk=run.topk,
+                 dtype=opt.dtype, progress=not opt.no_progress)
+
+
 # ---------------------------------------------------------------- training loop
 
 AMP_DTYPES = {'half': torch.float16, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -313,6 +437,15 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
                         on_start_epoch=on_start_epoch, on_end_epoch=on_end_epoch)
     engine.train(h, train_loader, epochs, optimizer)
     return last
+
+
+def evaluate(f, params, loader, device, dtype='float', topk=(1, 5), progress=True):
+    """Top-k accuracies (%) of f(inputs, params, False) over a loader."""
+    meter = tnt.meter.ClassErrorMeter(topk=list(topk), accuracy=True)
+    with torch.inference_mode(), autocast_for(device, dtype):
+        for x, y in tqdm(loader, desc='evaluate', leave=False, dynamic_ncols=True, disable=not progress):
+            meter.add(f(x.to(device), params, False)[0].float(), y)
+    return meter.value()
 
 
 # ---------------------------------------------------------------- device-resident data

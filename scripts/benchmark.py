@@ -18,7 +18,6 @@ import statistics
 import sys
 import tempfile
 import time
-from itertools import islice
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import torch  # noqa: E402
@@ -76,7 +75,7 @@ def train_rate(run, opt, steps, warmup):
     utils.train(run.compute, make_optimizer=run.make_optimizer, optimizer=run.make_optimizer(opt.lr),
                 train_loader=timed, test_loader=None, epochs=1, start_epoch=0, epoch_step=[],
                 lr_decay_ratio=1, device=run.device, on_epoch_end=lambda *a: None,
-                n_at=3 if run.teacher else 0, dtype=opt.dtype, progress=False)
+                n_at=run.n_at, dtype=opt.dtype, progress=False)
     return steps * opt.batch_size / (timed.times[-1] - timed.times[warmup])
 
 

@@ -3,7 +3,6 @@
 It is the yardstick for resnet.py: same weights in, same outputs out. It also
 names its state_dict the 2017 way, so tests can write 2017-format checkpoints.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

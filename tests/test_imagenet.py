@@ -1,0 +1,231 @@
+"""imagenet.py: the ResNet student, folded teachers from .pth/.hkl/torchvision, and a tiny run."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import utils
+from conftest import ROOT, tree_digest
+from resnet import fold_torchvision, folded_resnet, load_teacher, resnet_imagenet, resnet_imagenet_params
+
+
+def run_imagenet(args, cwd, check=True):
+    p = subprocess.run([sys.executable, str(ROOT / 'imagenet.py'), '--no_progress', *map(str, args)],
+                       cwd=cwd, capture_output=True, text=True, timeout=600,
+                       env={**__import__('os').environ, 'CUDA_VISIBLE_DEVICES': ''})
+    if check and p.returncode != 0:
+        raise AssertionError(f'imagenet.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}')
+    return p
+
+
+def random_torchvision(name, num_classes=1000, seed=0):
+    """A torchvision ResNet in eval mode with non-trivial batch-norm statistics."""
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.mark.parametrize('depth,count', [(18, 11_687_720), (34, 21_795_880)])
+def test_student_parameter_counts(depth, count):
+    with torch.device('meta'):
+        assert utils.n_trained(resnet_imagenet_params(depth, 1, 1000)) == count
+
+
+def test_student_equals_torchvision_without_shortcut_bn():
+    """Our student is torchvision's ResNet-18 with a plain 1x1 conv as downsample."""
+    torch.manual_seed(1)
+    ref = torchvision.models.resnet18(num_classes=7)
+    for layer in (ref.layer2, ref.layer3, ref.layer4):
+        layer[0].downsample = nn.Sequential(layer[0].downsample[0])
+    params = resnet_imagenet_params(18, 1, 7)
+    names = {'conv0': 'conv1.weight', 'bn0': 'bn1', 'fc.weight': 'fc.weight', 'fc.bias': 'fc.bias'}
+    sd = {}
+    for k in params:
+        parts = k.split('.')
+        if k.startswith('group'):
+            g, i = int(parts[0][5:]), int(parts[1][5:])
+            sub = {'conv0': 'conv1', 'conv1': 'conv2', 'bn0': 'bn1', 'bn1': 'bn2', 'convdim': 'downsample.0'}[parts[2]]
+            tv = f'layer{g + 1}.{i}.{sub}' + ('.' + parts[3] if len(parts) > 3 else '.weight')
+        else:
+            tv = names.get(k) or names[parts[0]] + '.' + parts[1]
+        sd[tv] = params[k]
+    missing = ref.load_state_dict(sd, strict=False).missing_keys
+    assert all(k.endswith('num_batches_tracked') for k in missing)
+    x = torch.randn(2, 3, 64, 64)
+    for mode in (True, False):
+        ref.train(mode)
+        y_ref = ref(x)
+        y, groups = resnet_imagenet(x, params, mode)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    assert [g.shape[1] for g in groups] == [64, 128, 256, 512]
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet34'])
+def test_folded_torchvision_gives_torchvision_logits(name, tmp_path):
+    model = random_torchvision(name)
+    torch.save(model.state_dict(), tmp_path / 'tv.pth')
+    f, params = load_teacher(f'torchvision:{name}:{tmp_path / "tv.pth"}')
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        y_ref = model(x)
+        y, groups = f(x, params)
+    assert len(groups) == 4
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4 * y_ref.abs().max().item())
+    n_blocks = {'resnet18': 8, 'resnet34': 16}[name]
+    assert sum(1 for k in params if k.endswith('.conv0.weight')) == n_blocks
+
+
+def test_pth_and_hkl_exports_round_trip(tmp_path):
+    model = random_torchvision('resnet18')
+    torch.save(model.state_dict(), tmp_path / 'tv.pth')
+    out = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'convert_teacher.py'),
+                          f'torchvision:resnet18:{tmp_path / "tv.pth"}', tmp_path / 'e.pth', tmp_path / 'e.hkl'],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    folded = fold_torchvision(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y_ref = model(x)
+    for path in ('e.pth', 'e.hkl'):
+        f, params = load_teacher(str(tmp_path / path))
+        assert set(params) == set(folded)
+        assert all(torch.equal(params[k], folded[k]) for k in folded)
+        with torch.no_grad():
+            torch.testing.assert_close(f(x, params)[0], y_ref, rtol=1e-4, atol=1e-4)
+    import hickle
+    raw = hickle.load(str(tmp_path / 'e.hkl'))
+    assert isinstance(raw['conv0.weight'], np.ndarray)  # hickle files hold numpy arrays
+    # and back: .hkl -> .pth gives the same tensors
+    subprocess.run([sys.executable, str(ROOT / 'scripts' / 'convert_teacher.py'), tmp_path / 'e.hkl',
+                    tmp_path / 'back.pth'], check=True, capture_output=True)
+    back = torch.load(tmp_path / 'back.pth', weights_only=True)
+    assert all(torch.equal(back[k], folded[k]) for k in folded)
+
+
+def make_image_folder(root, classes=6, train=2, val=1, size=48):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (('train', train), ('val', val)):
+        for c in range(classes):
+            d = Path(root, split, f'n{c:08d}')
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f'{i}.JPEG')
+    return Path(root)
+
+
+@pytest.fixture(scope='module')
+def imagenet_work(tmp_path_factory):
+    work = tmp_path_factory.mktemp('imagenet')
+    make_image_folder(work / 'data')
+    model = random_torchvision('resnet34', num_classes=6)
+    torch.save(fold_torchvision(model.state_dict()), work / 'resnet-34-export.pth')
+    return work
+
+
+def test_tiny_run_with_teacher(imagenet_work):
+    w = imagenet_work
+    run_imagenet(['--imagenetpath', 'data', '--depth', 18, '--teacher_params', 'resnet-34-export.pth',
+                  '--beta', 1e3, '--batch_size', 4, '--epochs', 1, '--nthread', 0, '--save', 'logs/at'], w)
+    rec = [json.loads(line[12:]) for line in (w / 'logs/at/log.txt').read_text().splitlines()]
+    assert len(rec) == 1
+    top1, top5 = rec[0]['test_acc']
+    assert 0 <= top1 <= top5 <= 100
+    assert len(rec[0]['at_losses']) == 4 and all(math.isfinite(m) for m, _ in rec[0]['at_losses'])
+    state = torch.load(w / 'logs/at/model.pt7', weights_only=True)
+    assert set(state) == {'params', 'optimizer', 'epoch'} and 'group3.block1.conv1' in state['params']
+    # the student checkpoint evaluates by itself, and the teacher export too
+    out = run_imagenet(['--imagenetpath', 'data', '--evaluate', '--resume', 'logs/at/model.pt7'], w).stdout
+    assert f'top-1 error {100 - top1:.2f}%' in out and f'top-5 error {100 - top5:.2f}%' in out
+    out = run_imagenet(['--imagenetpath', 'data', '--evaluate', 'resnet-34-export.pth'], w).stdout
+    assert 'top-1 error' in out and 'on 6 images' in out
+
+
+def test_at_groups_subset_and_baseline(imagenet_work):
+    w = imagenet_work
+    run_imagenet(['--imagenetpath', 'data', '--teacher_params', 'resnet-34-export.pth', '--beta', 1e3,
+                  '--at_groups', '2,3', '--batch_size', 6, '--epochs', 1, '--nthread', 0, '--save', 'logs/at23'], w)
+    rec = json.loads((w / 'logs/at23/log.txt').read_text()[12:])
+    assert len(rec['at_losses']) == 2
+    run_imagenet(['--imagenetpath', 'data', '--batch_size', 6, '--epochs', 1, '--nthread', 0,
+                  '--save', 'logs/base'], w)
+    rec = json.loads((w / 'logs/base/log.txt').read_text()[12:])
+    assert rec['at_losses'] == [] and len(rec['test_acc']) == 2
+
+
+def broken_exports(w):
+    good = torch.load(w / 'resnet-34-export.pth', weights_only=True)
+    cases = {}
+    for name, change in {
+        'missing': lambda d: d.pop('group2.block1.conv1.bias'),
+        'extra': lambda d: d.__setitem__('group9.something', torch.zeros(1)),
+        'shape': lambda d: d.__setitem__('group1.block0.conv_dim.weight', torch.zeros(128, 64, 3, 3)),
+    }.items():
+        d = dict(good)
+        change(d)
+        torch.save(d, w / f'{name}.pth')
+        cases[name] = w / f'{name}.pth'
+    (w / 'corrupt.pth').write_bytes((w / 'resnet-34-export.pth').read_bytes()[:1000])
+    (w / 'corrupt.hkl').write_bytes(b'no hdf5 here')
+    return cases
+
+
+BAD = {
+    'missing teacher file': (['--teacher_params', 'nothere.pth'], 'no such teacher file'),
+    'truncated teacher': (['--teacher_params', 'corrupt.pth'], 'cannot read teacher'),
+    'broken hkl': (['--teacher_params', 'corrupt.hkl'], 'cannot read teacher'),
+    'missing key': (['--teacher_params', 'missing.pth'], "missing tensor 'group2.block1.conv1.bias'"),
+    'extra key': (['--teacher_params', 'extra.pth'], "unexpected tensor 'group9.something'"),
+    'mis-shaped key': (['--teacher_params', 'shape.pth'], "'group1.block0.conv_dim.weight' has shape"),
+    'offline torchvision': (['--teacher_params', 'torchvision:resnet34'], 'cannot download'),
+    'unknown torchvision net': (['--teacher_params', 'torchvision:vgg16'], 'resnet18 or resnet34'),
+    'depth 50': (['--depth', 50], '--depth must be one of'),
+    'bad at_groups': (['--at_groups', '1,4'], '--at_groups'),
+    'no imagenetpath': (['--imagenetpath', ''], '--imagenetpath'),
+    'no val folder': (['--imagenetpath', 'data/train'], 'no train/ folder'),
+    'evaluate without resume': (['--evaluate'], '--resume'),
+    'ngpu without GPUs': (['--ngpu', 2], '--ngpu 2'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD))
+def test_bad_input_one_line(case, imagenet_work):
+    w = imagenet_work
+    broken_exports(w)
+    args, expected = BAD[case]
+    before = tree_digest(w / 'data')
+    p = run_imagenet(['--imagenetpath', 'data', '--epochs', 1, '--nthread', 0, '--save', 'logs/bad', *args],
+                     w, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert len(lines) == 1 and lines[0].startswith('imagenet.py: error: '), p.stderr
+    assert expected in lines[0]
+    assert not (w / 'logs/bad').exists() and tree_digest(w / 'data') == before
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs 2 GPUs')
+def test_two_gpu_data_parallel_with_at_losses():
+    """The 2017 gather crashed here (its issue #35)."""
+    params_s = {k: v.cuda() for k, v in resnet_imagenet_params(18, 1, 10).items()}
+    utils.set_requires_grad_except_bn_(params_s)
+    params_t = {k: v.cuda() for k, v in fold_torchvision(random_torchvision('resnet34', 10).state_dict()).items()}
+    x, y = torch.randn(8, 3, 64, 64, device='cuda'), torch.randint(0, 10, (8,), device='cuda')
+    opt = type('O', (), dict(ngpu=2, temperature=4, alpha=0.5, beta=1e3))
+    compute = utils.make_compute(resnet_imagenet, params_s, folded_resnet, params_t, opt)
+    loss, logits, at_losses = compute(x, y, True)
+    loss.backward()
+    assert logits.shape == (8, 10) and len(at_losses) == 4 and torch.isfinite(loss)
+    assert params_s['fc.weight'].grad is not None
