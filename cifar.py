@@ -192,8 +192,8 @@ def create_loaders(opt, device):
                 utils.DeviceLoader(*decode_all(test_set), train=False, **kw), num_classes)
     # the 2017 default of 4 workers exceeds small machines' cores; that is fine, say nothing
     warnings.filterwarnings('ignore', message='This DataLoader will create')
-    kw = dict(batch_size=opt.batch_size, num_workers=opt.nthread, pin_memory=device.type == 'cuda',
-              persistent_workers=opt.nthread > 0)
+    # workers are not persistent: each epoch seeds fresh ones from the generator, which resume restores
+    kw = dict(batch_size=opt.batch_size, num_workers=opt.nthread, pin_memory=device.type == 'cuda')
     train_loader = torch.utils.data.DataLoader(
         train_set, shuffle=True, generator=torch.Generator().manual_seed(opt.seed), **kw)
     test_loader = torch.utils.data.DataLoader(test_set, shuffle=False, **kw)
@@ -277,7 +277,7 @@ def main(argv=None):
     opt = parse_args(argv)
     print('parsed options:', vars(opt))
     utils.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
-    utils.fit(opt, build(opt))
+    utils.fit(opt, build(opt), PROG)
 
 
 if __name__ == '__main__':

@@ -107,7 +107,7 @@ def create_loader(opt, split, device):
         raise UserError(f'cannot read class folders in {folder}: {e}') from None
     return torch.utils.data.DataLoader(
         dataset, batch_size=opt.batch_size, shuffle=split == 'train', num_workers=opt.nthread,
-        pin_memory=device.type == 'cuda', persistent_workers=opt.nthread > 0,
+        pin_memory=device.type == 'cuda',
         generator=torch.Generator().manual_seed(opt.seed)), len(dataset.classes)
 
 
@@ -160,7 +160,7 @@ def main(argv=None):
         return evaluate(opt)
     print('parsed options:', vars(opt))
     utils.check_save(opt, time.strftime('imagenet_%Y%m%d-%H%M%S'))
-    utils.fit(opt, build(opt))
+    utils.fit(opt, build(opt), PROG)
 
 
 if __name__ == '__main__':

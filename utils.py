@@ -1,7 +1,9 @@
 """Losses, functional layers, checkpoints and the training loop shared by cifar.py and imagenet.py."""
 import json
+import math
 import os
 import random
+import signal
 import sys
 from contextlib import nullcontext
 
@@ -122,16 +124,41 @@ def n_trained(params):
 
 # ---------------------------------------------------------------- run folders
 
-def save_checkpoint(path, params, optimizer, epoch):
-    """Writes {params, optimizer, epoch} atomically: a kill mid-save keeps the old file."""
+def save_checkpoint(path, params, optimizer, epoch, **extra):
+    """Writes {params, optimizer, epoch, **extra} atomically: a kill at any instant leaves
+    either the previous file or the new one, whole."""
     state = dict(params={k: v.detach().cpu() for k, v in params.items()},
-                 optimizer=optimizer.state_dict(), epoch=epoch)
+                 optimizer=optimizer.state_dict(), epoch=epoch, **extra)
     tmp = path + '.tmp'
     with open(tmp, 'wb') as fh:
         torch.save(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def rng_state(generator=None):
+    """Every random state a run draws from, in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state['loader'] = generator.get_state()
+    return state
+
+
+def set_rng_state(state, generator=None):
+    torch.set_rng_state(state['torch'])
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    if generator is not None and 'loader' in state:
+        generator.set_state(state['loader'])
 
 
 def load_checkpoint(path):
@@ -187,12 +214,17 @@ def check_params(params, expected, what):
 
 def check_save(opt, default_name):
     """Refuse to touch a folder that holds a run, unless it is being resumed."""
+    if opt.resume == 'auto':
+        if not opt.save:
+            raise UserError('--resume auto continues the run in --save: pass --save too')
+        path = os.path.join(opt.save, 'model.pt7')
+        opt.resume = path if os.path.exists(path) else ''
     if not opt.save:
         opt.save = os.path.dirname(opt.resume) if opt.resume else os.path.join('logs', default_name)
     existing = [n for n in ('model.pt7', 'log.txt') if os.path.exists(os.path.join(opt.save, n))]
     if existing and not opt.resume:
         raise UserError(f'--save {opt.save} already holds a run ({existing[0]}); pass --resume '
-                        f'{os.path.join(opt.save, "model.pt7")} to continue it, or choose another --save')
+                        f'{os.path.join(opt.save, "model.pt7")} (or auto) to continue it, or choose another --save')
 
 
 def make_save(opt):
@@ -263,7 +295,7 @@ def make_compute(f_s, params_s, f_t, params_t, opt, at_groups=None):
 
 
 def restore(path, saved, optimizer):
-    """Loads a model.pt7 into `saved` params and the optimizer; returns its epoch."""
+    """Loads a model.pt7 into `saved` params and the optimizer; returns the checkpoint."""
     state = load_checkpoint(path)
     check_params(state['params'], saved, f'--resume {path}')
     with torch.no_grad():
@@ -272,37 +304,77 @@ def restore(path, saved, optimizer):
     try:
         if state.get('optimizer'):
             optimizer.load_state_dict(state['optimizer'])
-        return int(state.get('epoch', 0))
+        state['epoch'] = int(state.get('epoch', 0))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f'--resume {path}: optimizer state does not fit this model ({e})') from None
+    return state
 
 
-def fit(opt, run):
-    """Trains `run` (see cifar.build) under `opt`, writing model.pt7 and log.txt into opt.save."""
+class Stop(Exception):
+    """A signal asked the run to stop after the current step."""
+
+
+def stop_on_signals(prog):
+    """SIGINT/SIGTERM: finish the step, then stop (returns the flag); a second signal exits at once."""
+    flag = {'signal': None}
+
+    def handler(signum, frame):
+        if flag['signal'] is not None:
+            print(f'{prog}: second signal, exiting now', file=sys.stderr)
+            os._exit(130)
+        flag['signal'] = signal.Signals(signum).name
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+    return flag
+
+
+def fit(opt, run, prog):
+    """Trains `run` (see cifar.build) under `opt`, writing model.pt7 and log.txt into opt.save.
+
+    model.pt7 also holds every RNG state and the epoch's log record, so a
+    resumed run repeats the uninterrupted one, and a log line lost to a kill
+    between the two writes is restored from the checkpoint.
+    """
     optimizer = run.make_optimizer(opt.lr)
-    epoch = 0
+    generator = getattr(run.train_loader, 'generator', None)
+    log_path = os.path.join(opt.save, 'log.txt')
+    epoch, state = 0, None
     if opt.resume:
-        epoch = restore(opt.resume, run.saved, optimizer)
+        state = restore(opt.resume, run.saved, optimizer)
+        epoch = state['epoch']
         print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
     make_save(opt)
+    if state and state.get('record') and os.path.exists(log_path):
+        logged = read_json_stats(log_path)
+        if not logged or logged[-1].get('epoch', 0) < epoch:
+            append_log(log_path, state['record'])
     n_parameters = n_trained(run.params_s)
     print(f'{run.description}: {n_parameters:,} parameters; {run.num_classes} classes; '
           f'device {run.device}; run folder {opt.save}')
 
     def on_epoch_end(stats, optimizer):
-        save_checkpoint(os.path.join(opt.save, 'model.pt7'), run.saved, optimizer, stats['epoch'])
-        append_log(os.path.join(opt.save, 'log.txt'),
-                   {**vars(opt), **stats, 'num_classes': run.num_classes, 'n_parameters': n_parameters})
+        record = {**vars(opt), **stats, 'num_classes': run.num_classes, 'n_parameters': n_parameters}
+        save_checkpoint(os.path.join(opt.save, 'model.pt7'), run.saved, optimizer, stats['epoch'],
+                        rng=rng_state(generator), record=record)
+        append_log(log_path, record)
         acc = stats['test_acc'] if isinstance(stats['test_acc'], list) else [stats['test_acc']]
         print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} '
               f'acc {stats["train_acc"]:.2f}%, test loss {stats["test_loss"]:.4f} acc '
               + '/'.join(f'{a:.2f}' for a in acc) + f'% ({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
 
-    return train(run.compute, make_optimizer=run.make_optimizer, optimizer=optimizer,
-                 train_loader=run.train_loader, test_loader=run.test_loader, epochs=opt.epochs,
-                 start_epoch=epoch, epoch_step=json.loads(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
-                 device=run.device, on_epoch_end=on_epoch_end, n_at=run.n_at, topk=run.topk,
-                 dtype=opt.dtype, progress=not opt.no_progress)
+    if state and state.get('rng'):  # last, after building and restoring drew their own numbers
+        set_rng_state(state['rng'], generator)
+    flag = stop_on_signals(prog)
+    try:
+        return train(run.compute, make_optimizer=run.make_optimizer, optimizer=optimizer,
+                     train_loader=run.train_loader, test_loader=run.test_loader, epochs=opt.epochs,
+                     start_epoch=epoch, epoch_step=json.loads(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
+                     device=run.device, on_epoch_end=on_epoch_end, n_at=run.n_at, topk=run.topk,
+                     dtype=opt.dtype, progress=not opt.no_progress, should_stop=lambda: flag['signal'])
+    except Stop:
+        done = read_json_stats(log_path)[-1]['epoch'] if os.path.exists(log_path) else 0
+        print(f'{prog}: {flag["signal"]}: stopped mid-epoch; model.pt7 holds the last whole epoch ({done}); '
+              f'continue with --resume auto --save {opt.save}', file=sys.stderr)
 
 
 # ---------------------------------------------------------------- training loop
@@ -355,7 +427,7 @@ class GradScaled:
 
 def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
           epochs, start_epoch, epoch_step, lr_decay_ratio, device, on_epoch_end,
-          n_at=0, topk=(1,), dtype='float', progress=True):
+          n_at=0, topk=(1,), dtype='float', progress=True, should_stop=None):
     """Trains with torchnet's Engine; evaluates on `test_loader` (if any) after every epoch.
 
     compute(inputs, targets, mode) -> (loss, logits, [per-group AT losses]).
@@ -395,15 +467,24 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
                            targets.to(device, non_blocking=True), state['train']]
 
     def on_forward(state):
+        loss = current['loss'].item()
+        if not math.isfinite(loss):
+            raise UserError(f'the loss is {loss} at epoch {current["epoch"]}, batch {state["t"] - current["t0"] + 1}'
+                            f'{"" if state["train"] else " of the test pass"}; model.pt7 keeps the last good epoch')
         classacc.add(state['output'].detach().float(), state['sample'][1])
-        meter_loss.add(current['loss'].item())
+        meter_loss.add(loss)
         if progress and state['train']:
             state['iterator'].set_postfix(loss=f'{meter_loss.value()[0]:.3f}',
                                           acc=f'{classacc.value()[0]:.2f}', refresh=False)
 
     def on_start(state):
+        current['t0'] = 0
         if state['train']:
             state['epoch'] = start_epoch
+
+    def on_update(state):
+        if should_stop and should_stop():
+            raise Stop()
 
     def on_start_epoch(state):
         epoch = state['epoch'] + 1
@@ -413,6 +494,7 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
         for m in [meter_loss, classacc, *meters_at]:
             m.reset()
         timer_train.reset()
+        current.update(t0=state['t'], epoch=epoch)
         state['iterator'] = tqdm(train_loader, desc=f'epoch {epoch}/{epochs}', dynamic_ncols=True,
                                  leave=False, disable=not progress)
 
@@ -433,7 +515,7 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
         last.update(stats)
         on_epoch_end(stats, state['optimizer'])
 
-    engine.hooks.update(on_sample=on_sample, on_forward=on_forward, on_start=on_start,
+    engine.hooks.update(on_sample=on_sample, on_forward=on_forward, on_start=on_start, on_update=on_update,
                         on_start_epoch=on_start_epoch, on_end_epoch=on_end_epoch)
     engine.train(h, train_loader, epochs, optimizer)
     return last

@@ -39,6 +39,9 @@ def finished(tiny_data, tmp_path_factory):
     run_cifar(['--depth', 10, '--batch_size', 16, '--nthread', 0, '--dataroot', tiny_data,
                '--epochs', 1, '--save', 'logs/done'], cwd)
     (cwd / 'logs' / 'nomodel').mkdir()
+    shutil.copytree(cwd / 'logs/done', cwd / 'logs/badlog')
+    with open(cwd / 'logs/badlog/log.txt', 'a') as fh:
+        fh.write('json_stats: {"epoch": 2, "train_loss": \n')
     shutil.copy(cwd / 'logs/done/log.txt', cwd / 'logs/nomodel/log.txt')
     (cwd / 'corrupt.pt7').write_bytes((cwd / 'logs/done/model.pt7').read_bytes()[:300])
     (cwd / 'garbage.pt7').write_bytes(b'not a checkpoint at all')
@@ -76,6 +79,9 @@ BAD = {
     'ngpu without GPUs': (['--ngpu', 2], '--ngpu 2'),
     'cuda without GPU': (['--device', 'cuda'], 'no CUDA'),
     'unknown device': (['--device', 'tpu'], 'cpu or cuda'),
+    'unwritable save': (['--save', 'corrupt.pt7/run'], 'not writable'),
+    'teacher log with a bad line': (['--teacher_id', 'badlog'], 'not a valid json_stats line'),
+    'gpu_id naming absent GPUs': (['--gpu_id', '7', '--device', 'cuda'], 'no CUDA'),
 }
 
 

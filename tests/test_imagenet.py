@@ -146,7 +146,7 @@ def test_tiny_run_with_teacher(imagenet_work):
     assert 0 <= top1 <= top5 <= 100
     assert len(rec[0]['at_losses']) == 4 and all(math.isfinite(m) for m, _ in rec[0]['at_losses'])
     state = torch.load(w / 'logs/at/model.pt7', weights_only=True)
-    assert set(state) == {'params', 'optimizer', 'epoch'} and 'group3.block1.conv1' in state['params']
+    assert {'params', 'optimizer', 'epoch'} <= set(state) and 'group3.block1.conv1' in state['params']
     # the student checkpoint evaluates by itself, and the teacher export too
     out = run_imagenet(['--imagenetpath', 'data', '--evaluate', '--resume', 'logs/at/model.pt7'], w).stdout
     assert f'top-1 error {100 - top1:.2f}%' in out and f'top-5 error {100 - top5:.2f}%' in out

@@ -48,7 +48,7 @@ def teacher_run(tiny_data, tmp_path_factory):
 def test_teacher_run_folder_format(teacher_run, tiny_data):
     folder = teacher_run / 'logs' / 'teacher'
     state = load(folder / 'model.pt7')
-    assert set(state) == {'params', 'optimizer', 'epoch'} and state['epoch'] == 2
+    assert {'params', 'optimizer', 'epoch'} <= set(state) and state['epoch'] == 2
     assert 'conv0' in state['params'] and 'fc.weight' in state['params']
     assert not any(k.startswith(('student.', 'teacher.')) for k in state['params'])
     assert state['optimizer']['param_groups'][0]['momentum'] == 0.9
