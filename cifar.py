@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from torch.utils.data.distributed import DistributedSampler
 
 import utils
 from resnet import wrn, wrn_depth_to_blocks, wrn_params
@@ -183,9 +184,17 @@ def create_loaders(opt, device):
         raise UserError(f'--dataroot {opt.dataroot}: train has {len(train_set.classes)} classes, '
                         f'test has {len(test_set.classes)}')
     num_classes = num_classes_of(train_set, opt)
+    dist = utils.Dist(device)
+    if opt.batch_size % dist.world:
+        raise UserError(f'--batch_size {opt.batch_size} is the global batch: it must divide by the '
+                        f'{dist.world} torchrun processes')
+    if dist.world > min(len(train_set), len(test_set)):
+        raise UserError(f'{dist.world} torchrun processes for {min(len(train_set), len(test_set))} images: '
+                        f'too few images to give each process some')
+    batch = opt.batch_size // dist.world
     if not faithful:
-        kw = dict(batch_size=opt.batch_size, mean=MEAN, std=STD, device=device,
-                  channels_last=opt.channels_last)
+        kw = dict(batch_size=batch, mean=MEAN, std=STD, device=device, channels_last=opt.channels_last,
+                  rank=dist.rank, world=dist.world)
         gen = torch.Generator(device).manual_seed(opt.seed)
         return (utils.DeviceLoader(*decode_all(train_set), train=True, pad=opt.randomcrop_pad,
                                    generator=gen, **kw),
@@ -193,10 +202,15 @@ def create_loaders(opt, device):
     # the 2017 default of 4 workers exceeds small machines' cores; that is fine, say nothing
     warnings.filterwarnings('ignore', message='This DataLoader will create')
     # workers are not persistent: each epoch seeds fresh ones from the generator, which resume restores
-    kw = dict(batch_size=opt.batch_size, num_workers=opt.nthread, pin_memory=device.type == 'cuda')
-    train_loader = torch.utils.data.DataLoader(
-        train_set, shuffle=True, generator=torch.Generator().manual_seed(opt.seed), **kw)
-    test_loader = torch.utils.data.DataLoader(test_set, shuffle=False, **kw)
+    kw = dict(batch_size=batch, num_workers=opt.nthread, pin_memory=device.type == 'cuda')
+    gen = torch.Generator().manual_seed(opt.seed)
+    if dist.world > 1:
+        train_loader = torch.utils.data.DataLoader(train_set, generator=gen, sampler=DistributedSampler(
+            train_set, dist.world, dist.rank, shuffle=True, seed=opt.seed), **kw)
+        test_loader = torch.utils.data.DataLoader(test_set, sampler=range(dist.rank, len(test_set), dist.world), **kw)
+    else:
+        train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=gen, **kw)
+        test_loader = torch.utils.data.DataLoader(test_set, shuffle=False, **kw)
     return train_loader, test_loader, num_classes
 
 

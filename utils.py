@@ -22,7 +22,8 @@ class UserError(Exception):
 
 
 def die(prog, message, code=2):
-    print(f'{prog}: error: {message}', file=sys.stderr)
+    if os.environ.get('RANK', '0') == '0':  # under torchrun, one rank says it for all
+        print(f'{prog}: error: {message}', file=sys.stderr)
     sys.exit(code)
 
 
@@ -238,18 +239,88 @@ def make_save(opt):
 
 
 def select_device(opt):
+    """The device, and the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
     if opt.device not in ('', 'cpu', 'cuda') and not opt.device.startswith('cuda:'):
         raise UserError(f'--device must be cpu or cuda, got {opt.device!r}')
-    if opt.device != 'cpu':
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if opt.device != 'cpu' and world == 1:
         os.environ.setdefault('CUDA_VISIBLE_DEVICES', opt.gpu_id)  # before CUDA initialises
     device = torch.device(opt.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda, but no CUDA GPU is available (try --device cpu)')
+        raise UserError(f'--device cuda, but no CUDA GPU is available (--gpu_id {opt.gpu_id}; try --device cpu)')
     available = torch.cuda.device_count() if device.type == 'cuda' else 0
     if opt.ngpu > 1 and opt.ngpu > available:
         raise UserError(f'--ngpu {opt.ngpu} needs {opt.ngpu} GPUs; {available} visible '
                         f'(--gpu_id {opt.gpu_id}, device {device.type})')
+    if world > 1:
+        if opt.ngpu > 1:
+            raise UserError('--ngpu splits batches inside one process; under torchrun use one GPU per process')
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return device
+
+
+class Dist:
+    """The torchrun world as the training loop needs it; world 1 is a no-op."""
+
+    def __init__(self, device):
+        on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if on else 0
+        self.world = torch.distributed.get_world_size() if on else 1
+        self.device = device
+
+    def sum(self, values):
+        """Element-wise sum over ranks of a list of numbers."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag):
+        return bool(self.sum([bool(flag)])[0]) if self.world > 1 else bool(flag)
+
+    def broadcast_(self, tensors):
+        for t in tensors:
+            torch.distributed.broadcast(t.data, 0)
+
+    def average_grads_(self, params):
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(r)
+
+    def sync_meters(self, meters):
+        """Meters over the whole data, not one rank's shard."""
+        if self.world == 1:
+            return
+        for m in meters:
+            if isinstance(m, tnt.meter.ClassErrorMeter):
+                n, *sums = self.sum([m.n] + [m.sum[k] for k in m.topk])
+                m.n, m.sum = int(n), {k: s for k, s in zip(m.topk, sums)}
+            else:
+                m.sum, m.n = self.sum([m.sum, m.n])
+                m.mean = m.sum / m.n if m.n else float('nan')
+
+
+class AllReduced:
+    """An optimizer that averages gradients over the torchrun world before stepping (what DDP does)."""
+
+    def __init__(self, optimizer, dist):
+        self.optimizer, self.dist = optimizer, dist
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.dist.average_grads_([p for g in self.optimizer.param_groups for p in g['params']])
+        self.optimizer.step()
+        return loss
 
 
 def seed_everything(seed):
@@ -335,24 +406,34 @@ def fit(opt, run, prog):
     resumed run repeats the uninterrupted one, and a log line lost to a kill
     between the two writes is restored from the checkpoint.
     """
-    optimizer = run.make_optimizer(opt.lr)
+    dist = Dist(run.device)
+    make_optimizer = run.make_optimizer if dist.world == 1 else (lambda lr: AllReduced(run.make_optimizer(lr), dist))
+    optimizer = make_optimizer(opt.lr)
     generator = getattr(run.train_loader, 'generator', None)
+    lead = dist.rank == 0  # only rank 0 writes and prints
     log_path = os.path.join(opt.save, 'log.txt')
     epoch, state = 0, None
     if opt.resume:
         state = restore(opt.resume, run.saved, optimizer)
         epoch = state['epoch']
-        print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
-    make_save(opt)
-    if state and state.get('record') and os.path.exists(log_path):
+        if lead:
+            print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
+    if dist.world > 1:  # every rank starts from rank 0's weights
+        dist.broadcast_(run.saved.values())
+    if lead:
+        make_save(opt)
+    if lead and state and state.get('record') and os.path.exists(log_path):
         logged = read_json_stats(log_path)
         if not logged or logged[-1].get('epoch', 0) < epoch:
             append_log(log_path, state['record'])
     n_parameters = n_trained(run.params_s)
-    print(f'{run.description}: {n_parameters:,} parameters; {run.num_classes} classes; '
-          f'device {run.device}; run folder {opt.save}')
+    if lead:
+        print(f'{run.description}: {n_parameters:,} parameters; {run.num_classes} classes; device {run.device}'
+              + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
 
     def on_epoch_end(stats, optimizer):
+        if not lead:
+            return
         record = {**vars(opt), **stats, 'num_classes': run.num_classes, 'n_parameters': n_parameters}
         save_checkpoint(os.path.join(opt.save, 'model.pt7'), run.saved, optimizer, stats['epoch'],
                         rng=rng_state(generator), record=record)
@@ -366,14 +447,18 @@ def fit(opt, run, prog):
         set_rng_state(state['rng'], generator)
     flag = stop_on_signals(prog)
     try:
-        return train(run.compute, make_optimizer=run.make_optimizer, optimizer=optimizer,
+        return train(run.compute, make_optimizer=make_optimizer, optimizer=optimizer,
                      train_loader=run.train_loader, test_loader=run.test_loader, epochs=opt.epochs,
                      start_epoch=epoch, epoch_step=json.loads(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
                      device=run.device, on_epoch_end=on_epoch_end, n_at=run.n_at, topk=run.topk,
-                     dtype=opt.dtype, progress=not opt.no_progress, should_stop=lambda: flag['signal'])
+                     dtype=opt.dtype, progress=lead and not opt.no_progress, dist=dist,
+                     should_stop=lambda: dist.any(flag['signal']),
+                     buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
     except Stop:
+        if not lead:
+            return
         done = read_json_stats(log_path)[-1]['epoch'] if os.path.exists(log_path) else 0
-        print(f'{prog}: {flag["signal"]}: stopped mid-epoch; model.pt7 holds the last whole epoch ({done}); '
+        print(f'{prog}: {flag["signal"] or "signal"}: stopped mid-epoch; model.pt7 holds the last whole epoch ({done}); '
               f'continue with --resume auto --save {opt.save}', file=sys.stderr)
 
 
@@ -427,15 +512,17 @@ class GradScaled:
 
 def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
           epochs, start_epoch, epoch_step, lr_decay_ratio, device, on_epoch_end,
-          n_at=0, topk=(1,), dtype='float', progress=True, should_stop=None):
+          n_at=0, topk=(1,), dtype='float', progress=True, should_stop=None, dist=None, buffers=()):
     """Trains with torchnet's Engine; evaluates on `test_loader` (if any) after every epoch.
 
     compute(inputs, targets, mode) -> (loss, logits, [per-group AT losses]).
     make_optimizer(lr) builds a fresh optimizer: at an epoch in `epoch_step` the
     lr is multiplied by `lr_decay_ratio` and the momentum restarts, as in 2017.
     on_epoch_end(stats, optimizer) saves and logs; stats are the 2017 fields.
-    Returns the last epoch's stats.
+    Under torchrun, `dist` sums the meters over ranks and rank 0's batch-norm
+    `buffers` are broadcast before each test pass. Returns the last epoch's stats.
     """
+    dist = dist or Dist(device)
     engine = tnt.engine.Engine()
     meter_loss = tnt.meter.AverageValueMeter()
     classacc = tnt.meter.ClassErrorMeter(topk=list(topk), accuracy=True)
@@ -488,6 +575,8 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
 
     def on_start_epoch(state):
         epoch = state['epoch'] + 1
+        if hasattr(getattr(train_loader, 'sampler', None), 'set_epoch'):
+            train_loader.sampler.set_epoch(epoch)  # DistributedSampler: a fresh, seeded order
         if epoch in epoch_step:
             lr = state['optimizer'].param_groups[0]['lr']
             state['optimizer'] = new_optimizer(lr * lr_decay_ratio)
@@ -499,16 +588,20 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
                                  leave=False, disable=not progress)
 
     def on_end_epoch(state):
+        dist.sync_meters([meter_loss, classacc, *meters_at])
         train_loss, train_acc = meter_loss.value()[0], classacc.value()
         stats = {'train_loss': train_loss, 'train_acc': train_acc[0], 'epoch': state['epoch'],
                  'train_time': timer_train.value(), 'at_losses': [list(m.value()) for m in meters_at]}
         if test_loader is not None:
+            if dist.world > 1:
+                dist.broadcast_(buffers)
             meter_loss.reset()
             classacc.reset()
             timer_test.reset()
             with torch.no_grad():
                 engine.test(h, tqdm(test_loader, desc='test', leave=False, dynamic_ncols=True,
                                     disable=not progress))
+            dist.sync_meters([meter_loss, classacc])
             test_acc = classacc.value()
             stats.update(test_loss=meter_loss.value()[0], test_time=timer_test.value(),
                          test_acc=test_acc[0] if len(test_acc) == 1 else test_acc)
@@ -554,8 +647,9 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, *, batch_size, mean, std, train, pad=4, device='cpu',
-                 generator=None, channels_last=False):
+                 generator=None, channels_last=False, rank=0, world=1):
         device = torch.device(device)
+        self.rank, self.world = rank, world
         self.images = images.to(device)  # (N, C, H, W) uint8
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
         self.batch_size, self.train, self.pad = batch_size, train, int(pad)
@@ -565,7 +659,14 @@ class DeviceLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self):
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self.shard_size() // self.batch_size)
+
+    def shard_size(self):
+        n = len(self.labels)
+        if self.world == 1:
+            return n
+        # training shards are padded to one size, so every rank takes as many steps
+        return -(-n // self.world) if self.train else len(range(self.rank, n, self.world))
 
     def augment(self, x):
         n, size = x.shape[0], x.shape[-1]
@@ -581,6 +682,10 @@ class DeviceLoader:
         n = len(self.labels)
         order = (torch.randperm(n, device=self.labels.device, generator=self.generator)
                  if self.train else torch.arange(n, device=self.labels.device))
+        if self.world > 1:  # the same seeded order on every rank; each takes its own slice
+            if self.train:
+                order = torch.cat([order, order[:self.shard_size() * self.world - n]])
+            order = order[self.rank::self.world]
         for idx in order.split(self.batch_size):
             x = self.images[idx].float()
             if self.train:
