@@ -12,6 +12,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+from torch.utils.data.distributed import DistributedSampler
 
 import utils
 from resnet import IMAGENET_BLOCKS, load_teacher, resnet_imagenet, resnet_imagenet_params
@@ -105,9 +106,19 @@ def create_loader(opt, split, device):
         dataset = datasets.ImageFolder(folder, transform)
     except (FileNotFoundError, OSError) as e:
         raise UserError(f'cannot read class folders in {folder}: {e}') from None
+    dist = utils.Dist(device)
+    if opt.batch_size % dist.world or dist.world > len(dataset):
+        raise UserError(f'{dist.world} torchrun processes need a --batch_size that divides by them and at '
+                        f'least as many images ({len(dataset)} in {split}/)')
+    if dist.world == 1:
+        sampler = None
+    elif split == 'train':
+        sampler = DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=opt.seed)
+    else:
+        sampler = range(dist.rank, len(dataset), dist.world)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=opt.batch_size, shuffle=split == 'train', num_workers=opt.nthread,
-        pin_memory=device.type == 'cuda',
+        dataset, batch_size=opt.batch_size // dist.world, shuffle=split == 'train' and sampler is None,
+        sampler=sampler, num_workers=opt.nthread, pin_memory=device.type == 'cuda',
         generator=torch.Generator().manual_seed(opt.seed)), len(dataset.classes)
 
 

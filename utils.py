@@ -29,13 +29,25 @@ def die(prog, message, code=2):
 
 # ---------------------------------------------------------------- losses
 
-def at(x):
-    """Spatial attention map: per-sample L2-normalised mean over channels of x^2."""
-    return F.normalize(x.pow(2).mean(1).flatten(1))
+def at(x, size=None):
+    """Spatial attention map: per-sample L2-normalised mean over channels of x^2
+    (average-pooled to `size` first, when given)."""
+    a = x.pow(2).mean(1)
+    if size is not None and tuple(a.shape[-2:]) != tuple(size):
+        a = F.adaptive_avg_pool2d(a, size)
+    return F.normalize(a.flatten(1))
 
 
 def at_loss(x, y):
-    return (at(x) - at(y)).pow(2).mean()
+    """Mean squared difference of the attention maps. Maps of different sizes meet at the
+    smaller one when it divides the larger exactly (average pooling); others are refused."""
+    if x.shape[-2:] == y.shape[-2:]:
+        return (at(x) - at(y)).pow(2).mean()
+    size = tuple(min(a, b) for a, b in zip(x.shape[-2:], y.shape[-2:]))
+    if any(max(a, b) % min(a, b) for a, b in zip(x.shape[-2:], y.shape[-2:])):
+        raise UserError(f'attention maps of {tuple(x.shape[-2:])} and {tuple(y.shape[-2:])} do not match: '
+                        f'only sizes that are whole multiples of each other are pooled to meet')
+    return (at(x, size) - at(y, size)).pow(2).mean()
 
 
 def kd_loss(y, teacher_scores, labels, T, alpha):

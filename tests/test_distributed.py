@@ -71,3 +71,17 @@ def test_meters_are_summed_over_ranks(tmp_path):
     for rank in (0, 1):
         r = torch.load(tmp_path / f'{rank}.pt')
         assert r['acc'] == pytest.approx(100 * 3 / 6) and r['loss'] == pytest.approx(3.0)
+
+
+def test_imagenet_two_processes(tmp_path):
+    from test_imagenet import make_image_folder
+    make_image_folder(tmp_path / 'data')
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        str(ROOT / 'imagenet.py'), '--no_progress', '--imagenetpath', 'data', '--batch_size', '4',
+                        '--epochs', '1', '--nthread', '0', '--save', 'logs/d'],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
+    assert p.returncode == 0, p.stderr
+    log = read_log(tmp_path / 'logs/d')
+    assert len(log) == 1 and len(log[0]['test_acc']) == 2
+    torch.load(tmp_path / 'logs/d/model.pt7', weights_only=True)

@@ -77,3 +77,15 @@ def test_alpha_zero_is_cross_entropy_and_alias():
     ce = torch.nn.functional.cross_entropy(y, labels)
     assert utils.kd_loss(y, t, labels, 4, 0).item() == pytest.approx(ce.item(), rel=1e-7)
     assert utils.distillation is utils.kd_loss
+
+
+def test_at_loss_pools_whole_multiples_and_refuses_the_rest():
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 16, 16)
+    # by hand: the teacher's mean-of-squares map, 2x2 average-pooled, then normalised
+    m = t.pow(2).mean(1).reshape(2, 8, 2, 8, 2).mean((2, 4)).flatten(1)
+    expected = ((hand_at(s) - (m / m.norm(dim=1, keepdim=True)).numpy()) ** 2).mean()
+    assert utils.at_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+    assert utils.at_loss(t, s).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(utils.UserError, match='whole multiples'):
+        utils.at_loss(s, torch.randn(2, 4, 12, 12))
