@@ -229,3 +229,14 @@ def test_two_gpu_data_parallel_with_at_losses():
     loss.backward()
     assert logits.shape == (8, 10) and len(at_losses) == 4 and torch.isfinite(loss)
     assert params_s['fc.weight'].grad is not None
+
+
+def test_imagenet_defaults_match_2017():
+    import imagenet
+    opt = vars(imagenet.build_parser().parse_args([]))
+    expected = dict(depth=18, width=1, imagenetpath='', nthread=4, teacher_params='', batch_size=256, lr=0.1,
+                    epochs=100, weight_decay=1e-4, epoch_step='[30,60,90]', lr_decay_ratio=0.1, temperature=4,
+                    alpha=0, beta=0, dtype='float', resume='', save='', ngpu=1, gpu_id='0')
+    for k, v in expected.items():
+        assert opt[k] == v, k
+    assert opt['at_groups'] == '0,1,2,3' and opt['evaluate'] == ''
