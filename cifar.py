@@ -4,10 +4,8 @@
     python cifar.py --save logs/at_16_1_16_2 --teacher_id resnet_16_2_teacher --beta 1e+3
 """
 import argparse
-import json
 import os
 import shutil
-import sys
 import time
 import warnings
 from types import SimpleNamespace
@@ -73,12 +71,7 @@ def build_parser():
 
 def parse_args(argv=None):
     opt = build_parser().parse_args(argv)
-    try:
-        steps = json.loads(opt.epoch_step)
-    except json.JSONDecodeError:
-        steps = None
-    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
-        raise UserError(f'--epoch_step must be a JSON list of ints, like [60,120,160]; got {opt.epoch_step!r}')
+    utils.parse_epoch_step(opt.epoch_step)
     try:
         wrn_depth_to_blocks(opt.depth)
     except ValueError as e:
@@ -295,10 +288,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except UserError as e:
-        utils.die(PROG, e, code=1)
-    except KeyboardInterrupt:
-        print(f'\n{PROG}: interrupted; model.pt7 holds the last finished epoch', file=sys.stderr)
-        sys.exit(130)
+    utils.cli(main, PROG)

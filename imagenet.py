@@ -5,9 +5,7 @@
     python imagenet.py --imagenetpath ~/ILSVRC2012 --evaluate resnet-18-at-export.pth
 """
 import argparse
-import json
 import os
-import sys
 import time
 from types import SimpleNamespace
 
@@ -63,12 +61,7 @@ def build_parser():
 
 def parse_args(argv=None):
     opt = build_parser().parse_args(argv)
-    try:
-        steps = json.loads(opt.epoch_step)
-    except json.JSONDecodeError:
-        steps = None
-    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
-        raise UserError(f'--epoch_step must be a JSON list of ints, like [30,60,90]; got {opt.epoch_step!r}')
+    utils.parse_epoch_step(opt.epoch_step)
     if opt.depth not in IMAGENET_BLOCKS:
         raise UserError(f'--depth must be one of {sorted(IMAGENET_BLOCKS)}, got {opt.depth}')
     try:
@@ -175,10 +168,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except UserError as e:
-        utils.die(PROG, e, code=1)
-    except KeyboardInterrupt:
-        print(f'\n{PROG}: interrupted; model.pt7 holds the last finished epoch', file=sys.stderr)
-        sys.exit(130)
+    utils.cli(main, PROG)

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from utils import UserError, batch_norm, bn_params, conv_params, flatten, linear_params
+from utils import UserError, batch_norm, bn_params, conv_params, flatten, linear_params, safe_load
 
 
 def wrn_depth_to_blocks(depth):
@@ -237,13 +237,7 @@ def load_teacher(path):
 
 
 def read_pth(path):
-    if not os.path.isfile(path):
-        raise UserError(f'no such teacher file: {path}')
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f'cannot read teacher {path} as a torch file ({type(e).__name__}); '
-                        f'a teacher is a flat dict of tensors (.pth) or arrays (.hkl)') from None
+    data = safe_load(path, 'teacher file')
     if isinstance(data, dict) and isinstance(data.get('params'), dict):
         data = data['params']  # a model.pt7-style file
     if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
@@ -258,7 +252,7 @@ def read_hkl(path):
     try:
         data = hickle.load(path)
     except Exception as e:
-        raise UserError(f'cannot read teacher {path} as hickle ({type(e).__name__})') from None
+        raise UserError(f'cannot read teacher file {path} as hickle ({type(e).__name__})') from None
     if not isinstance(data, dict):
         raise UserError(f'teacher {path} is not a dict of arrays')
     return data

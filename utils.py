@@ -21,6 +21,28 @@ class UserError(Exception):
     """Bad input: reported as one line on stderr, never as a traceback."""
 
 
+def cli(main, prog):
+    """Runs a script's main: bad input is one line on stderr and exit 1, never a traceback."""
+    try:
+        main()
+    except UserError as e:
+        die(prog, e, code=1)
+    except KeyboardInterrupt:  # before training starts; during it, fit handles the signal
+        print(f'\n{prog}: interrupted', file=sys.stderr)
+        sys.exit(130)
+
+
+def parse_epoch_step(text):
+    """--epoch_step: a JSON list of ints."""
+    try:
+        steps = json.loads(text)
+    except json.JSONDecodeError:
+        steps = None
+    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise UserError(f'--epoch_step must be a JSON list of ints, like [60,120,160]; got {text!r}')
+    return steps
+
+
 def die(prog, message, code=2):
     if os.environ.get('RANK', '0') == '0':  # under torchrun, one rank says it for all
         print(f'{prog}: error: {message}', file=sys.stderr)
@@ -174,15 +196,20 @@ def set_rng_state(state, generator=None):
         generator.set_state(state['loader'])
 
 
-def load_checkpoint(path):
-    """torch.load a model.pt7 without running code; bad files raise UserError."""
+def safe_load(path, what):
+    """torch.load with weights_only=True (a file cannot run code); bad files raise UserError."""
     if not os.path.isfile(path):
-        raise UserError(f'no such checkpoint: {path}')
+        raise UserError(f'no such {what}: {path}')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UserError(f'cannot read checkpoint {path}: {type(e).__name__}: '
+        raise UserError(f'cannot read {what} {path}: {type(e).__name__}: '
                         f'{str(e).splitlines()[0] if str(e) else "corrupt file"}') from None
+
+
+def load_checkpoint(path):
+    """A model.pt7 as a dict; bad files raise UserError."""
+    state = safe_load(path, 'checkpoint')
     if not isinstance(state, dict) or not isinstance(state.get('params'), dict):
         raise UserError(f'{path} is not a model.pt7 checkpoint (expected a dict with "params")')
     return state
@@ -461,7 +488,7 @@ def fit(opt, run, prog):
     try:
         return train(run.compute, make_optimizer=make_optimizer, optimizer=optimizer,
                      train_loader=run.train_loader, test_loader=run.test_loader, epochs=opt.epochs,
-                     start_epoch=epoch, epoch_step=json.loads(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
+                     start_epoch=epoch, epoch_step=parse_epoch_step(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
                      device=run.device, on_epoch_end=on_epoch_end, n_at=run.n_at, topk=run.topk,
                      dtype=opt.dtype, progress=lead and not opt.no_progress, dist=dist,
                      should_stop=lambda: dist.any(flag['signal']),
