@@ -53,6 +53,8 @@ def build_parser():
     a('--temperature', default=4, type=float, help='KD temperature')
     a('--alpha', default=0, type=float, help='KD weight')
     a('--beta', default=0, type=float, help='AT weight')
+    a('--grad_beta', default=0, type=float, help='gradient-based AT weight (paper section 3.2; needs a teacher)')
+    a('--sym_beta', default=0, type=float, help='flip-symmetry weight on the gradient attention')
     a('--cuda', action='store_true', help='(2017 flag, kept for compatibility; see --device)')
     a('--save', default='', type=str, help='run folder for model.pt7 and log.txt (default: logs/<time>)')
     a('--ngpu', default=1, type=int, help='GPUs to split each batch over')
@@ -89,6 +91,12 @@ def parse_args(argv=None):
         raise UserError(f'--dtype must be float, double, half or bfloat16, got {opt.dtype!r}')
     if opt.temperature <= 0:
         raise UserError(f'--temperature must be positive, got {opt.temperature}')
+    if opt.grad_beta or opt.sym_beta:
+        if opt.grad_beta and not opt.teacher_id:
+            raise UserError('--grad_beta matches the teacher\'s gradient attention: pass --teacher_id')
+        if opt.dtype in utils.AMP_DTYPES or opt.ngpu > 1:
+            raise UserError('--grad_beta and --sym_beta need double backprop in full precision on one device: '
+                            'use --dtype float and --ngpu 1')
     return opt
 
 

@@ -84,6 +84,36 @@ def kd_loss(y, teacher_scores, labels, T, alpha):
 distillation = kd_loss  # the 2017 name
 
 
+def input_grad(f, params, x, targets, mode, create_graph):
+    """Gradient attention (paper section 3.2): J = d CE(f(x), targets) / dx, with f's outputs.
+
+    create_graph=True keeps J differentiable (the student's, for double backprop)."""
+    with torch.enable_grad():  # J needs autograd, even where the caller has turned it off
+        x = x.detach().requires_grad_()
+        y, groups = f(x, params, mode)
+        (j,) = torch.autograd.grad(F.cross_entropy(y, targets), x, create_graph=create_graph)
+    return j, y, groups
+
+
+def grad_map(j):
+    """A gradient attention map, per sample: the whole J flattened and L2-normalised, so that
+    student and teacher compare in direction, not in scale (our choice; the paper leaves it open)."""
+    return F.normalize(j.flatten(1))
+
+
+def grad_at_loss(j_s, j_t):
+    """Mean squared difference of normalised gradient maps; the total adds grad_beta/2 times it."""
+    return (grad_map(j_s) - grad_map(j_t)).pow(2).mean()
+
+
+def sym_loss(f, params, x, targets, mode, j=None):
+    """Flip symmetry of gradient attention: J(x) against the mirrored J of the mirrored image."""
+    if j is None:
+        j = input_grad(f, params, x, targets, mode, create_graph=True)[0]
+    j_mirror = input_grad(f, params, x.flip(-1), targets, mode, create_graph=True)[0]
+    return grad_at_loss(j, j_mirror.flip(-1))
+
+
 # ---------------------------------------------------------------- params
 
 def conv_params(ni, no, k=1):
@@ -386,21 +416,50 @@ def sgd_factory(params, weight_decay):
 
 
 def make_compute(f_s, params_s, f_t, params_t, opt, at_groups=None):
-    """The loss: cross-entropy alone, or kd_loss + beta * sum of at_loss over `at_groups` (all by default).
+    """The loss: cross-entropy alone, or kd_loss + beta * sum of at_loss over `at_groups` (all by default),
+    plus, when training with opt.grad_beta or opt.sym_beta, grad_beta/2 * grad_at_loss and
+    sym_beta/2 * sym_loss (double backprop).
 
     f(inputs, params, mode) -> (logits, group outputs); f_t None means no teacher.
+    compute(...) -> (loss, logits, at_losses, {name: extra loss}).
     """
     devices = list(range(opt.ngpu))
+    grad_beta, sym_beta = getattr(opt, 'grad_beta', 0), getattr(opt, 'sym_beta', 0)
 
-    def compute(inputs, targets, mode):
-        y_s, g_s = data_parallel(f_s, inputs, params_s, mode, devices)
-        if f_t is None:
-            return F.cross_entropy(y_s, targets), y_s, []
-        with torch.inference_mode():  # once per batch, no graph kept
-            y_t, g_t = data_parallel(f_t, inputs, params_t, False, devices)
+    def distill(y_s, g_s, y_t, g_t, targets):
         groups = range(len(g_s)) if at_groups is None else at_groups
         at_losses = [at_loss(g_s[i], g_t[i]) for i in groups]
-        return kd_loss(y_s, y_t, targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses), y_s, at_losses
+        return kd_loss(y_s, y_t, targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses), at_losses
+
+    def compute(inputs, targets, mode):
+        if mode and (grad_beta or sym_beta):
+            return compute_with_grads(inputs, targets)
+        y_s, g_s = data_parallel(f_s, inputs, params_s, mode, devices)
+        if f_t is None:
+            return F.cross_entropy(y_s, targets), y_s, [], {}
+        with torch.inference_mode():  # once per batch, no graph kept
+            y_t, g_t = data_parallel(f_t, inputs, params_t, False, devices)
+        loss, at_losses = distill(y_s, g_s, y_t, g_t, targets)
+        return loss, y_s, at_losses, {}
+
+    def compute_with_grads(inputs, targets):
+        j_s, y_s, g_s = input_grad(f_s, params_s, inputs, targets, True, create_graph=True)
+        loss, at_losses, extras = F.cross_entropy(y_s, targets), [], {}
+        if f_t is not None:
+            if grad_beta:  # the teacher's J needs autograd, but no graph beyond it
+                j_t, y_t, g_t = input_grad(f_t, params_t, inputs, targets, False, create_graph=False)
+                y_t, g_t = y_t.detach(), [g.detach() for g in g_t]
+            else:
+                with torch.inference_mode():
+                    y_t, g_t = f_t(inputs, params_t, False)
+            loss, at_losses = distill(y_s, g_s, y_t, g_t, targets)
+            if grad_beta:
+                extras['grad_at_loss'] = grad_at_loss(j_s, j_t)
+                loss = loss + grad_beta / 2 * extras['grad_at_loss']
+        if sym_beta:
+            extras['sym_loss'] = sym_loss(f_s, params_s, inputs, targets, True, j=j_s)
+            loss = loss + sym_beta / 2 * extras['sym_loss']
+        return loss, y_s, at_losses, extras
     return compute
 
 
@@ -568,6 +627,7 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
     timer_train = tnt.meter.TimeMeter('s')
     timer_test = tnt.meter.TimeMeter('s')
     meters_at = [tnt.meter.AverageValueMeter() for _ in range(n_at)]
+    meters_extra = {}  # one per extra loss that compute reports (grad_at_loss, sym_loss)
     amp = autocast_for(device, dtype)
     in_dtype = PARAM_DTYPES.get(dtype, torch.float32)
     if AMP_DTYPES.get(dtype) == torch.float16:  # fp16 gradients underflow without loss scaling
@@ -580,11 +640,13 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
     def h(sample):
         inputs, targets, mode = sample
         with amp:
-            loss, y, at_losses = compute(inputs, targets, mode)
+            loss, y, at_losses, extras = compute(inputs, targets, mode)
         current['loss'] = loss.detach()
         if mode:
             for m, v in zip(meters_at, at_losses):
                 m.add(v.item())
+            for name, v in extras.items():
+                meters_extra.setdefault(name, tnt.meter.AverageValueMeter()).add(v.item())
         return (scaler.scale(loss) if scaler and mode else loss), y
 
     def on_sample(state):
@@ -619,7 +681,7 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
         if epoch in epoch_step:
             lr = state['optimizer'].param_groups[0]['lr']
             state['optimizer'] = new_optimizer(lr * lr_decay_ratio)
-        for m in [meter_loss, classacc, *meters_at]:
+        for m in [meter_loss, classacc, *meters_at, *meters_extra.values()]:
             m.reset()
         timer_train.reset()
         current.update(t0=state['t'], epoch=epoch)
@@ -627,10 +689,11 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
                                  leave=False, disable=not progress)
 
     def on_end_epoch(state):
-        dist.sync_meters([meter_loss, classacc, *meters_at])
+        dist.sync_meters([meter_loss, classacc, *meters_at, *meters_extra.values()])
         train_loss, train_acc = meter_loss.value()[0], classacc.value()
         stats = {'train_loss': train_loss, 'train_acc': train_acc[0], 'epoch': state['epoch'],
-                 'train_time': timer_train.value(), 'at_losses': [list(m.value()) for m in meters_at]}
+                 'train_time': timer_train.value(), 'at_losses': [list(m.value()) for m in meters_at],
+                 **{name: list(m.value()) for name, m in meters_extra.items()}}
         if test_loader is not None:
             if dist.world > 1:
                 dist.broadcast_(buffers)

@@ -33,6 +33,7 @@ CONFIGS = {
     'fast-half': ['--dtype', 'half'],
     'fast-compile': ['--compile'],
     'fast-nocl': ['--channels_last', '0'],
+    'fast-grad': ['--grad_beta', '1'],  # gradient-based AT on top of activation AT: double backprop
 }
 
 

@@ -225,7 +225,7 @@ def test_two_gpu_data_parallel_with_at_losses():
     x, y = torch.randn(8, 3, 64, 64, device='cuda'), torch.randint(0, 10, (8,), device='cuda')
     opt = type('O', (), dict(ngpu=2, temperature=4, alpha=0.5, beta=1e3))
     compute = utils.make_compute(resnet_imagenet, params_s, folded_resnet, params_t, opt)
-    loss, logits, at_losses = compute(x, y, True)
+    loss, logits, at_losses, _ = compute(x, y, True)
     loss.backward()
     assert logits.shape == (8, 10) and len(at_losses) == 4 and torch.isfinite(loss)
     assert params_s['fc.weight'].grad is not None
