@@ -229,7 +229,7 @@ def resolve_run_folder(run_id):
 
 
 def load_teacher(run_id, num_classes):
-    """A finished CIFAR run (2017 format too) as (f, params, info)."""
+    """A finished CIFAR run (2017 format too) as (f, params, info); num_classes None takes the run's."""
     folder = resolve_run_folder(run_id)
     for name in ('log.txt', 'model.pt7'):
         if not os.path.isfile(os.path.join(folder, name)):
@@ -247,6 +247,8 @@ def load_teacher(run_id, num_classes):
     if any(k.startswith('student.') for k in params):  # a distilled run: its student is the teacher
         params = split_prefixed(params, 'student.')
     fc = params.get('fc.weight')
+    if num_classes is None and fc is not None:  # any class count will do
+        num_classes = fc.shape[0]
     if fc is not None and fc.shape[0] != num_classes:
         raise UserError(f'teacher {folder} was trained on {fc.shape[0]} classes, this dataset has {num_classes}')
     with torch.device('meta'):

@@ -532,7 +532,9 @@ def fit(opt, run, prog):
     def on_epoch_end(stats, optimizer):
         if not lead:
             return
-        record = {**vars(opt), **stats, 'num_classes': run.num_classes, 'n_parameters': n_parameters}
+        # plain JSON types (meters give numpy floats), which torch.load(weights_only=True) accepts
+        record = json.loads(json.dumps({**vars(opt), **stats, 'num_classes': run.num_classes,
+                                        'n_parameters': n_parameters}))
         save_checkpoint(os.path.join(opt.save, 'model.pt7'), run.saved, optimizer, stats['epoch'],
                         rng=rng_state(generator), record=record)
         append_log(log_path, record)

@@ -39,6 +39,17 @@ def test_resume_repeats_the_uninterrupted_run(tiny_data, tmp_path, loader):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+def test_distilled_student_resumes_exactly(tiny_data, tmp_path):
+    run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 1, '--save', 'logs/t'], tmp_path)
+    args = [*SMALL, '--dataroot', tiny_data, '--teacher_id', 't', '--beta', 1e3, '--alpha', 0.5]
+    run_cifar([*args, '--epochs', 2, '--save', 'logs/whole'], tmp_path)
+    run_cifar([*args, '--epochs', 1, '--save', 'logs/cut'], tmp_path)
+    run_cifar([*args, '--epochs', 2, '--save', 'logs/cut', '--resume', 'auto'], tmp_path)
+    whole, cut = read_log(tmp_path / 'logs/whole'), read_log(tmp_path / 'logs/cut')
+    assert [(r['train_loss'], r['test_acc'], r['at_losses']) for r in whole] == \
+           [(r['train_loss'], r['test_acc'], r['at_losses']) for r in cut]
+
+
 def test_kill_9_at_random_instants_never_loses_the_run(tiny_data, tmp_path):
     rng = random.Random(0)
     args = [*SMALL, '--dataroot', tiny_data, '--epochs', 40, '--save', 'logs/k']
