@@ -16,13 +16,24 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 import utils
-from resnet import wrn, wrn_depth_to_blocks, wrn_params
+from resnet import nin, nin_params, wrn, wrn_depth_to_blocks, wrn_params
 from utils import UserError
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
 STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
 DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}
+
+
+MODELS = {'wrn': wrn, 'nin': nin}
+
+
+def model_params(model, depth, width, num_classes):
+    return wrn_params(depth, width, num_classes) if model == 'wrn' else nin_params(width, num_classes)
+
+
+def model_name(model, depth, width):
+    return f'WRN-{depth}-{width:g}' if model == 'wrn' else f'NIN-{width:g}'
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,8 +45,9 @@ def build_parser():
     p = Parser(prog=PROG, description='Wide ResNet training on CIFAR with attention transfer')
     a = p.add_argument
     # the 2017 flags: same names, types and defaults
+    a('--model', default='wrn', choices=list(MODELS), help='wrn: Wide ResNet; nin: Network-in-Network')
     a('--depth', default=16, type=int, help='WRN depth, 6n+4')
-    a('--width', default=1, type=float, help='WRN widening factor k')
+    a('--width', default=1, type=float, help='WRN widening factor k; for NIN, 1 is NIN-wide and 0.45 NIN-thin')
     a('--dataset', default='CIFAR10', type=str, help='CIFAR10 or CIFAR100')
     a('--dataroot', default='.', type=str,
       help='torchvision CIFAR folder (downloaded when missing), or a class-folder dataset with train/ and test/')
@@ -74,10 +86,11 @@ def build_parser():
 def parse_args(argv=None):
     opt = build_parser().parse_args(argv)
     utils.parse_epoch_step(opt.epoch_step)
-    try:
-        wrn_depth_to_blocks(opt.depth)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    if opt.model == 'wrn':
+        try:
+            wrn_depth_to_blocks(opt.depth)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if opt.width <= 0 or int(16 * opt.width) < 1:
         raise UserError(f'--width must be positive, got {opt.width}')
     for name in ('batch_size', 'epochs', 'ngpu'):
@@ -238,11 +251,15 @@ def load_teacher(run_id, num_classes):
     if not stats:
         raise UserError(f'teacher {folder}/log.txt has no json_stats line')
     info = stats[0]
+    model = info.get('model', 'wrn')  # 2017 logs name no model: WRN
     try:
-        depth, width = int(info['depth']), float(info['width'])
-        wrn_depth_to_blocks(depth)
+        depth, width = int(info.get('depth', 16)), float(info['width'])
+        if model == 'wrn':
+            wrn_depth_to_blocks(depth)
+        elif model not in MODELS:
+            raise ValueError
     except (KeyError, TypeError, ValueError):
-        raise UserError(f'teacher {folder}/log.txt does not give a valid WRN depth and width') from None
+        raise UserError(f'teacher {folder}/log.txt does not give a valid model, depth and width') from None
     params = utils.load_checkpoint(os.path.join(folder, 'model.pt7'))['params']
     if any(k.startswith('student.') for k in params):  # a distilled run: its student is the teacher
         params = split_prefixed(params, 'student.')
@@ -252,9 +269,10 @@ def load_teacher(run_id, num_classes):
     if fc is not None and fc.shape[0] != num_classes:
         raise UserError(f'teacher {folder} was trained on {fc.shape[0]} classes, this dataset has {num_classes}')
     with torch.device('meta'):
-        expected = wrn_params(depth, width, num_classes)
+        expected = model_params(model, depth, width, num_classes)
     utils.check_params(params, expected, f'teacher {folder}/model.pt7')
-    return wrn, {k: params[k].float() for k in expected}, dict(depth=depth, width=width, folder=folder)
+    return MODELS[model], {k: params[k].float() for k in expected}, dict(
+        name=model_name(model, depth, width), folder=folder)
 
 
 # ---------------------------------------------------------------- run
@@ -270,21 +288,20 @@ def build(opt):
     utils.seed_everything(opt.seed)
     train_loader, test_loader, num_classes = create_loaders(opt, device)
 
-    params_s = wrn_params(opt.depth, opt.width, num_classes)
+    params_s = model_params(opt.model, opt.depth, opt.width, num_classes)
     teacher = load_teacher(opt.teacher_id, num_classes) if opt.teacher_id else None
     params_t = teacher[1] if teacher else {}
     utils.place_params(params_s, params_t, device, opt.dtype, opt.channels_last)
-    f_s = utils.compiled(wrn, opt.compile, PROG)
-    f_t = utils.compiled(wrn, opt.compile, PROG)
-    compute = utils.make_compute(f_s, params_s, f_t if teacher else None, params_t, opt)
+    f_s = utils.compiled(MODELS[opt.model], opt.compile, PROG)
+    f_t = teacher and utils.compiled(teacher[0], opt.compile, PROG)
+    compute = utils.make_compute(f_s, params_s, f_t, params_t, opt)
 
     return SimpleNamespace(
         device=device, train_loader=train_loader, test_loader=test_loader, num_classes=num_classes,
         params_s=params_s, compute=compute, n_at=3 if teacher else 0, topk=(1,),
         make_optimizer=utils.sgd_factory(params_s, opt.weight_decay),
-        description=f'student WRN-{opt.depth}-{opt.width:g}' + (
-            f', teacher WRN-{teacher[2]["depth"]}-{teacher[2]["width"]:g} from {teacher[2]["folder"]}'
-            if teacher else ''),
+        description=f'student {model_name(opt.model, opt.depth, opt.width)}' + (
+            f', teacher {teacher[2]["name"]} from {teacher[2]["folder"]}' if teacher else ''),
         # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling
         saved=({**{'student.' + k: v for k, v in params_s.items()},
                 **{'teacher.' + k: v for k, v in params_t.items()}} if teacher else params_s))

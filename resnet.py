@@ -85,6 +85,50 @@ def resnet(depth, width, num_classes):
     return wrn, wrn_params(depth, width, num_classes)
 
 
+# ---------------------------------------------------------------- Network-in-Network (CIFAR)
+
+# Lin et al.'s CIFAR NIN: three mlpconv blocks (a k x k conv, then two 1x1 convs), each conv
+# followed by batch norm and relu. These are NIN-wide's widths (965,568 conv weights, about
+# 0.97M trained parameters with batch norm: the paper's 1M). --width scales every hidden width:
+# 0.45 gives NIN-thin (about 0.2M: the paper's 0.2M). The last 1x1 conv maps to the classes and
+# is pooled globally into the logits.
+NIN_BLOCKS = [(5, [192, 160, 96]), (5, [192, 192, 192]), (3, [192, 192, None])]
+
+
+def nin_params(width, num_classes):
+    p, ni = {}, 3
+    for b, (k, widths) in enumerate(NIN_BLOCKS):
+        for i, no in enumerate(widths):
+            last = no is None
+            no = num_classes if last else int(no * width)
+            p[f'block{b}.conv{i}'] = conv_params(ni, no, k if i == 0 else 1)
+            if last:
+                p[f'block{b}.conv{i}.bias'] = torch.zeros(no)
+            else:
+                p[f'block{b}.bn{i}'] = bn_params(no)
+            ni = no
+    return flatten(p)
+
+
+def nin(input, params, mode, prefix=''):
+    """Forward pass of `nin_params`: (logits, (g0, g1, g2)), each block's last hidden activation
+    (for the last block, the one before the classifier conv)."""
+    o, groups = input, []
+    for b, (k, widths) in enumerate(NIN_BLOCKS):
+        if b == 1:
+            o = F.max_pool2d(o, 3, 2, 1)
+        elif b == 2:
+            o = F.avg_pool2d(o, 3, 2, 1)
+        for i in range(len(widths)):
+            conv, bn = f'{prefix}block{b}.conv{i}', f'{prefix}block{b}.bn{i}'
+            o = F.conv2d(o, params[conv], params.get(conv + '.bias'), padding=k // 2 if i == 0 else 0)
+            if bn + '.weight' in params:  # every conv but the classifier
+                o = F.relu(batch_norm(o, params, bn, mode))
+                last_hidden = o
+        groups.append(last_hidden)
+    return F.adaptive_avg_pool2d(o, 1).flatten(1), tuple(groups)
+
+
 # ---------------------------------------------------------------- ImageNet ResNets
 
 IMAGENET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}

@@ -81,3 +81,20 @@ def test_gradients_match_torch_nn():
 def test_depth_must_be_6n_plus_4(depth):
     with pytest.raises(ValueError, match='6n\\+4'):
         wrn_params(depth, 1, 10)
+
+
+def test_nin_sizes_and_groups():
+    from resnet import nin, nin_params
+    # by hand: NIN-wide's convs, 3*192*25 + 192*160 + 160*96 + 96*192*25 + 2*192*192 + 192*192*9
+    # + 192*192 + 192*10, plus the class bias and batch-norm weights and biases
+    convs = 3 * 192 * 25 + 192 * 160 + 160 * 96 + 96 * 192 * 25 + 2 * 192 ** 2 + 192 * 192 * 9 + 192 ** 2 + 1920
+    bn = 2 * (192 + 160 + 96 + 192 * 5)
+    with torch.device('meta'):
+        assert utils.n_trained(nin_params(1, 10)) == convs + bn + 10
+        thin = utils.n_trained(nin_params(0.45, 10))
+    assert 190_000 < thin < 210_000  # the paper's 0.2M
+    y, groups = nin(torch.randn(2, 3, 32, 32), nin_params(0.45, 10), True)
+    assert y.shape == (2, 10)
+    assert [tuple(g.shape[1:]) for g in groups] == [(43, 32, 32), (86, 16, 16), (86, 8, 8)]
+    # the spatial sizes match NIN-wide's, so AT needs no pooling between thin and wide
+    assert [g.shape[-1] for g in nin(torch.randn(1, 3, 32, 32), nin_params(1, 10), False)[1]] == [32, 16, 8]

@@ -161,3 +161,13 @@ def test_compile_falls_back_cleanly(tiny_data, tmp_path):
                   tmp_path, timeout=600)
     assert 'Traceback' not in p.stderr
     assert math.isfinite(read_log(tmp_path / 'logs/c')[0]['train_loss'])
+
+
+def test_nin_teacher_and_student(tiny_data, tmp_path):
+    args = ['--model', 'nin', '--batch_size', 16, '--nthread', 0, '--dataroot', tiny_data, '--epochs', 1]
+    run_cifar([*args, '--width', 0.3, '--save', 'logs/nin_wide'], tmp_path)
+    out = run_cifar([*args, '--width', 0.1, '--save', 'logs/at_nin', '--teacher_id', 'nin_wide', '--beta', 1e3],
+                    tmp_path)
+    assert 'student NIN-0.1, teacher NIN-0.3' in out.stdout
+    r = read_log(tmp_path / 'logs/at_nin')[0]
+    assert r['model'] == 'nin' and len(r['at_losses']) == 3 and math.isfinite(r['train_loss'])
