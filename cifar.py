@@ -65,6 +65,9 @@ def build_parser():
     a('--temperature', default=4, type=float, help='KD temperature')
     a('--alpha', default=0, type=float, help='KD weight')
     a('--beta', default=0, type=float, help='AT weight')
+    a('--beta_decay', default='none', choices=['none', 'step', 'linear'],
+      help='AT weight schedule: none (2017), step (times lr_decay_ratio at each epoch_step), linear (to 0)')
+    a('--factt_beta', default=0, type=float, help='F-ActT (full-activation transfer) weight')
     a('--grad_beta', default=0, type=float, help='gradient-based AT weight (paper section 3.2; needs a teacher)')
     a('--sym_beta', default=0, type=float, help='flip-symmetry weight on the gradient attention')
     a('--cuda', action='store_true', help='(2017 flag, kept for compatibility; see --device)')
@@ -291,20 +294,25 @@ def build(opt):
     params_s = model_params(opt.model, opt.depth, opt.width, num_classes)
     teacher = load_teacher(opt.teacher_id, num_classes) if opt.teacher_id else None
     params_t = teacher[1] if teacher else {}
+    # F-ActT's 1x1 adapters train with the student, and are saved as adapter.*
+    adapters = utils.factt_adapters(MODELS[opt.model], params_s, teacher[0], params_t, (1, 3, 32, 32)) \
+        if teacher and opt.factt_beta else {}
     utils.place_params(params_s, params_t, device, opt.dtype, opt.channels_last)
+    utils.place_params(adapters, {}, device, opt.dtype, opt.channels_last)
     f_s = utils.compiled(MODELS[opt.model], opt.compile, PROG)
     f_t = teacher and utils.compiled(teacher[0], opt.compile, PROG)
-    compute = utils.make_compute(f_s, params_s, f_t, params_t, opt)
+    compute = utils.make_compute(f_s, params_s, f_t, params_t, opt, adapters=adapters)
 
     return SimpleNamespace(
         device=device, train_loader=train_loader, test_loader=test_loader, num_classes=num_classes,
         params_s=params_s, compute=compute, n_at=3 if teacher else 0, topk=(1,),
-        make_optimizer=utils.sgd_factory(params_s, opt.weight_decay),
+        make_optimizer=utils.sgd_factory({**params_s, **adapters}, opt.weight_decay),
         description=f'student {model_name(opt.model, opt.depth, opt.width)}' + (
             f', teacher {teacher[2]["name"]} from {teacher[2]["folder"]}' if teacher else ''),
         # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling
         saved=({**{'student.' + k: v for k, v in params_s.items()},
-                **{'teacher.' + k: v for k, v in params_t.items()}} if teacher else params_s))
+                **{'teacher.' + k: v for k, v in params_t.items()},
+                **{'adapter.' + k: v for k, v in adapters.items()}} if teacher else params_s))
 
 
 def main(argv=None):

@@ -95,15 +95,26 @@ def input_grad(f, params, x, targets, mode, create_graph):
     return j, y, groups
 
 
-def grad_map(j):
-    """A gradient attention map, per sample: the whole J flattened and L2-normalised, so that
-    student and teacher compare in direction, not in scale (our choice; the paper leaves it open)."""
-    return F.normalize(j.flatten(1))
+def factt_loss(s, t):
+    """Full-activation transfer (F-ActT): mean squared difference of whole tensors, each flattened
+    and L2-normalised per sample."""
+    return (F.normalize(s.flatten(1)) - F.normalize(t.flatten(1))).pow(2).mean()
 
 
 def grad_at_loss(j_s, j_t):
-    """Mean squared difference of normalised gradient maps; the total adds grad_beta/2 times it."""
-    return (grad_map(j_s) - grad_map(j_t)).pow(2).mean()
+    """Gradient AT: F-ActT's form on the input gradients, so student and teacher compare in
+    direction, not in scale (our choice; the paper leaves it open). The total adds grad_beta/2 times it."""
+    return factt_loss(j_s, j_t)
+
+
+def beta_schedule(beta, kind, epoch, epochs, epoch_step, ratio):
+    """The AT weight at a (1-based) epoch. none: constant (2017). step: times `ratio` at each
+    epoch in `epoch_step`, with the lr. linear: from beta down to beta/epochs at the last epoch."""
+    if kind == 'step':
+        return beta * ratio ** sum(1 for s in epoch_step if s <= epoch)
+    if kind == 'linear':
+        return beta * (epochs - epoch + 1) / epochs
+    return beta
 
 
 def sym_loss(f, params, x, targets, mode, j=None):
@@ -415,21 +426,45 @@ def sgd_factory(params, weight_decay):
     return lambda lr: torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay)
 
 
-def make_compute(f_s, params_s, f_t, params_t, opt, at_groups=None):
+def factt_adapters(f_s, params_s, f_t, params_t, shape):
+    """1x1 convs taking each student group to its teacher group's channels, where they differ."""
+    with torch.no_grad():
+        g_s = f_s(torch.zeros(shape), params_s, False)[1]
+        g_t = f_t(torch.zeros(shape), params_t, False)[1]
+    for i, (s, t) in enumerate(zip(g_s, g_t)):
+        if s.shape[-2:] != t.shape[-2:]:
+            raise UserError(f'F-ActT: group {i} is {tuple(s.shape[-2:])} in the student and '
+                            f'{tuple(t.shape[-2:])} in the teacher; it needs equal spatial sizes')
+    return {f'group{i}': conv_params(s.shape[1], t.shape[1], 1)
+            for i, (s, t) in enumerate(zip(g_s, g_t)) if s.shape[1] != t.shape[1]}
+
+
+def make_compute(f_s, params_s, f_t, params_t, opt, at_groups=None, adapters=None):
     """The loss: cross-entropy alone, or kd_loss + beta * sum of at_loss over `at_groups` (all by default),
     plus, when training with opt.grad_beta or opt.sym_beta, grad_beta/2 * grad_at_loss and
     sym_beta/2 * sym_loss (double backprop).
 
+    With opt.factt_beta, F-ActT adds factt_beta * sum over groups of factt_loss, the student's
+    group passed through `adapters` (1x1 convs, by group name) where channels differ.
     f(inputs, params, mode) -> (logits, group outputs); f_t None means no teacher.
-    compute(...) -> (loss, logits, at_losses, {name: extra loss}).
+    compute(...) -> (loss, logits, at_losses, {name: extra loss}); compute.weights['beta'] is
+    the AT weight in force, which a beta schedule may change between epochs.
     """
     devices = list(range(opt.ngpu))
     grad_beta, sym_beta = getattr(opt, 'grad_beta', 0), getattr(opt, 'sym_beta', 0)
+    factt_beta, adapters = getattr(opt, 'factt_beta', 0), adapters or {}
+    weights = {'beta': opt.beta}
 
-    def distill(y_s, g_s, y_t, g_t, targets):
+    def distill(y_s, g_s, y_t, g_t, targets, extras):
         groups = range(len(g_s)) if at_groups is None else at_groups
         at_losses = [at_loss(g_s[i], g_t[i]) for i in groups]
-        return kd_loss(y_s, y_t, targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses), at_losses
+        loss = kd_loss(y_s, y_t, targets, opt.temperature, opt.alpha) + weights['beta'] * sum(at_losses)
+        if factt_beta:
+            extras['factt_loss'] = sum(
+                factt_loss(F.conv2d(s, adapters[f'group{i}']) if f'group{i}' in adapters else s, t)
+                for i, (s, t) in enumerate(zip(g_s, g_t)))
+            loss = loss + factt_beta * extras['factt_loss']
+        return loss, at_losses
 
     def compute(inputs, targets, mode):
         if mode and (grad_beta or sym_beta):
@@ -439,8 +474,9 @@ def make_compute(f_s, params_s, f_t, params_t, opt, at_groups=None):
             return F.cross_entropy(y_s, targets), y_s, [], {}
         with torch.inference_mode():  # once per batch, no graph kept
             y_t, g_t = data_parallel(f_t, inputs, params_t, False, devices)
-        loss, at_losses = distill(y_s, g_s, y_t, g_t, targets)
-        return loss, y_s, at_losses, {}
+        extras = {}
+        loss, at_losses = distill(y_s, g_s, y_t, g_t, targets, extras)
+        return loss, y_s, at_losses, extras
 
     def compute_with_grads(inputs, targets):
         j_s, y_s, g_s = input_grad(f_s, params_s, inputs, targets, True, create_graph=True)
@@ -452,7 +488,7 @@ def make_compute(f_s, params_s, f_t, params_t, opt, at_groups=None):
             else:
                 with torch.inference_mode():
                     y_t, g_t = f_t(inputs, params_t, False)
-            loss, at_losses = distill(y_s, g_s, y_t, g_t, targets)
+            loss, at_losses = distill(y_s, g_s, y_t, g_t, targets, extras)
             if grad_beta:
                 extras['grad_at_loss'] = grad_at_loss(j_s, j_t)
                 loss = loss + grad_beta / 2 * extras['grad_at_loss']
@@ -460,6 +496,7 @@ def make_compute(f_s, params_s, f_t, params_t, opt, at_groups=None):
             extras['sym_loss'] = sym_loss(f_s, params_s, inputs, targets, True, j=j_s)
             loss = loss + sym_beta / 2 * extras['sym_loss']
         return loss, y_s, at_losses, extras
+    compute.weights = weights
     return compute
 
 
@@ -534,7 +571,9 @@ def fit(opt, run, prog):
             return
         # plain JSON types (meters give numpy floats), which torch.load(weights_only=True) accepts
         record = json.loads(json.dumps({**vars(opt), **stats, 'num_classes': run.num_classes,
-                                        'n_parameters': n_parameters}))
+                                        'n_parameters': n_parameters,
+                                        **({'beta_now': run.compute.weights['beta']}
+                                           if getattr(opt, 'beta_decay', 'none') != 'none' else {})}))
         save_checkpoint(os.path.join(opt.save, 'model.pt7'), run.saved, optimizer, stats['epoch'],
                         rng=rng_state(generator), record=record)
         append_log(log_path, record)
@@ -542,6 +581,12 @@ def fit(opt, run, prog):
         print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} '
               f'acc {stats["train_acc"]:.2f}%, test loss {stats["test_loss"]:.4f} acc '
               + '/'.join(f'{a:.2f}' for a in acc) + f'% ({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
+
+    def set_beta(epoch):
+        if hasattr(run.compute, 'weights'):
+            run.compute.weights['beta'] = beta_schedule(
+                opt.beta, getattr(opt, 'beta_decay', 'none'), epoch, opt.epochs,
+                parse_epoch_step(opt.epoch_step), opt.lr_decay_ratio)
 
     if state and state.get('rng'):  # last, after building and restoring drew their own numbers
         set_rng_state(state['rng'], generator)
@@ -552,6 +597,7 @@ def fit(opt, run, prog):
                      start_epoch=epoch, epoch_step=parse_epoch_step(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
                      device=run.device, on_epoch_end=on_epoch_end, n_at=run.n_at, topk=run.topk,
                      dtype=opt.dtype, progress=lead and not opt.no_progress, dist=dist,
+                     on_epoch_start=set_beta,
                      should_stop=lambda: dist.any(flag['signal']),
                      buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
     except Stop:
@@ -612,7 +658,8 @@ class GradScaled:
 
 def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
           epochs, start_epoch, epoch_step, lr_decay_ratio, device, on_epoch_end,
-          n_at=0, topk=(1,), dtype='float', progress=True, should_stop=None, dist=None, buffers=()):
+          n_at=0, topk=(1,), dtype='float', progress=True, should_stop=None, dist=None, buffers=(),
+          on_epoch_start=None):
     """Trains with torchnet's Engine; evaluates on `test_loader` (if any) after every epoch.
 
     compute(inputs, targets, mode) -> (loss, logits, [per-group AT losses]).
@@ -678,6 +725,8 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
 
     def on_start_epoch(state):
         epoch = state['epoch'] + 1
+        if on_epoch_start:
+            on_epoch_start(epoch)
         if hasattr(getattr(train_loader, 'sampler', None), 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)  # DistributedSampler: a fresh, seeded order
         if epoch in epoch_step:

@@ -89,3 +89,20 @@ def test_at_loss_pools_whole_multiples_and_refuses_the_rest():
     assert utils.at_loss(t, s).item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(utils.UserError, match='whole multiples'):
         utils.at_loss(s, torch.randn(2, 4, 12, 12))
+
+
+def test_factt_loss_is_mean_squared_difference_of_normalised_tensors():
+    torch.manual_seed(4)
+    s, t = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    a, b = s.numpy().reshape(3, -1).astype(np.float64), t.numpy().reshape(3, -1).astype(np.float64)
+    a /= np.sqrt((a ** 2).sum(1, keepdims=True))
+    b /= np.sqrt((b ** 2).sum(1, keepdims=True))
+    assert utils.factt_loss(s, t).item() == pytest.approx(((a - b) ** 2).mean(), rel=1e-6)
+    assert utils.grad_at_loss(s, t).item() == utils.factt_loss(s, t).item()
+
+
+def test_beta_schedules():
+    b = [utils.beta_schedule(1000, 'step', e, 200, [60, 120, 160], 0.2) for e in (1, 59, 60, 119, 120, 160, 200)]
+    assert b == pytest.approx([1000, 1000, 200, 200, 40, 8, 8])
+    assert [utils.beta_schedule(1000, 'linear', e, 4, [], 0.2) for e in (1, 2, 3, 4)] == [1000, 750, 500, 250]
+    assert utils.beta_schedule(1000, 'none', 150, 200, [60], 0.2) == 1000

@@ -171,3 +171,21 @@ def test_nin_teacher_and_student(tiny_data, tmp_path):
     assert 'student NIN-0.1, teacher NIN-0.3' in out.stdout
     r = read_log(tmp_path / 'logs/at_nin')[0]
     assert r['model'] == 'nin' and len(r['at_losses']) == 3 and math.isfinite(r['train_loss'])
+
+
+def test_factt_with_adapters_and_beta_decay(tiny_data, tmp_path):
+    small = [*SMALL, '--dataroot', tiny_data]
+    run_cifar([*small, '--width', 2, '--epochs', 1, '--save', 'logs/t2'], tmp_path)
+    args = [*small, '--teacher_id', 't2', '--factt_beta', 100, '--beta', 1e3, '--alpha', 0.9,
+            '--beta_decay', 'step', '--epoch_step', '[2]', '--save', 'logs/f']
+    run_cifar([*args, '--epochs', 1], tmp_path)
+    first = load(tmp_path / 'logs/f/model.pt7')['params']
+    # WRN-10-1 -> WRN-10-2: every group doubles its channels, so every group has an adapter
+    assert {k for k in first if k.startswith('adapter.')} == {'adapter.group0', 'adapter.group1', 'adapter.group2'}
+    assert first['adapter.group2'].shape == (128, 64, 1, 1)
+    run_cifar([*args, '--epochs', 2, '--resume', 'auto'], tmp_path)
+    second = load(tmp_path / 'logs/f/model.pt7')['params']
+    assert not torch.equal(first['adapter.group1'], second['adapter.group1'])  # trained with the student
+    log = read_log(tmp_path / 'logs/f')
+    assert [r['beta_now'] for r in log] == [1e3, 200.0]
+    assert all(r['factt_loss'][0] > 0 for r in log)
