@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Rebuilds the paper's CIFAR-10 Table 1 from run folders, beside the paper's figures.
+
+    python scripts/summarize.py logs/ [--out docs/results/table1] [--plots docs/results]
+
+Runs are found by the names scripts/table1.sh gives them (resnet_16_2_teacher, at_16_1_16_2,
+kd_16_1_16_2_s1, ...): a cell is the median final test error over its seeds, with the number of
+seeds. Only finished runs count; a cell without one shows as missing. Writes TABLE.md, TABLE.csv
+and TABLE.json, and a learning-curve PNG per pair.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from utils import UserError, cli, read_json_stats  # noqa: E402
+
+PROG = 'summarize.py'
+COLUMNS = ['student', 'at', 'factt', 'kd', 'atkd', 'teacher']
+HEADERS = ['student', 'AT', 'F-ActT', 'KD', 'AT+KD', 'teacher']
+# REFERENCE section 9: the paper's test errors (%). One table, so that a correction is one edit.
+PAPER = {
+    'nin_thin_nin_wide': ('NIN-thin, 0.2M', 'NIN-wide, 1M', [9.38, 8.93, 9.05, 8.55, 8.33, 7.28]),
+    '16_1_16_2': ('WRN-16-1, 0.2M', 'WRN-16-2, 0.7M', [8.77, 7.93, 8.51, 7.41, 7.51, 6.31]),
+    '16_1_40_1': ('WRN-16-1, 0.2M', 'WRN-40-1, 0.6M', [8.77, 8.25, 8.62, 8.39, 8.01, 6.58]),
+    '16_2_40_2': ('WRN-16-2, 0.7M', 'WRN-40-2, 2.2M', [6.31, 5.85, 6.24, 6.08, 5.71, 5.23]),
+}
+STUDENT = {'nin_thin_nin_wide': 'nin_thin', '16_1_16_2': 'resnet_16_1', '16_1_40_1': 'resnet_16_1',
+           '16_2_40_2': 'resnet_16_2'}
+TEACHER = {'nin_thin_nin_wide': 'nin_wide_teacher', '16_1_16_2': 'resnet_16_2_teacher',
+           '16_1_40_1': 'resnet_40_1_teacher', '16_2_40_2': 'resnet_40_2_teacher'}
+
+
+def run_name(pair, column):
+    if column == 'student':
+        return STUDENT[pair]
+    if column == 'teacher':
+        return TEACHER[pair]
+    return f'{column}_{pair}'
+
+
+def collect(logs):
+    """{base run name: [log records of each finished seed]} from a logs folder."""
+    runs = {}
+    for name in sorted(os.listdir(logs)):
+        log = os.path.join(logs, name, 'log.txt')
+        if not os.path.isfile(log):
+            continue
+        records = read_json_stats(log)
+        if records and records[-1].get('epoch') == records[-1].get('epochs'):
+            runs.setdefault(re.sub(r'_s\d+$', '', name), []).append(records)
+    return runs
+
+
+def error(records):
+    acc = records[-1]['test_acc']
+    return 100 - (acc[0] if isinstance(acc, list) else acc)
+
+
+def table(runs):
+    rows = []
+    for pair, (student, teacher, paper) in PAPER.items():
+        for column, theirs in zip(COLUMNS, paper):
+            seeds = runs.get(run_name(pair, column), [])
+            errors = [error(r) for r in seeds]
+            ours = statistics.median(errors) if errors else None
+            rows.append(dict(pair=pair, student=student, teacher=teacher, method=column, ours=ours,
+                             seeds=len(errors), spread=[min(errors), max(errors)] if errors else None,
+                             paper=theirs, diff=None if ours is None else ours - theirs))
+    return rows
+
+
+def markdown(rows):
+    lines = ['| student | teacher | ' + ' | '.join(HEADERS) + ' |', '|---|---|' + '---|' * len(HEADERS)]
+    for pair, (student, teacher, _) in PAPER.items():
+        cells = []
+        for column in COLUMNS:
+            r = next(r for r in rows if r['pair'] == pair and r['method'] == column)
+            cells.append(f'— ({r["paper"]:.2f})' if r['ours'] is None else
+                         f'{r["ours"]:.2f} ({r["paper"]:.2f}, {r["diff"]:+.2f}) n={r["seeds"]}')
+        lines.append(f'| {student} | {teacher} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + ('\n\nEach cell: our median test error % (the paper\'s, our difference) '
+                               'and the number of seeds; — : no finished run.\n')
+
+
+def plot(runs, out_dir):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    written = []
+    for pair, (student, teacher, _) in PAPER.items():
+        curves = [(h, runs[run_name(pair, c)]) for c, h in zip(COLUMNS, HEADERS) if run_name(pair, c) in runs]
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        for label, seeds in curves:
+            for i, records in enumerate(seeds):
+                ax.plot([r['epoch'] for r in records], [error([r]) for r in records],
+                        color=f'C{HEADERS.index(label)}', alpha=0.8, label=label if i == 0 else None)
+        ax.set(xlabel='epoch', ylabel='test error %', title=f'{student} <- {teacher}')
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f'curves_{pair}.png')
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
+    p.add_argument('logs', help='folder of run folders')
+    p.add_argument('--out', default='table1', help='path prefix for .md, .csv and .json')
+    p.add_argument('--plots', default=None, help='folder for learning-curve PNGs (default: beside --out)')
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.logs):
+        raise UserError(f'no such folder: {args.logs}')
+    runs = collect(args.logs)
+    rows = table(runs)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    text = markdown(rows)
+    with open(args.out + '.md', 'w') as fh:
+        fh.write(text)
+    with open(args.out + '.json', 'w') as fh:
+        json.dump(rows, fh, indent=1)
+    with open(args.out + '.csv', 'w', newline='') as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, 'spread': '' if r['spread'] is None else '%.2f-%.2f' % tuple(r['spread'])} for r in rows)
+    plots = plot(runs, args.plots or os.path.dirname(os.path.abspath(args.out)))
+    print(text)
+    print(f'wrote {args.out}.md, .csv, .json' + (f' and {len(plots)} plots' if plots else ''))
+
+
+if __name__ == '__main__':
+    cli(main, PROG)

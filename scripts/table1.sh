@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Every cell of the paper's CIFAR-10 Table 1: the 4 teachers, the student baselines, then for each
+# of the 4 pairs AT, F-ActT, KD and AT+KD. Finished runs are skipped, unfinished ones resumed.
+#
+#   scripts/table1.sh [--dry-run]
+#
+# Environment (defaults in brackets):
+#   DATAROOT [.]          CIFAR-10 (torchvision files, or a class-folder dataset)
+#   EPOCHS [200]          a short schedule scales EPOCH_STEP with it
+#   EPOCH_STEP [the 2017 [60,120,160], scaled by EPOCHS/200]
+#   SEEDS [0]             student seeds ("0 1 2"); the paper reports medians
+#   TEACHER_SEEDS [0]     teachers are trained once per seed here; students use the first
+#   ROWS [nin 16_1_16_2 16_1_40_1 16_2_40_2]
+#   METHODS [student at factt kd atkd]   (teachers always run)
+#   BETA [1e+3] ALPHA [0.9] FACTT_BETA [1e+4]   transfer weights
+#   LOGS [logs]  PYTHON [python]  EXTRA ['']    EXTRA is added to every cifar.py command
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+for a in "$@"; do
+  case "$a" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "table1.sh: error: unknown argument $a (try --help)" >&2; exit 2 ;;
+  esac
+done
+DATAROOT=${DATAROOT:-.}
+EPOCHS=${EPOCHS:-200}
+EPOCH_STEP=${EPOCH_STEP:-$(python3 -c "import sys; e=int(sys.argv[1]); print('[' + ','.join(str(max(1, round(s * e / 200))) for s in (60, 120, 160)) + ']')" "$EPOCHS")}
+SEEDS=${SEEDS:-0}
+TEACHER_SEEDS=${TEACHER_SEEDS:-0}
+ROWS=${ROWS:-nin 16_1_16_2 16_1_40_1 16_2_40_2}
+METHODS=${METHODS:-student at factt kd atkd}
+BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}; FACTT_BETA=${FACTT_BETA:-1e+4}
+LOGS=${LOGS:-logs}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
+
+# name: model flags
+declare -A NET=(
+  [resnet_16_1]="--depth 16 --width 1" [resnet_16_2]="--depth 16 --width 2"
+  [resnet_40_1]="--depth 40 --width 1" [resnet_40_2]="--depth 40 --width 2"
+  [nin_thin]="--model nin --width 0.45" [nin_wide]="--model nin --width 1"
+)
+# row: student teacher
+declare -A PAIR=( [nin]="nin_thin nin_wide" [16_1_16_2]="resnet_16_1 resnet_16_2"
+                  [16_1_40_1]="resnet_16_1 resnet_40_1" [16_2_40_2]="resnet_16_2 resnet_40_2" )
+declare -A METHOD=( [at]="--beta $BETA" [factt]="--factt_beta $FACTT_BETA" [kd]="--alpha $ALPHA"
+                    [atkd]="--beta $BETA --alpha $ALPHA --beta_decay step" )
+
+suffix() { [ "$1" = 0 ] && echo "" || echo "_s$1"; }
+
+run() {  # run NAME SEED FLAGS...: skip a finished run, resume an unfinished one
+  local name=$1 seed=$2; shift 2
+  local dir="$LOGS/$name" resume=""
+  if [ -f "$dir/log.txt" ] && [ "$(tail -n 1 "$dir/log.txt" | sed -n 's/.*"epoch": \([0-9]*\).*/\1/p')" = "$EPOCHS" ]; then
+    echo "# done: $dir"; return 0
+  fi
+  [ -f "$dir/model.pt7" ] && resume="--resume auto"
+  local cmd="$PYTHON cifar.py --dataroot $DATAROOT --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --seed $seed --save $dir $resume $* $EXTRA"
+  echo "$cmd"
+  [ "$DRY" = 1 ] || eval "$cmd"
+}
+
+teachers=()
+for row in $ROWS; do
+  [ -n "${PAIR[$row]:-}" ] || { echo "table1.sh: error: unknown row $row (nin 16_1_16_2 16_1_40_1 16_2_40_2)" >&2; exit 2; }
+  t=${PAIR[$row]#* }; [[ " ${teachers[*]} " == *" $t "* ]] || teachers+=("$t")
+done
+T0=${TEACHER_SEEDS%% *}
+for t in "${teachers[@]}"; do
+  for s in $TEACHER_SEEDS; do run "${t}_teacher$(suffix "$s")" "$s" "${NET[$t]}"; done
+done
+baselines=()
+for row in $ROWS; do
+  st=${PAIR[$row]% *}; [[ " ${baselines[*]} " == *" $st "* ]] || baselines+=("$st")
+done
+for s in $SEEDS; do
+  if [[ " $METHODS " == *" student "* ]]; then
+    for st in "${baselines[@]}"; do run "$st$(suffix "$s")" "$s" "${NET[$st]}"; done
+  fi
+  for row in $ROWS; do
+    read -r st t <<< "${PAIR[$row]}"
+    pair=$( [ "$row" = nin ] && echo nin_thin_nin_wide || echo "$row" )
+    for m in $METHODS; do
+      [ "$m" = student ] && continue
+      [ -n "${METHOD[$m]:-}" ] || { echo "table1.sh: error: unknown method $m (student at factt kd atkd)" >&2; exit 2; }
+      run "${m}_${pair}$(suffix "$s")" "$s" "${NET[$st]} --teacher_id ${t}_teacher$(suffix "$T0") ${METHOD[$m]}"
+    done
+  done
+done

@@ -1,0 +1,81 @@
+"""scripts/table1.sh lists and resumes every Table 1 cell; scripts/summarize.py rebuilds the table."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def table1(tmp_path, **env):
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'table1.sh'), '--dry-run'], capture_output=True, text=True,
+                       env={**os.environ, 'LOGS': str(tmp_path / 'logs'), **env})
+    assert p.returncode == 0, p.stderr
+    return p.stdout.splitlines()
+
+
+def saves(lines):
+    return [line.split('--save ')[1].split()[0].rsplit('/', 1)[1] for line in lines if '--save' in line]
+
+
+def test_dry_run_lists_every_cell(tmp_path):
+    names = saves(table1(tmp_path))
+    teachers = ['nin_wide_teacher', 'resnet_16_2_teacher', 'resnet_40_1_teacher', 'resnet_40_2_teacher']
+    baselines = ['nin_thin', 'resnet_16_1', 'resnet_16_2']
+    transfer = [f'{m}_{p}' for p in ('nin_thin_nin_wide', '16_1_16_2', '16_1_40_1', '16_2_40_2')
+                for m in ('at', 'factt', 'kd', 'atkd')]
+    assert names == teachers + baselines + transfer  # teachers first: students name them
+    assert len(transfer) == 16
+
+
+def test_seeds_short_schedule_and_rows(tmp_path):
+    lines = table1(tmp_path, SEEDS='0 1 2', EPOCHS='10', ROWS='16_1_16_2', METHODS='student at')
+    assert saves(lines) == ['resnet_16_2_teacher', 'resnet_16_1', 'at_16_1_16_2', 'resnet_16_1_s1',
+                            'at_16_1_16_2_s1', 'resnet_16_1_s2', 'at_16_1_16_2_s2']
+    assert all("--epochs 10 --epoch_step '[3,6,8]'" in line for line in lines)
+    assert '--seed 2' in lines[-1] and '--teacher_id resnet_16_2_teacher --beta 1e+3' in lines[-1]
+
+
+def test_skips_finished_and_resumes_unfinished(tmp_path):
+    done, half = tmp_path / 'logs' / 'resnet_16_2_teacher', tmp_path / 'logs' / 'resnet_16_1'
+    done.mkdir(parents=True)
+    half.mkdir(parents=True)
+    (done / 'log.txt').write_text('json_stats: {"epoch": 1, "epochs": 2}\njson_stats: {"epoch": 2, "epochs": 2}\n')
+    (half / 'log.txt').write_text('json_stats: {"epoch": 1, "epochs": 2}\n')
+    (half / 'model.pt7').write_bytes(b'x')
+    lines = table1(tmp_path, EPOCHS='2', ROWS='16_1_16_2', METHODS='student')
+    assert lines[0] == f'# done: {done}'
+    assert '--resume auto' in lines[1] and 'resnet_16_1' in lines[1]
+
+
+def fake_run(logs, name, errors, epochs=2):
+    folder = logs / name
+    folder.mkdir(parents=True)
+    lines = [json.dumps({'epoch': e + 1, 'epochs': epochs, 'test_acc': 100 - err}) for e, err in enumerate(errors)]
+    (folder / 'log.txt').write_text(''.join(f'json_stats: {line}\n' for line in lines))
+
+
+def test_summarize_medians_missing_cells_and_plots(tmp_path):
+    logs = tmp_path / 'logs'
+    fake_run(logs, 'resnet_16_2_teacher', [9, 6.0])
+    for i, err in enumerate([8.0, 7.0, 9.5]):
+        fake_run(logs, 'at_16_1_16_2' + (f'_s{i}' if i else ''), [12, err])
+    fake_run(logs, 'kd_16_1_16_2', [12])  # unfinished (1 of 2 epochs): not counted
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'summarize.py'), logs, '--out', tmp_path / 'out' / 't1'],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((tmp_path / 'out' / 't1.json').read_text())
+    cell = {(r['pair'], r['method']): r for r in rows}
+    at = cell['16_1_16_2', 'at']
+    assert at['ours'] == pytest.approx(8.0) and at['seeds'] == 3 and at['diff'] == pytest.approx(8.0 - 7.93)
+    assert at['spread'] == [7.0, 9.5]
+    assert cell['16_1_16_2', 'teacher']['ours'] == pytest.approx(6.0)
+    assert cell['16_1_16_2', 'kd']['ours'] is None and cell['16_1_16_2', 'kd']['seeds'] == 0
+    assert cell['16_2_40_2', 'teacher']['paper'] == 5.23
+    md = (tmp_path / 'out' / 't1.md').read_text()
+    assert '| WRN-16-1, 0.2M | WRN-16-2, 0.7M | — (8.77) | 8.00 (7.93, +0.07) n=3 | — (8.51) | — (7.41)' in md
+    assert (tmp_path / 'out' / 't1.csv').read_text().count('\n') == 25
+    assert (tmp_path / 'out' / 'curves_16_1_16_2.png').stat().st_size > 1000
+    assert not (tmp_path / 'out' / 'curves_16_2_40_2.png').exists()
