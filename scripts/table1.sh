@@ -55,7 +55,7 @@ run() {  # run NAME SEED FLAGS...: skip a finished run, resume an unfinished one
     echo "# done: $dir"; return 0
   fi
   [ -f "$dir/model.pt7" ] && resume="--resume auto"
-  local cmd="$PYTHON cifar.py --dataroot $DATAROOT --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --seed $seed --save $dir $resume $* $EXTRA"
+  local cmd="$PYTHON cifar.py --dataroot $DATAROOT --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --seed $seed --save $dir${resume:+ $resume} $*${EXTRA:+ $EXTRA}"
   echo "$cmd"
   [ "$DRY" = 1 ] || eval "$cmd"
 }
@@ -66,6 +66,8 @@ for row in $ROWS; do
   t=${PAIR[$row]#* }; [[ " ${teachers[*]} " == *" $t "* ]] || teachers+=("$t")
 done
 T0=${TEACHER_SEEDS%% *}
+# cifar.py finds a bare --teacher_id under logs/; elsewhere the student is given the folder itself
+TDIR=$( [ "$LOGS" = logs ] && echo "" || echo "$LOGS/" )
 for t in "${teachers[@]}"; do
   for s in $TEACHER_SEEDS; do run "${t}_teacher$(suffix "$s")" "$s" "${NET[$t]}"; done
 done
@@ -83,7 +85,7 @@ for s in $SEEDS; do
     for m in $METHODS; do
       [ "$m" = student ] && continue
       [ -n "${METHOD[$m]:-}" ] || { echo "table1.sh: error: unknown method $m (student at factt kd atkd)" >&2; exit 2; }
-      run "${m}_${pair}$(suffix "$s")" "$s" "${NET[$st]} --teacher_id ${t}_teacher$(suffix "$T0") ${METHOD[$m]}"
+      run "${m}_${pair}$(suffix "$s")" "$s" "${NET[$st]} --teacher_id $TDIR${t}_teacher$(suffix "$T0") ${METHOD[$m]}"
     done
   done
 done

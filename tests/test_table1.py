@@ -35,7 +35,11 @@ def test_seeds_short_schedule_and_rows(tmp_path):
     assert saves(lines) == ['resnet_16_2_teacher', 'resnet_16_1', 'at_16_1_16_2', 'resnet_16_1_s1',
                             'at_16_1_16_2_s1', 'resnet_16_1_s2', 'at_16_1_16_2_s2']
     assert all("--epochs 10 --epoch_step '[3,6,8]'" in line for line in lines)
-    assert '--seed 2' in lines[-1] and '--teacher_id resnet_16_2_teacher --beta 1e+3' in lines[-1]
+    # outside logs/ the student is handed the teacher's folder: cifar.py looks for bare names under logs/
+    assert '--seed 2' in lines[-1] and f"--teacher_id {tmp_path / 'logs' / 'resnet_16_2_teacher'} --beta 1e+3" in lines[-1]
+    default = subprocess.run(['bash', str(ROOT / 'scripts' / 'table1.sh'), '--dry-run'], capture_output=True, text=True,
+                             env={**os.environ, 'ROWS': '16_1_16_2', 'METHODS': 'at', 'LOGS': 'logs'}).stdout
+    assert '--save logs/at_16_1_16_2 --depth 16 --width 1 --teacher_id resnet_16_2_teacher --beta 1e+3' in default
 
 
 def test_skips_finished_and_resumes_unfinished(tmp_path):
