@@ -622,6 +622,21 @@ def autocast_for(device, dtype):
     return nullcontext()
 
 
+def slow_cpu_autocast(device, dtype):
+    """True where autocast to `dtype` would run on a CPU that has no native kernels for it.
+
+    Without AVX-512 bf16/fp16 (e.g. an AVX2-only CPU), oneDNN emulates the low-precision
+    convolutions and a step runs several times slower than fp32 (README, Speed).
+    """
+    if device.type != 'cpu' or dtype not in AMP_DTYPES:
+        return False
+    native = {torch.bfloat16: '_is_mkldnn_bf16_supported', torch.float16: '_is_mkldnn_fp16_supported'}
+    try:
+        return not getattr(torch.ops.mkldnn, native[AMP_DTYPES[dtype]])()
+    except (AttributeError, RuntimeError):  # the check is private to torch: never fail a run on it
+        return False
+
+
 def compiled(f, enabled, prog):
     """torch.compile(f), falling back to f, with one line, where compilation fails."""
     if not enabled:
@@ -678,6 +693,9 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
     meters_at = [tnt.meter.AverageValueMeter() for _ in range(n_at)]
     meters_extra = {}  # one per extra loss that compute reports (grad_at_loss, sym_loss)
     amp = autocast_for(device, dtype)
+    if dist.rank == 0 and slow_cpu_autocast(device, dtype):
+        print(f'warning: this CPU has no native {dtype} kernels; --dtype {dtype} will train slower than float',
+              file=sys.stderr)
     in_dtype = PARAM_DTYPES.get(dtype, torch.float32)
     if AMP_DTYPES.get(dtype) == torch.float16:  # fp16 gradients underflow without loss scaling
         scaler = torch.amp.GradScaler(device.type)

@@ -139,7 +139,10 @@ def test_2017_format_teacher(tiny_data, tmp_path):
 
 @pytest.mark.parametrize('dtype', ['half', 'bfloat16'])
 def test_mixed_precision_does_not_crash(tiny_data, tmp_path, dtype):
-    run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 1, '--dtype', dtype, '--save', 'logs/m'], tmp_path)
+    import utils
+    p = run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 1, '--dtype', dtype, '--save', 'logs/m'], tmp_path)
+    warned = [line for line in p.stderr.splitlines() if line.startswith('warning:')]
+    assert len(warned) == (1 if utils.slow_cpu_autocast(torch.device('cpu'), dtype) else 0), p.stderr
     r = read_log(tmp_path / 'logs/m')[0]
     assert math.isfinite(r['train_loss']) and r['dtype'] == dtype
     assert load(tmp_path / 'logs/m/model.pt7')['params']['conv0'].dtype == torch.float32  # fp32 master weights
@@ -189,3 +192,30 @@ def test_factt_with_adapters_and_beta_decay(tiny_data, tmp_path):
     log = read_log(tmp_path / 'logs/f')
     assert [r['beta_now'] for r in log] == [1e3, 200.0]
     assert all(r['factt_loss'][0] > 0 for r in log)
+
+
+def cpu_flags():
+    try:
+        text = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return None
+    return set(next((line.split(':', 1)[1].split() for line in text.splitlines() if line.startswith('flags')), []))
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'half'])
+def test_autocast_warning_follows_the_cpu_flags(dtype):
+    """Read from /proc/cpuinfo, not from torch: without any AVX-512 a low-precision CPU step is
+    emulated (slow), so the user is told; with AVX-512 BW/VL/DQ oneDNN has kernels for it."""
+    import utils
+    flags = cpu_flags()
+    if flags is None:
+        pytest.skip('no /proc/cpuinfo')
+    cpu = torch.device('cpu')
+    assert not utils.slow_cpu_autocast(cpu, 'float') and not utils.slow_cpu_autocast(torch.device('cuda'), dtype)
+    if not any(f.startswith('avx512') for f in flags):
+        assert utils.slow_cpu_autocast(cpu, dtype)
+    elif {'avx512bw', 'avx512vl', 'avx512dq'} <= flags and (dtype == 'bfloat16' or 'avx512_fp16' in flags
+                                                            or 'amx_fp16' in flags):
+        assert not utils.slow_cpu_autocast(cpu, dtype)
+    else:
+        pytest.skip('partial AVX-512: oneDNN decides')
