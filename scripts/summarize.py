@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Rebuilds the paper's CIFAR-10 Table 1 from run folders, beside the paper's figures.
 
-    python scripts/summarize.py logs/ [--out docs/results/table1] [--plots docs/results]
+    python scripts/summarize.py logs/ [--out docs/results/table1] [--plots docs/results] [--epoch N]
 
 Runs are found by the names scripts/table1.sh gives them (resnet_16_2_teacher, at_16_1_16_2,
 kd_16_1_16_2_s1, ...): a cell is the median final test error over its seeds, with the number of
-seeds. Only finished runs count; a cell without one shows as missing. Writes TABLE.md, TABLE.csv
-and TABLE.json, and a learning-curve PNG per pair.
+seeds. Only finished runs count; a cell without one shows as missing. --epoch N reads every run
+at epoch N instead (runs that reached it), to compare runs of different lengths at a common point.
+Gradient-based AT runs (gradat_*, not in the paper's table) get a column of their own when present.
+Writes TABLE.md, TABLE.csv and TABLE.json, and a learning-curve PNG per pair.
 """
 import argparse
 import csv
@@ -20,14 +22,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from utils import UserError, cli, read_json_stats  # noqa: E402
 
 PROG = 'summarize.py'
-COLUMNS = ['student', 'at', 'factt', 'kd', 'atkd', 'teacher']
-HEADERS = ['student', 'AT', 'F-ActT', 'KD', 'AT+KD', 'teacher']
+COLUMNS = ['student', 'at', 'factt', 'kd', 'atkd', 'gradat', 'teacher']
+HEADERS = ['student', 'AT', 'F-ActT', 'KD', 'AT+KD', 'grad-AT', 'teacher']
+OPTIONAL = {'gradat'}  # columns the paper's Table 1 lacks: shown only where runs exist
 # REFERENCE section 9: the paper's test errors (%). One table, so that a correction is one edit.
 PAPER = {
-    'nin_thin_nin_wide': ('NIN-thin, 0.2M', 'NIN-wide, 1M', [9.38, 8.93, 9.05, 8.55, 8.33, 7.28]),
-    '16_1_16_2': ('WRN-16-1, 0.2M', 'WRN-16-2, 0.7M', [8.77, 7.93, 8.51, 7.41, 7.51, 6.31]),
-    '16_1_40_1': ('WRN-16-1, 0.2M', 'WRN-40-1, 0.6M', [8.77, 8.25, 8.62, 8.39, 8.01, 6.58]),
-    '16_2_40_2': ('WRN-16-2, 0.7M', 'WRN-40-2, 2.2M', [6.31, 5.85, 6.24, 6.08, 5.71, 5.23]),
+# None: the paper gives no CIFAR figure for gradient-based AT with these pairs.
+    'nin_thin_nin_wide': ('NIN-thin, 0.2M', 'NIN-wide, 1M', [9.38, 8.93, 9.05, 8.55, 8.33, None, 7.28]),
+    '16_1_16_2': ('WRN-16-1, 0.2M', 'WRN-16-2, 0.7M', [8.77, 7.93, 8.51, 7.41, 7.51, None, 6.31]),
+    '16_1_40_1': ('WRN-16-1, 0.2M', 'WRN-40-1, 0.6M', [8.77, 8.25, 8.62, 8.39, 8.01, None, 6.58]),
+    '16_2_40_2': ('WRN-16-2, 0.7M', 'WRN-40-2, 2.2M', [6.31, 5.85, 6.24, 6.08, 5.71, None, 5.23]),
 }
 STUDENT = {'nin_thin_nin_wide': 'nin_thin', '16_1_16_2': 'resnet_16_1', '16_1_40_1': 'resnet_16_1',
            '16_2_40_2': 'resnet_16_2'}
@@ -43,15 +47,21 @@ def run_name(pair, column):
     return f'{column}_{pair}'
 
 
-def collect(logs):
-    """{base run name: [log records of each finished seed]} from a logs folder."""
+def collect(logs, epoch=None):
+    """{base run name: [log records of each seed]} from a logs folder: finished runs, or with
+    `epoch` the runs that reached it, cut there."""
     runs = {}
     for name in sorted(os.listdir(logs)):
         log = os.path.join(logs, name, 'log.txt')
         if not os.path.isfile(log):
             continue
         records = read_json_stats(log)
-        if records and records[-1].get('epoch') == records[-1].get('epochs'):
+        if epoch is not None:
+            records = [r for r in records if r.get('epoch', 0) <= epoch]
+            done = bool(records) and records[-1].get('epoch') == epoch
+        else:
+            done = bool(records) and records[-1].get('epoch') == records[-1].get('epochs')
+        if done:
             runs.setdefault(re.sub(r'_s\d+$', '', name), []).append(records)
     return runs
 
@@ -70,21 +80,27 @@ def table(runs):
             ours = statistics.median(errors) if errors else None
             rows.append(dict(pair=pair, student=student, teacher=teacher, method=column, ours=ours,
                              seeds=len(errors), spread=[min(errors), max(errors)] if errors else None,
-                             paper=theirs, diff=None if ours is None else ours - theirs))
+                             paper=theirs, diff=None if ours is None or theirs is None else ours - theirs))
     return rows
 
 
+def cell(r):
+    paper = 'n/a' if r['paper'] is None else f'{r["paper"]:.2f}'
+    if r['ours'] is None:
+        return f'— ({paper})'
+    diff = '' if r['diff'] is None else f', {r["diff"]:+.2f}'
+    return f'{r["ours"]:.2f} ({paper}{diff}) n={r["seeds"]}'
+
+
 def markdown(rows):
-    lines = ['| student | teacher | ' + ' | '.join(HEADERS) + ' |', '|---|---|' + '---|' * len(HEADERS)]
+    shown = [(c, h) for c, h in zip(COLUMNS, HEADERS)
+             if c not in OPTIONAL or any(r['method'] == c and r['seeds'] for r in rows)]
+    lines = ['| student | teacher | ' + ' | '.join(h for _, h in shown) + ' |', '|---|---|' + '---|' * len(shown)]
     for pair, (student, teacher, _) in PAPER.items():
-        cells = []
-        for column in COLUMNS:
-            r = next(r for r in rows if r['pair'] == pair and r['method'] == column)
-            cells.append(f'— ({r["paper"]:.2f})' if r['ours'] is None else
-                         f'{r["ours"]:.2f} ({r["paper"]:.2f}, {r["diff"]:+.2f}) n={r["seeds"]}')
+        cells = [cell(next(r for r in rows if r['pair'] == pair and r['method'] == c)) for c, _ in shown]
         lines.append(f'| {student} | {teacher} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + ('\n\nEach cell: our median test error % (the paper\'s, our difference) '
-                               'and the number of seeds; — : no finished run.\n')
+                               'and the number of seeds; — : no finished run; n/a: not in the paper.\n')
 
 
 def plot(runs, out_dir):
@@ -116,10 +132,13 @@ def main(argv=None):
     p.add_argument('logs', help='folder of run folders')
     p.add_argument('--out', default='table1', help='path prefix for .md, .csv and .json')
     p.add_argument('--plots', default=None, help='folder for learning-curve PNGs (default: beside --out)')
+    p.add_argument('--epoch', type=int, default=None, help='read every run at this epoch, not at its end')
     args = p.parse_args(argv)
     if not os.path.isdir(args.logs):
         raise UserError(f'no such folder: {args.logs}')
-    runs = collect(args.logs)
+    if args.epoch is not None and args.epoch < 1:
+        raise UserError(f'--epoch must be 1 or more, got {args.epoch}')
+    runs = collect(args.logs, args.epoch)
     rows = table(runs)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     text = markdown(rows)

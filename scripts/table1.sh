@@ -11,8 +11,9 @@
 #   SEEDS [0]             student seeds ("0 1 2"); the paper reports medians
 #   TEACHER_SEEDS [0]     teachers are trained once per seed here; students use the first
 #   ROWS [nin 16_1_16_2 16_1_40_1 16_2_40_2]
-#   METHODS [student at factt kd atkd]   (teachers always run)
-#   BETA [1e+3] ALPHA [0.9] FACTT_BETA [1e+4]   transfer weights
+#   METHODS [student at factt kd atkd]   (teachers always run; add gradat for gradient-based
+#                         AT, paper section 3.2, which is not a Table 1 column)
+#   BETA [1e+3] ALPHA [0.9] FACTT_BETA [1e+4] GRAD_BETA [1e+3]   transfer weights
 #   LOGS [logs]  PYTHON [python]  EXTRA ['']    EXTRA is added to every cifar.py command
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
     *) echo "table1.sh: error: unknown argument $a (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -31,7 +32,7 @@ SEEDS=${SEEDS:-0}
 TEACHER_SEEDS=${TEACHER_SEEDS:-0}
 ROWS=${ROWS:-nin 16_1_16_2 16_1_40_1 16_2_40_2}
 METHODS=${METHODS:-student at factt kd atkd}
-BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}; FACTT_BETA=${FACTT_BETA:-1e+4}
+BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}; FACTT_BETA=${FACTT_BETA:-1e+4}; GRAD_BETA=${GRAD_BETA:-1e+3}
 LOGS=${LOGS:-logs}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
 
 # name: model flags
@@ -44,7 +45,7 @@ declare -A NET=(
 declare -A PAIR=( [nin]="nin_thin nin_wide" [16_1_16_2]="resnet_16_1 resnet_16_2"
                   [16_1_40_1]="resnet_16_1 resnet_40_1" [16_2_40_2]="resnet_16_2 resnet_40_2" )
 declare -A METHOD=( [at]="--beta $BETA" [factt]="--factt_beta $FACTT_BETA" [kd]="--alpha $ALPHA"
-                    [atkd]="--beta $BETA --alpha $ALPHA --beta_decay step" )
+                    [atkd]="--beta $BETA --alpha $ALPHA --beta_decay step" [gradat]="--grad_beta $GRAD_BETA" )
 
 suffix() { [ "$1" = 0 ] && echo "" || echo "_s$1"; }
 
@@ -84,7 +85,7 @@ for s in $SEEDS; do
     pair=$( [ "$row" = nin ] && echo nin_thin_nin_wide || echo "$row" )
     for m in $METHODS; do
       [ "$m" = student ] && continue
-      [ -n "${METHOD[$m]:-}" ] || { echo "table1.sh: error: unknown method $m (student at factt kd atkd)" >&2; exit 2; }
+      [ -n "${METHOD[$m]:-}" ] || { echo "table1.sh: error: unknown method $m (student at factt kd atkd gradat)" >&2; exit 2; }
       run "${m}_${pair}$(suffix "$s")" "$s" "${NET[$st]} --teacher_id $TDIR${t}_teacher$(suffix "$T0") ${METHOD[$m]}"
     done
   done

@@ -80,6 +80,42 @@ def test_summarize_medians_missing_cells_and_plots(tmp_path):
     assert cell['16_2_40_2', 'teacher']['paper'] == 5.23
     md = (tmp_path / 'out' / 't1.md').read_text()
     assert '| WRN-16-1, 0.2M | WRN-16-2, 0.7M | — (8.77) | 8.00 (7.93, +0.07) n=3 | — (8.51) | — (7.41)' in md
-    assert (tmp_path / 'out' / 't1.csv').read_text().count('\n') == 25
+    assert 'grad-AT' not in md  # not a Table 1 column: shown only where such runs exist
+    assert (tmp_path / 'out' / 't1.csv').read_text().count('\n') == 1 + 4 * 7
     assert (tmp_path / 'out' / 'curves_16_1_16_2.png').stat().st_size > 1000
     assert not (tmp_path / 'out' / 'curves_16_2_40_2.png').exists()
+
+
+def test_summarize_at_an_epoch_with_grad_at_column(tmp_path):
+    """--epoch 1 compares a 2-epoch baseline with 1-epoch grad-AT runs at their common epoch."""
+    logs = tmp_path / 'logs'
+    for i, (base, grad) in enumerate([((40, 30), 35), ((50, 31), 41), ((45, 29), 38)]):
+        suffix = f'_s{i}' if i else ''
+        fake_run(logs, 'resnet_16_1' + suffix, base)
+        fake_run(logs, 'gradat_16_1_16_2' + suffix, [grad], epochs=1)
+    fake_run(logs, 'at_16_1_16_2', [44])  # stopped after epoch 1 of 2: counts at --epoch 1 only
+
+    def summarize(*extra):
+        p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'summarize.py'), logs, '--out', tmp_path / 't',
+                            *extra], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return {(r['pair'], r['method']): r for r in json.loads((tmp_path / 't.json').read_text())}, \
+            (tmp_path / 't.md').read_text()
+
+    cell, md = summarize('--epoch', '1')
+    assert cell['16_1_16_2', 'student']['ours'] == pytest.approx(45) and cell['16_1_16_2', 'student']['seeds'] == 3
+    assert cell['16_1_16_2', 'gradat']['ours'] == pytest.approx(38) and cell['16_1_16_2', 'gradat']['paper'] is None
+    assert cell['16_1_16_2', 'at']['ours'] == pytest.approx(44)
+    assert '| student | AT | F-ActT | KD | AT+KD | grad-AT | teacher |' in md and '38.00 (n/a) n=3' in md
+    cell, md = summarize()  # final epochs: the baseline at epoch 2; the unfinished AT run is missing
+    assert cell['16_1_16_2', 'student']['ours'] == pytest.approx(30)
+    assert cell['16_1_16_2', 'at']['ours'] is None
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'summarize.py'), logs, '--epoch', '0'],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.count('\n') == 1 and 'Traceback' not in p.stderr
+
+
+def test_gradient_at_is_opt_in(tmp_path):
+    assert not any('gradat' in line for line in table1(tmp_path))
+    lines = table1(tmp_path, ROWS='16_1_16_2', METHODS='gradat', GRAD_BETA='50')
+    assert saves(lines) == ['resnet_16_2_teacher', 'gradat_16_1_16_2'] and lines[-1].endswith('--grad_beta 50')
