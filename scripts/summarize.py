@@ -2,6 +2,7 @@
 """Rebuilds the paper's CIFAR-10 Table 1 from run folders, beside the paper's figures.
 
     python scripts/summarize.py logs/ [--out docs/results/table1] [--plots docs/results] [--epoch N]
+                                      [--rows '16_1_16_2 nin']
 
 Runs are found by the names scripts/table1.sh gives them (resnet_16_2_teacher, at_16_1_16_2,
 kd_16_1_16_2_s1, ...): a cell is the median final test error over its seeds, with the number of
@@ -39,6 +40,9 @@ TEACHER = {'nin_thin_nin_wide': 'nin_wide_teacher', '16_1_16_2': 'resnet_16_2_te
            '16_1_40_1': 'resnet_40_1_teacher', '16_2_40_2': 'resnet_40_2_teacher'}
 
 
+ROWS = {'nin': 'nin_thin_nin_wide', '16_1_16_2': '16_1_16_2', '16_1_40_1': '16_1_40_1', '16_2_40_2': '16_2_40_2'}
+
+
 def run_name(pair, column):
     if column == 'student':
         return STUDENT[pair]
@@ -71,9 +75,10 @@ def error(records):
     return 100 - (acc[0] if isinstance(acc, list) else acc)
 
 
-def table(runs):
+def table(runs, pairs=tuple(PAPER)):
     rows = []
-    for pair, (student, teacher, paper) in PAPER.items():
+    for pair in pairs:
+        student, teacher, paper = PAPER[pair]
         for column, theirs in zip(COLUMNS, paper):
             seeds = runs.get(run_name(pair, column), [])
             errors = [error(r) for r in seeds]
@@ -89,26 +94,29 @@ def cell(r):
     if r['ours'] is None:
         return f'— ({paper})'
     diff = '' if r['diff'] is None else f', {r["diff"]:+.2f}'
-    return f'{r["ours"]:.2f} ({paper}{diff}) n={r["seeds"]}'
+    spread = f' [{r["spread"][0]:.2f}–{r["spread"][1]:.2f}]' if r['seeds'] > 1 else ''
+    return f'{r["ours"]:.2f} ({paper}{diff}) n={r["seeds"]}{spread}'
 
 
 def markdown(rows):
     shown = [(c, h) for c, h in zip(COLUMNS, HEADERS)
              if c not in OPTIONAL or any(r['method'] == c and r['seeds'] for r in rows)]
     lines = ['| student | teacher | ' + ' | '.join(h for _, h in shown) + ' |', '|---|---|' + '---|' * len(shown)]
-    for pair, (student, teacher, _) in PAPER.items():
+    for pair in dict.fromkeys(r['pair'] for r in rows):
+        student, teacher, _ = PAPER[pair]
         cells = [cell(next(r for r in rows if r['pair'] == pair and r['method'] == c)) for c, _ in shown]
         lines.append(f'| {student} | {teacher} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + ('\n\nEach cell: our median test error % (the paper\'s, our difference) '
-                               'and the number of seeds; — : no finished run; n/a: not in the paper.\n')
+                               'the number of seeds and [lowest–highest]; — : no finished run; n/a: not in the paper.\n')
 
 
-def plot(runs, out_dir):
+def plot(runs, out_dir, pairs=tuple(PAPER)):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     written = []
-    for pair, (student, teacher, _) in PAPER.items():
+    for pair in pairs:
+        student, teacher, _ = PAPER[pair]
         curves = [(h, runs[run_name(pair, c)]) for c, h in zip(COLUMNS, HEADERS) if run_name(pair, c) in runs]
         if not curves:
             continue
@@ -133,13 +141,18 @@ def main(argv=None):
     p.add_argument('--out', default='table1', help='path prefix for .md, .csv and .json')
     p.add_argument('--plots', default=None, help='folder for learning-curve PNGs (default: beside --out)')
     p.add_argument('--epoch', type=int, default=None, help='read every run at this epoch, not at its end')
+    p.add_argument('--rows', default=' '.join(ROWS), help='rows to show, as table1.sh names them (default: all)')
     args = p.parse_args(argv)
+    unknown = [r for r in args.rows.split() if r not in ROWS]
+    if unknown:
+        raise UserError(f'unknown row {unknown[0]!r} (rows: {" ".join(ROWS)})')
+    pairs = [ROWS[r] for r in args.rows.split()]
     if not os.path.isdir(args.logs):
         raise UserError(f'no such folder: {args.logs}')
     if args.epoch is not None and args.epoch < 1:
         raise UserError(f'--epoch must be 1 or more, got {args.epoch}')
     runs = collect(args.logs, args.epoch)
-    rows = table(runs)
+    rows = table(runs, pairs)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     text = markdown(rows)
     with open(args.out + '.md', 'w') as fh:
@@ -150,7 +163,7 @@ def main(argv=None):
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({**r, 'spread': '' if r['spread'] is None else '%.2f-%.2f' % tuple(r['spread'])} for r in rows)
-    plots = plot(runs, args.plots or os.path.dirname(os.path.abspath(args.out)))
+    plots = plot(runs, args.plots or os.path.dirname(os.path.abspath(args.out)), pairs)
     print(text)
     print(f'wrote {args.out}.md, .csv, .json' + (f' and {len(plots)} plots' if plots else ''))
 

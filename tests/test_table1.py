@@ -79,7 +79,7 @@ def test_summarize_medians_missing_cells_and_plots(tmp_path):
     assert cell['16_1_16_2', 'kd']['ours'] is None and cell['16_1_16_2', 'kd']['seeds'] == 0
     assert cell['16_2_40_2', 'teacher']['paper'] == 5.23
     md = (tmp_path / 'out' / 't1.md').read_text()
-    assert '| WRN-16-1, 0.2M | WRN-16-2, 0.7M | — (8.77) | 8.00 (7.93, +0.07) n=3 | — (8.51) | — (7.41)' in md
+    assert '| WRN-16-1, 0.2M | WRN-16-2, 0.7M | — (8.77) | 8.00 (7.93, +0.07) n=3 [7.00–9.50] | — (8.51) | — (7.41)' in md
     assert 'grad-AT' not in md  # not a Table 1 column: shown only where such runs exist
     assert (tmp_path / 'out' / 't1.csv').read_text().count('\n') == 1 + 4 * 7
     assert (tmp_path / 'out' / 'curves_16_1_16_2.png').stat().st_size > 1000
@@ -106,7 +106,10 @@ def test_summarize_at_an_epoch_with_grad_at_column(tmp_path):
     assert cell['16_1_16_2', 'student']['ours'] == pytest.approx(45) and cell['16_1_16_2', 'student']['seeds'] == 3
     assert cell['16_1_16_2', 'gradat']['ours'] == pytest.approx(38) and cell['16_1_16_2', 'gradat']['paper'] is None
     assert cell['16_1_16_2', 'at']['ours'] == pytest.approx(44)
-    assert '| student | AT | F-ActT | KD | AT+KD | grad-AT | teacher |' in md and '38.00 (n/a) n=3' in md
+    assert '| student | AT | F-ActT | KD | AT+KD | grad-AT | teacher |' in md and '38.00 (n/a) n=3 [35.00–41.00]' in md
+    assert md.count('| WRN-16-1, 0.2M | WRN-16-2') == 1 and 'NIN' in md
+    cell, md = summarize('--rows', '16_1_16_2 nin')
+    assert [line.split(' | ')[0] for line in md.splitlines()[2:4]] == ['| WRN-16-1, 0.2M', '| NIN-thin, 0.2M']
     cell, md = summarize()  # final epochs: the baseline at epoch 2; the unfinished AT run is missing
     assert cell['16_1_16_2', 'student']['ours'] == pytest.approx(30)
     assert cell['16_1_16_2', 'at']['ours'] is None
