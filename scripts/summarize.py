@@ -106,7 +106,7 @@ def markdown(rows):
         student, teacher, _ = PAPER[pair]
         cells = [cell(next(r for r in rows if r['pair'] == pair and r['method'] == c)) for c, _ in shown]
         lines.append(f'| {student} | {teacher} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines) + ('\n\nEach cell: our median test error % (the paper\'s, our difference) '
+    return '\n'.join(lines) + ('\n\nEach cell: our median test error % (the paper\'s, our difference), '
                                'the number of seeds and [lowest–highest]; — : no finished run; n/a: not in the paper.\n')
 
 
@@ -124,7 +124,7 @@ def plot(runs, out_dir, pairs=tuple(PAPER)):
         for label, seeds in curves:
             for i, records in enumerate(seeds):
                 ax.plot([r['epoch'] for r in records], [error([r]) for r in records],
-                        color=f'C{HEADERS.index(label)}', alpha=0.8, label=label if i == 0 else None)
+                        color=f'C{HEADERS.index(label)}', alpha=0.8, marker='o', markersize=3, label=label if i == 0 else None)
         ax.set(xlabel='epoch', ylabel='test error %', title=f'{student} <- {teacher}')
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -165,7 +165,7 @@ def main(argv=None):
         w.writerows({**r, 'spread': '' if r['spread'] is None else '%.2f-%.2f' % tuple(r['spread'])} for r in rows)
     plots = plot(runs, args.plots or os.path.dirname(os.path.abspath(args.out)), pairs)
     print(text)
-    print(f'wrote {args.out}.md, .csv, .json' + (f' and {len(plots)} plots' if plots else ''))
+    print(f'wrote {args.out}.md, .csv, .json' + (f' and {len(plots)} plot(s)' if plots else ''))
 
 
 if __name__ == '__main__':
