@@ -671,20 +671,33 @@ class GradScaled:
         return loss
 
 
+def topk_errors(output, target, topk):
+    """Misclassified counts at each k, as ClassErrorMeter counts them, left on the device."""
+    pred = output.topk(max(topk), 1, True, True)[1]
+    correct = pred == target[:, None]
+    return [len(target) - correct[:, :k].sum() for k in topk]
+
+
 def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
           epochs, start_epoch, epoch_step, lr_decay_ratio, device, on_epoch_end,
           n_at=0, topk=(1,), dtype='float', progress=True, should_stop=None, dist=None, buffers=(),
-          on_epoch_start=None):
+          on_epoch_start=None, sync_every=None):
     """Trains with torchnet's Engine; evaluates on `test_loader` (if any) after every epoch.
 
-    compute(inputs, targets, mode) -> (loss, logits, [per-group AT losses]).
+    compute(inputs, targets, mode) -> (loss, logits, [per-group AT losses], {extra losses}).
     make_optimizer(lr) builds a fresh optimizer: at an epoch in `epoch_step` the
     lr is multiplied by `lr_decay_ratio` and the momentum restarts, as in 2017.
     on_epoch_end(stats, optimizer) saves and logs; stats are the 2017 fields.
     Under torchrun, `dist` sums the meters over ranks and rank 0's batch-norm
     `buffers` are broadcast before each test pass. Returns the last epoch's stats.
+    The meters get every step's values, but read from the device only every
+    `sync_every` steps and at the end of each pass, so that a GPU is not made to
+    wait for the host between steps (default: 50 on GPUs, 1 on the CPU, where
+    reading is free and the progress bar shows every step).
     """
     dist = dist or Dist(device)
+    sync_every = sync_every or (1 if device.type == 'cpu' else 50)
+    stop_every = sync_every if dist.world > 1 else 1  # under torchrun, asking every rank is a collective
     engine = tnt.engine.Engine()
     meter_loss = tnt.meter.AverageValueMeter()
     classacc = tnt.meter.ClassErrorMeter(topk=list(topk), accuracy=True)
@@ -703,17 +716,17 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
     else:
         scaler, new_optimizer = None, make_optimizer
     last, current = {}, {}
+    pending = []  # (batch number, batch size, device vector: loss, errors at each k, AT losses, extras)
 
     def h(sample):
         inputs, targets, mode = sample
         with amp:
             loss, y, at_losses, extras = compute(inputs, targets, mode)
-        current['loss'] = loss.detach()
+        current['losses'] = [loss.detach(), *(v.detach() for v in at_losses), *(v.detach() for v in extras.values())] \
+            if mode else [loss.detach()]
         if mode:
-            for m, v in zip(meters_at, at_losses):
-                m.add(v.item())
-            for name, v in extras.items():
-                meters_extra.setdefault(name, tnt.meter.AverageValueMeter()).add(v.item())
+            for name in extras:
+                meters_extra.setdefault(name, tnt.meter.AverageValueMeter())
         return (scaler.scale(loss) if scaler and mode else loss), y
 
     def on_sample(state):
@@ -721,16 +734,34 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
         state['sample'] = [inputs.to(device, in_dtype, non_blocking=True),
                            targets.to(device, non_blocking=True), state['train']]
 
-    def on_forward(state):
-        loss = current['loss'].item()
-        if not math.isfinite(loss):
-            raise UserError(f'the loss is {loss} at epoch {current["epoch"]}, batch {state["t"] - current["t0"] + 1}'
-                            f'{"" if state["train"] else " of the test pass"}; model.pt7 keeps the last good epoch')
-        classacc.add(state['output'].detach().float(), state['sample'][1])
-        meter_loss.add(loss)
+    def flush(state):
+        """Feeds the meters with the pending steps' values: one device-to-host copy."""
+        if not pending:
+            return
+        rows = torch.stack([v for _, _, v in pending]).tolist()
+        for (batch, size, _), (loss, *rest) in zip(pending, rows):
+            if not math.isfinite(loss):
+                pending.clear()
+                raise UserError(f'the loss is {loss} at epoch {current["epoch"]}, batch {batch}'
+                                f'{"" if state["train"] else " of the test pass"}; model.pt7 keeps the last good epoch')
+            meter_loss.add(loss)
+            for k, err in zip(classacc.topk, rest):
+                classacc.sum[k] += int(err)
+            classacc.n += size
+            for m, v in zip([*meters_at, *meters_extra.values()] if state['train'] else [], rest[len(classacc.topk):]):
+                m.add(v)
+        pending.clear()
         if progress and state['train']:
             state['iterator'].set_postfix(loss=f'{meter_loss.value()[0]:.3f}',
                                           acc=f'{classacc.value()[0]:.2f}', refresh=False)
+
+    def on_forward(state):
+        output, target = state['output'].detach().float(), state['sample'][1]
+        errors = topk_errors(output, target, classacc.topk)
+        values = [v.float().reshape(()) for v in (current['losses'][0], *errors, *current['losses'][1:])]
+        pending.append((state['t'] - current['t0'] + 1, len(target), torch.stack(values)))
+        if len(pending) >= sync_every:
+            flush(state)
 
     def on_start(state):
         current['t0'] = 0
@@ -738,7 +769,7 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
             state['epoch'] = start_epoch
 
     def on_update(state):
-        if should_stop and should_stop():
+        if should_stop and (state['t'] - current['t0']) % stop_every == 0 and should_stop():
             raise Stop()
 
     def on_start_epoch(state):
@@ -758,6 +789,7 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
                                  leave=False, disable=not progress)
 
     def on_end_epoch(state):
+        flush(state)
         dist.sync_meters([meter_loss, classacc, *meters_at, *meters_extra.values()])
         train_loss, train_acc = meter_loss.value()[0], classacc.value()
         stats = {'train_loss': train_loss, 'train_acc': train_acc[0], 'epoch': state['epoch'],
@@ -772,6 +804,7 @@ def train(compute, *, make_optimizer, optimizer, train_loader, test_loader,
             with torch.no_grad():
                 engine.test(h, tqdm(test_loader, desc='test', leave=False, dynamic_ncols=True,
                                     disable=not progress))
+            flush({'train': False})
             dist.sync_meters([meter_loss, classacc])
             test_acc = classacc.value()
             stats.update(test_loss=meter_loss.value()[0], test_time=timer_test.value(),

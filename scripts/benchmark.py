@@ -34,26 +34,37 @@ CONFIGS = {
     'fast-compile': ['--compile'],
     'fast-nocl': ['--channels_last', '0'],
     'fast-grad': ['--grad_beta', '1'],  # gradient-based AT on top of activation AT: double backprop
+    'fast-stepsync': [],  # the defaults, but the meters read the device after every step (the 2017 way)
 }
+SYNC_EVERY = {'fast-stepsync': 1}  # utils.train's sync_every; others take its default
 
 
 class Timed:
-    """Yields `n` batches of a loader, cycling it, and notes when each one was asked for."""
+    """Yields `warmup + n` batches of a loader, cycling it; `seconds` is the time the last n took.
 
-    def __init__(self, loader, n, device):
-        self.loader, self.n, self.device, self.times = loader, n, device, []
+    The device is synchronised only where the clock is read, so that a GPU runs ahead of the
+    host between steps as it does in training.
+    """
+
+    def __init__(self, loader, warmup, n, device):
+        self.loader, self.warmup, self.n, self.device, self.marks = loader, warmup, n, device, []
 
     def __len__(self):
-        return self.n
+        return self.warmup + self.n
+
+    @property
+    def seconds(self):
+        return self.marks[1] - self.marks[0]
 
     def __iter__(self):
-        self.times = []
+        self.marks = []
         it = iter(self.loader)
-        for i in range(self.n + 1):
-            if self.device.type == 'cuda':
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-            if i == self.n:
+        for i in range(self.warmup + self.n + 1):
+            if i in (self.warmup, self.warmup + self.n):
+                if self.device.type == 'cuda':
+                    torch.cuda.synchronize()
+                self.marks.append(time.perf_counter())
+            if i == self.warmup + self.n:
                 return
             try:
                 yield next(it)
@@ -71,21 +82,21 @@ def make_teacher(folder, depth, width, num_classes):
         fh.write('json_stats: ' + json.dumps({'depth': depth, 'width': width}) + '\n')
 
 
-def train_rate(run, opt, steps, warmup):
-    timed = Timed(run.train_loader, warmup + steps, run.device)
+def train_rate(run, opt, steps, warmup, sync_every=None):
+    timed = Timed(run.train_loader, warmup, steps, run.device)
     utils.train(run.compute, make_optimizer=run.make_optimizer, optimizer=run.make_optimizer(opt.lr),
                 train_loader=timed, test_loader=None, epochs=1, start_epoch=0, epoch_step=[],
                 lr_decay_ratio=1, device=run.device, on_epoch_end=lambda *a: None,
-                n_at=run.n_at, dtype=opt.dtype, progress=False)
-    return steps * opt.batch_size / (timed.times[-1] - timed.times[warmup])
+                n_at=run.n_at, dtype=opt.dtype, progress=False, sync_every=sync_every)
+    return steps * opt.batch_size / timed.seconds
 
 
 def eval_rate(run, opt, steps, warmup):
-    timed = Timed(run.test_loader, warmup + steps, run.device)
+    timed = Timed(run.test_loader, warmup, steps, run.device)
     with torch.no_grad(), utils.autocast_for(run.device, opt.dtype):
         for x, y in timed:
-            run.compute(x.to(run.device), y.to(run.device), False)[0].item()
-    return steps * opt.batch_size / (timed.times[-1] - timed.times[warmup])
+            run.compute(x.to(run.device), y.to(run.device), False)
+    return steps * opt.batch_size / timed.seconds
 
 
 def main():
@@ -133,7 +144,7 @@ def main():
             run, opt = runs[name]
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats()
-            train[name].append(train_rate(run, opt, args.steps, args.warmup))
+            train[name].append(train_rate(run, opt, args.steps, args.warmup, SYNC_EVERY.get(name)))
             evals[name].append(eval_rate(run, opt, args.steps, args.warmup))
             if device.type == 'cuda':
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)

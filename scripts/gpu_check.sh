@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 python -m pytest -q -x 2>&1 | tail -5 | tee "$OUT/tests.txt"
 DATA=$(mktemp -d)
 tar -xzf "$ARCHIVE" -C "$DATA"
-python scripts/benchmark.py --dataroot "$DATA/cifar10-jpg" --configs faithful,fast,fast-nocl,fast-bf16,fast-compile \
+python scripts/benchmark.py --dataroot "$DATA/cifar10-jpg" --configs faithful,fast,fast-stepsync,fast-nocl,fast-bf16,fast-compile \
     --batch_size 128 --steps 50 --repeats 3 --nthread 8 2>&1 | tee "$OUT/benchmark.txt"
 # a whole epoch and its test pass, as log.txt counts them
 W=$(mktemp -d)

@@ -219,3 +219,55 @@ def test_autocast_warning_follows_the_cpu_flags(dtype):
         assert not utils.slow_cpu_autocast(cpu, dtype)
     else:
         pytest.skip('partial AVX-512: oneDNN decides')
+
+
+def deferred_run(sync_every, nan_at=None):
+    """utils.train on a fixed linear model (lr 0) over 7 random batches, with a test pass."""
+    import torchnet as tnt
+    import utils
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 10, generator=g, requires_grad=True)
+    batches = [(torch.randn(9, 12, generator=g), torch.randint(0, 10, (9,), generator=g)) for _ in range(7)]
+    seen = []
+
+    def compute(x, y, mode):
+        logits = x @ w
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        seen.append(1)
+        if nan_at and mode and len(seen) == nan_at:
+            loss = loss * float('nan')
+        return loss, logits, [x.abs().mean(), (x ** 2).mean()], {'extra_loss': logits.std()}
+
+    sgd = lambda lr: torch.optim.SGD([w], lr=0.0)  # noqa: E731
+    stats = utils.train(compute, make_optimizer=sgd, optimizer=sgd(0), train_loader=batches, test_loader=batches[:3],
+                        epochs=1, start_epoch=0, epoch_step=[], lr_decay_ratio=1, device=torch.device('cpu'),
+                        on_epoch_end=lambda *a: None, n_at=2, topk=(1, 5), progress=False, sync_every=sync_every)
+    # independent figures: torchnet's own meters fed one batch at a time, the 2017 way
+    meters = [tnt.meter.ClassErrorMeter(topk=[1, 5], accuracy=True) for _ in range(2)]
+    losses, groups = [], []
+    with torch.no_grad():
+        for i, (x, y) in enumerate(batches):
+            meters[0].add(x @ w, y)
+            losses.append(torch.nn.functional.cross_entropy(x @ w, y).item())
+            groups.append([x.abs().mean().item(), (x ** 2).mean().item()])
+            if i < 3:
+                meters[1].add(x @ w, y)
+    return stats, meters[0].value(), meters[1].value(), np.mean(losses), np.mean(groups, 0)
+
+
+@pytest.mark.parametrize('sync_every', [1, 3, 50])
+def test_deferred_meters_equal_per_step_meters(sync_every):
+    """Reading the device every k steps must not change a logged figure."""
+    stats, train_acc, test_acc, train_loss, groups = deferred_run(sync_every)
+    assert stats['train_acc'] == pytest.approx(train_acc[0], abs=1e-9)
+    assert stats['test_acc'] == pytest.approx(test_acc, abs=1e-9)  # top-1 and top-5
+    assert stats['train_loss'] == pytest.approx(train_loss, rel=1e-6)
+    assert [m[0] for m in stats['at_losses']] == pytest.approx(list(groups), rel=1e-6)
+    assert len(stats['extra_loss']) == 2 and math.isfinite(stats['extra_loss'][0])
+
+
+@pytest.mark.parametrize('sync_every', [1, 3])
+def test_deferred_meters_name_the_first_bad_batch(sync_every):
+    import utils
+    with pytest.raises(utils.UserError, match=r'the loss is nan at epoch 1, batch 5;'):
+        deferred_run(sync_every, nan_at=5)
