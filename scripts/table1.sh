@@ -7,7 +7,8 @@
 # Environment (defaults in brackets):
 #   DATAROOT [.]          CIFAR-10 (torchvision files, or a class-folder dataset)
 #   EPOCHS [200]          a short schedule scales EPOCH_STEP with it
-#   EPOCH_STEP [the 2017 [60,120,160], scaled by EPOCHS/200]
+#   EPOCH_STEP [the 2017 [60,120,160], scaled by EPOCHS/200, never below 2: the lr drops at
+#                         the start of each listed epoch, so 1 would skip the full lr]
 #   SEEDS [0]             student seeds ("0 1 2"); the paper reports medians
 #   TEACHER_SEEDS [0]     teachers are trained once per seed here; students use the first
 #   ROWS [nin 16_1_16_2 16_1_40_1 16_2_40_2]
@@ -27,7 +28,7 @@ for a in "$@"; do
 done
 DATAROOT=${DATAROOT:-.}
 EPOCHS=${EPOCHS:-200}
-EPOCH_STEP=${EPOCH_STEP:-$(python3 -c "import sys; e=int(sys.argv[1]); print('[' + ','.join(str(max(1, round(s * e / 200))) for s in (60, 120, 160)) + ']')" "$EPOCHS")}
+EPOCH_STEP=${EPOCH_STEP:-$(python3 -c "import sys; e=int(sys.argv[1]); print('[' + ','.join(str(max(2, round(s * e / 200))) for s in (60, 120, 160)) + ']')" "$EPOCHS")}
 SEEDS=${SEEDS:-0}
 TEACHER_SEEDS=${TEACHER_SEEDS:-0}
 ROWS=${ROWS:-nin 16_1_16_2 16_1_40_1 16_2_40_2}

@@ -36,6 +36,7 @@ def test_seeds_short_schedule_and_rows(tmp_path):
                             'at_16_1_16_2_s1', 'resnet_16_1_s2', 'at_16_1_16_2_s2']
     assert all("--epochs 10 --epoch_step '[3,6,8]'" in line for line in lines)
     # outside logs/ the student is handed the teacher's folder: cifar.py looks for bare names under logs/
+    assert "--epochs 2 --epoch_step '[2,2,2]'" in table1(tmp_path, EPOCHS='2', ROWS='16_1_16_2')[0]  # epoch 1 at full lr
     assert '--seed 2' in lines[-1] and f"--teacher_id {tmp_path / 'logs' / 'resnet_16_2_teacher'} --beta 1e+3" in lines[-1]
     default = subprocess.run(['bash', str(ROOT / 'scripts' / 'table1.sh'), '--dry-run'], capture_output=True, text=True,
                              env={**os.environ, 'ROWS': '16_1_16_2', 'METHODS': 'at', 'LOGS': 'logs'}).stdout
