@@ -6,14 +6,10 @@ uses batch statistics). Structure (blocks per group, shortcut convs) is read
 from the keys, so one function serves every depth and width, and a teacher
 loaded from disk needs no side information to run.
 """
-import contextlib
-import io
-import os
-
 import torch
 import torch.nn.functional as F
 
-from utils import UserError, batch_norm, bn_params, conv_params, flatten, linear_params, safe_load
+from utils import UserError, batch_norm, bn_params, conv_params, flatten, linear_params
 
 
 def wrn_depth_to_blocks(depth):
@@ -47,9 +43,10 @@ def wrn_params(depth, width, num_classes):
     })
 
 
-def count_blocks(params, prefix, group):
+def count_blocks(params, group, prefix='', leaf='conv0'):
+    """Blocks in a group, counted from the keys: structure needs no side information."""
     head = f'{prefix}group{group}.block'
-    return sum(1 for k in params if k.startswith(head) and k.endswith('.conv0'))
+    return sum(1 for k in params if k.startswith(head) and k.endswith('.' + leaf))
 
 
 def wrn(input, params, mode, prefix=''):
@@ -63,7 +60,7 @@ def wrn(input, params, mode, prefix=''):
             return z + F.conv2d(o1, params[base + '.convdim'], stride=stride)
         return z + x
 
-    n = count_blocks(params, prefix, 0)
+    n = count_blocks(params, 0, prefix)
 
     def group(o, g, stride):
         for i in range(n):
@@ -78,11 +75,6 @@ def wrn(input, params, mode, prefix=''):
     o = F.adaptive_avg_pool2d(o, 1).flatten(1)  # = avg_pool2d(o, 8) on 32x32 inputs
     o = F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias'])
     return o, (g0, g1, g2)
-
-
-def resnet(depth, width, num_classes):
-    """The 2017 entry point: returns (f, flat_params)."""
-    return wrn, wrn_params(depth, width, num_classes)
 
 
 # ---------------------------------------------------------------- Network-in-Network (CIFAR)
@@ -129,6 +121,17 @@ def nin(input, params, mode, prefix=''):
     return F.adaptive_avg_pool2d(o, 1).flatten(1), tuple(groups)
 
 
+CIFAR_MODELS = {'wrn': wrn, 'nin': nin}
+
+
+def cifar_model_params(model, depth, width, num_classes):
+    return wrn_params(depth, width, num_classes) if model == 'wrn' else nin_params(width, num_classes)
+
+
+def cifar_model_name(model, depth, width):
+    return f'WRN-{depth}-{width:g}' if model == 'wrn' else f'NIN-{width:g}'
+
+
 # ---------------------------------------------------------------- ImageNet ResNets
 
 IMAGENET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
@@ -169,7 +172,7 @@ def resnet_imagenet(input, params, mode, prefix=''):
     o = F.max_pool2d(F.relu(batch_norm(o, params, prefix + 'bn0', mode)), 3, 2, 1)
     groups = []
     for g in range(4):
-        for i in range(count_blocks(params, prefix, g)):
+        for i in range(count_blocks(params, g, prefix)):
             o = block(o, f'{prefix}group{g}.block{i}', 2 if g > 0 and i == 0 else 1)
         groups.append(o)
     o = F.adaptive_avg_pool2d(o, 1).flatten(1)  # = avg_pool2d(o, 7) on 224x224 inputs
@@ -177,7 +180,7 @@ def resnet_imagenet(input, params, mode, prefix=''):
 
 
 def folded_resnet(input, params, mode=False):
-    """A teacher export (bn folded into the convs, REFERENCE section 8): (logits, [g0, g1, g2, g3])."""
+    """A teacher export, every bn folded into its conv as the 2017 exports were: (logits, [g0, g1, g2, g3])."""
     def conv(x, base, stride, padding):
         return F.conv2d(x, params[base + '.weight'], params.get(base + '.bias'), stride, padding)
 
@@ -190,8 +193,7 @@ def folded_resnet(input, params, mode=False):
     o = F.max_pool2d(F.relu(conv(input, 'conv0', 2, 3)), 3, 2, 1)
     groups = []
     for g in range(4):
-        n = sum(1 for k in params if k.startswith(f'group{g}.block') and k.endswith('.conv0.weight'))
-        for i in range(n):
+        for i in range(count_blocks(params, g, leaf='conv0.weight')):
             o = block(o, f'group{g}.block{i}', 2 if g > 0 and i == 0 else 1)
         groups.append(o)
     o = F.adaptive_avg_pool2d(o, 1).flatten(1)
@@ -236,7 +238,7 @@ def expected_export_shapes(params):
         raise UserError(f'missing tensor {e.args[0]!r}') from None
     shapes, ni = {'conv0.weight': (c0, 3, 7, 7), 'conv0.bias': (c0,)}, c0
     for g in range(4):
-        n = sum(1 for k in params if k.startswith(f'group{g}.block') and k.endswith('.conv0.weight'))
+        n = count_blocks(params, g, leaf='conv0.weight')
         if n == 0:
             raise UserError(f'missing tensor \'group{g}.block0.conv0.weight\'')
         no = params[f'group{g}.block0.conv0.weight'].shape[0]
@@ -249,72 +251,3 @@ def expected_export_shapes(params):
         ni = no
     shapes.update({'fc.weight': (n_classes, ni), 'fc.bias': (n_classes,)})
     return shapes
-
-
-def load_teacher(path):
-    """A ResNet teacher export as (f, params), f(inputs, params) -> (logits, [g0, g1, g2, g3]).
-
-    path: a .pth/.pt file (torch, loaded with weights_only=True), a .hkl file
-    (hickle), or torchvision:NAME[:WEIGHTS] to fold torchvision's weights (the
-    pretrained download, or a local state_dict file).
-    """
-    if path.startswith('torchvision:'):
-        params = fold_torchvision(torchvision_state_dict(path))
-    elif path.endswith('.hkl'):
-        params = read_hkl(path)
-    else:
-        params = read_pth(path)
-    params = {k: torch.as_tensor(v).float() for k, v in params.items()}
-    try:
-        expected = expected_export_shapes(params)
-        for k, shape in expected.items():
-            if k not in params:
-                raise UserError(f'missing tensor {k!r}')
-            if tuple(params[k].shape) != shape:
-                raise UserError(f'tensor {k!r} has shape {tuple(params[k].shape)}, expected {shape}')
-        extra = sorted(set(params) - set(expected))
-        if extra:
-            raise UserError(f'unexpected tensor {extra[0]!r}')
-    except UserError as e:
-        raise UserError(f'teacher {path}: {e}') from None
-    return folded_resnet, params
-
-
-def read_pth(path):
-    data = safe_load(path, 'teacher file')
-    if isinstance(data, dict) and isinstance(data.get('params'), dict):
-        data = data['params']  # a model.pt7-style file
-    if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
-        raise UserError(f'teacher {path} is not a flat dict of tensors')
-    return data
-
-
-def read_hkl(path):
-    import hickle
-    if not os.path.isfile(path):
-        raise UserError(f'no such teacher file: {path}')
-    try:
-        data = hickle.load(path)
-    except Exception as e:
-        raise UserError(f'cannot read teacher file {path} as hickle ({type(e).__name__})') from None
-    if not isinstance(data, dict):
-        raise UserError(f'teacher {path} is not a dict of arrays')
-    return data
-
-
-def torchvision_state_dict(spec):
-    """torchvision:NAME (pretrained download) or torchvision:NAME:FILE (a local state_dict)."""
-    import torchvision
-    _, name, *file = spec.split(':', 2)
-    if name not in ('resnet18', 'resnet34'):
-        raise UserError(f'{spec}: NAME must be resnet18 or resnet34 (basic-block ResNets)')
-    if file:
-        return read_pth(file[0])
-    print(f'downloading torchvision {name} weights', flush=True)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's own lines, noise if it fails
-            model = torchvision.models.get_model(name, weights='DEFAULT')
-    except Exception as e:
-        raise UserError(f'{spec}: cannot download torchvision weights ({type(e).__name__}); offline, '
-                        f'pass torchvision:{name}:/path/to/{name}-weights.pth') from None
-    return model.state_dict()

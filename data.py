@@ -1,0 +1,187 @@
+"""Data: CIFAR and class-folder datasets, the device-resident CIFAR loader, and the per-rank
+loaders that both scripts use under torchrun."""
+import os
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data.distributed import DistributedSampler
+
+from utils import UserError
+
+
+# ---------------------------------------------------------------- datasets
+
+def image_folder(folder, transform=None):
+    from torchvision import datasets
+    try:
+        return datasets.ImageFolder(folder, transform)
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f'cannot read class folders in {folder}: {e}') from None
+
+
+def class_folder_split(root, train):
+    """train/ or test/ (also val/) of a class-folder dataset under root, else None."""
+    names = ['train'] if train else ['test', 'val']
+    for n in names:
+        if os.path.isdir(os.path.join(root, n)) and os.path.isdir(os.path.join(root, 'train')):
+            return os.path.join(root, n)
+    return None
+
+
+def first_missing_dir(path):
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def open_cifar(dataroot, dataset, train, transform=None):
+    """The train or test split under `dataroot`: a class-folder dataset, or torchvision's
+    CIFAR10/CIFAR100 files, downloaded when missing as in 2017."""
+    from torchvision import datasets
+    folder = class_folder_split(dataroot, train)
+    if folder:
+        return image_folder(folder, transform)
+    if os.path.isdir(os.path.join(dataroot, 'train')):
+        raise UserError(f'{dataroot} has train/ but no test/ folder')
+    cls = getattr(datasets, dataset)
+    try:
+        return cls(dataroot, train=train, download=False, transform=transform)
+    except RuntimeError:
+        pass  # not there yet: download
+    made = first_missing_dir(dataroot)
+    try:
+        return cls(dataroot, train=train, download=True, transform=transform)
+    except Exception as e:
+        if made and not any(files for _, _, files in os.walk(made)):
+            shutil.rmtree(made)  # torchvision made these folders for the failed download
+        raise UserError(
+            f'{dataset} is not in --dataroot {dataroot!r} and could not be downloaded '
+            f'({type(e).__name__}); pass --dataroot DIR holding the torchvision files, or a class-folder '
+            f'dataset (DIR/train/<class>/*.png, DIR/test/<class>/*.png)') from None
+
+
+def decode_all(dataset):
+    """A dataset's images as one uint8 (N, C, H, W) tensor, and its labels."""
+    if hasattr(dataset, 'data'):  # torchvision's CIFAR keeps (N, H, W, C) arrays
+        images = np.asarray(dataset.data)
+    else:  # decode every file once; PIL releases the GIL, so threads help
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            arrays = list(pool.map(lambda s: np.asarray(dataset.loader(s[0])), dataset.samples))
+        shapes = sorted({a.shape for a in arrays})
+        if len(shapes) > 1:
+            raise UserError(f'images of several sizes {shapes[:2]} in {dataset.root}; '
+                            f'the fast loader needs one size: pass --loader torchvision')
+        images = np.stack(arrays)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), list(dataset.targets)
+
+
+def image_size(dataset):
+    """The shorter side of a dataset's first image, read without its transform."""
+    if hasattr(dataset, 'data'):
+        return min(np.asarray(dataset.data).shape[1:3])
+    return min(dataset.loader(dataset.samples[0][0]).size)
+
+
+# ---------------------------------------------------------------- loaders
+
+def rank_batch(batch_size, sizes, dist):
+    """Each rank's share of the global --batch_size, once the data can be split over the ranks."""
+    if batch_size % dist.world:
+        raise UserError(f'--batch_size {batch_size} is the global batch: it must divide by the '
+                        f'{dist.world} torchrun processes')
+    if dist.world > min(sizes):
+        raise UserError(f'{dist.world} torchrun processes for {min(sizes)} images: '
+                        f'too few images to give each process some')
+    return batch_size // dist.world
+
+
+def data_loader(dataset, train, batch, nthread, seed, device, dist):
+    """A DataLoader of this rank's share: under torchrun a seeded DistributedSampler for training
+    (a fresh order each epoch, set by the loop) and every world-th image for testing. Workers are not
+    persistent: each epoch seeds fresh ones from the generator, which resume restores."""
+    # the 2017 default of 4 workers exceeds small machines' cores; that is fine, say nothing
+    warnings.filterwarnings('ignore', message='This DataLoader will create')
+    kw = dict(batch_size=batch, num_workers=nthread, pin_memory=device.type == 'cuda')
+    if not train:
+        return torch.utils.data.DataLoader(dataset, shuffle=False, **kw, **(
+            {'sampler': range(dist.rank, len(dataset), dist.world)} if dist.world > 1 else {}))
+    gen = torch.Generator().manual_seed(seed)
+    if dist.world > 1:
+        return torch.utils.data.DataLoader(dataset, generator=gen, sampler=DistributedSampler(
+            dataset, dist.world, dist.rank, shuffle=True, seed=seed), **kw)
+    return torch.utils.data.DataLoader(dataset, shuffle=True, generator=gen, **kw)
+
+
+def crop_flip(padded, top, left, flip, size):
+    """Per-sample crops of `padded` (B,C,H,W) at (top, left), mirrored where `flip`: one gather."""
+    b, c = padded.shape[:2]
+    ar = torch.arange(size, device=padded.device)
+    rows = (top[:, None] + ar)[:, None, :, None]
+    cols = left[:, None] + ar
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    return padded[torch.arange(b, device=padded.device)[:, None, None, None],
+                  torch.arange(c, device=padded.device)[None, :, None, None], rows, cols]
+
+
+class DeviceLoader:
+    """A whole image dataset as one uint8 tensor on the training device, batched there.
+
+    Training batches get what the torchvision pipeline gives one image at a time:
+    reflect-pad, a random crop back to full size and a random horizontal flip,
+    then scaling to [0,1] and normalisation, vectorised over the batch. The
+    order is reshuffled every epoch from `generator`. It yields (inputs, targets)
+    like a DataLoader, already on the device.
+    """
+
+    def __init__(self, images, labels, *, batch_size, mean, std, train, pad=4, device='cpu',
+                 generator=None, channels_last=False, rank=0, world=1):
+        device = torch.device(device)
+        self.rank, self.world = rank, world
+        self.images = images.to(device)  # (N, C, H, W) uint8
+        self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
+        self.batch_size, self.train, self.pad = batch_size, train, int(pad)
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.generator = generator
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self):
+        return -(-self.shard_size() // self.batch_size)
+
+    def shard_size(self):
+        n = len(self.labels)
+        if self.world == 1:
+            return n
+        # training shards are padded to one size, so every rank takes as many steps
+        return -(-n // self.world) if self.train else len(range(self.rank, n, self.world))
+
+    def augment(self, x):
+        n, size = x.shape[0], x.shape[-1]
+        if self.pad:
+            x = F.pad(x, [self.pad] * 4, mode='reflect')
+        g, dev = self.generator, x.device
+        top = torch.randint(0, 2 * self.pad + 1, (n,), device=dev, generator=g)
+        left = torch.randint(0, 2 * self.pad + 1, (n,), device=dev, generator=g)
+        flip = torch.randint(0, 2, (n,), device=dev, generator=g).bool()
+        return crop_flip(x, top, left, flip, size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = (torch.randperm(n, device=self.labels.device, generator=self.generator)
+                 if self.train else torch.arange(n, device=self.labels.device))
+        if self.world > 1:  # the same seeded order on every rank; each takes its own slice
+            if self.train:
+                order = torch.cat([order, order[:self.shard_size() * self.world - n]])
+            order = order[self.rank::self.world]
+        for idx in order.split(self.batch_size):
+            x = self.images[idx].float()
+            if self.train:
+                x = self.augment(x)
+            # the same float ops as ToTensor + Normalize, so outputs match torchvision's bit for bit
+            x = x.div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
+            yield x, self.labels[idx]

@@ -1,0 +1,86 @@
+"""The loss of a training step: a student alone, or taught by a teacher through AT, KD, F-ActT and
+gradient AT. A Distiller is a small torch.nn.Module returning (logits, dict of losses), so that
+DistributedDataParallel can carry the student with any trained adapters."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import UserError, at_loss, conv_params, factt_loss, grad_at_loss, input_grad, kd_loss, sym_loss
+
+
+class Distiller(nn.Module):
+    """loss = kd_loss + beta * sum of at_loss over `at_groups` (all by default), the 2017 form of the
+    paper's Eq. 2; with no teacher, cross-entropy alone. Where asked, plus factt_beta * sum over groups
+    of factt_loss (the student's group through its 1x1 adapter where channels differ), and in training
+    grad_beta/2 * grad_at_loss and sym_beta/2 * sym_loss (double backprop).
+
+    student, teacher: modules called as net(inputs, mode) -> (logits, group outputs). `beta` may be
+    changed between epochs by a schedule. forward -> (student logits, {'loss': total,
+    'at_losses': [per group], and 'factt_loss', 'grad_at_loss', 'sym_loss' where used}).
+    """
+
+    def __init__(self, student, teacher=None, *, beta=0., alpha=0., temperature=4., at_groups=None,
+                 factt_beta=0., adapters=None, grad_beta=0., sym_beta=0.):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.beta, self.alpha, self.temperature, self.at_groups = beta, alpha, temperature, at_groups
+        self.factt_beta, self.grad_beta, self.sym_beta = factt_beta, grad_beta, sym_beta
+        self.adapters = nn.ParameterDict()
+        for k, v in (adapters or {}).items():  # trained with the student: the same tensor objects
+            adapters[k] = self.adapters[k] = nn.Parameter(v)
+
+    def forward(self, inputs, targets, mode):
+        if mode and (self.grad_beta or self.sym_beta):
+            return self.with_input_grads(inputs, targets)
+        y_s, g_s = self.student(inputs, mode)
+        if self.teacher is None:
+            return y_s, {'loss': F.cross_entropy(y_s, targets)}
+        with torch.inference_mode():  # once per batch, no graph kept
+            y_t, g_t = self.teacher(inputs, False)
+        return y_s, self.distill(y_s, g_s, y_t, g_t, targets)
+
+    def distill(self, y_s, g_s, y_t, g_t, targets):
+        groups = range(len(g_s)) if self.at_groups is None else self.at_groups
+        at_losses = [at_loss(g_s[i], g_t[i]) for i in groups]
+        losses = {'loss': kd_loss(y_s, y_t, targets, self.temperature, self.alpha) + self.beta * sum(at_losses),
+                  'at_losses': at_losses}
+        if self.factt_beta:
+            losses['factt_loss'] = sum(
+                factt_loss(F.conv2d(s, self.adapters[f'group{i}']) if f'group{i}' in self.adapters else s, t)
+                for i, (s, t) in enumerate(zip(g_s, g_t)))
+            losses['loss'] = losses['loss'] + self.factt_beta * losses['factt_loss']
+        return losses
+
+    def with_input_grads(self, inputs, targets):
+        student = lambda x, _, mode: self.student(x, mode)  # noqa: E731 (input_grad's f(x, params, mode))
+        j_s, y_s, g_s = input_grad(student, None, inputs, targets, True, create_graph=True)
+        losses = {'loss': F.cross_entropy(y_s, targets), 'at_losses': []}
+        if self.teacher is not None:
+            if self.grad_beta:  # the teacher's J needs autograd, but no graph beyond it
+                teacher = lambda x, _, mode: self.teacher(x, mode)  # noqa: E731
+                j_t, y_t, g_t = input_grad(teacher, None, inputs, targets, False, create_graph=False)
+                y_t, g_t = y_t.detach(), [g.detach() for g in g_t]
+            else:
+                with torch.inference_mode():
+                    y_t, g_t = self.teacher(inputs, False)
+            losses = self.distill(y_s, g_s, y_t, g_t, targets)
+            if self.grad_beta:
+                losses['grad_at_loss'] = grad_at_loss(j_s, j_t)
+                losses['loss'] = losses['loss'] + self.grad_beta / 2 * losses['grad_at_loss']
+        if self.sym_beta:
+            losses['sym_loss'] = sym_loss(student, None, inputs, targets, True, j=j_s)
+            losses['loss'] = losses['loss'] + self.sym_beta / 2 * losses['sym_loss']
+        return y_s, losses
+
+
+def factt_adapters(f_s, params_s, f_t, params_t, shape):
+    """1x1 convs taking each student group to its teacher group's channels, where they differ."""
+    with torch.no_grad():
+        g_s = f_s(torch.zeros(shape), params_s, False)[1]
+        g_t = f_t(torch.zeros(shape), params_t, False)[1]
+    for i, (s, t) in enumerate(zip(g_s, g_t)):
+        if s.shape[-2:] != t.shape[-2:]:
+            raise UserError(f'F-ActT: group {i} is {tuple(s.shape[-2:])} in the student and '
+                            f'{tuple(t.shape[-2:])} in the teacher; it needs equal spatial sizes')
+    return {f'group{i}': conv_params(s.shape[1], t.shape[1], 1)
+            for i, (s, t) in enumerate(zip(g_s, g_t)) if s.shape[1] != t.shape[1]}

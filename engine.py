@@ -1,0 +1,261 @@
+"""The one training loop of cifar.py and imagenet.py: torchnet's Engine, its meters, mixed precision
+(autocast, with a GradScaler for fp16) and torch.compile."""
+import math
+import sys
+from contextlib import nullcontext
+
+import torch
+import torchnet as tnt
+from tqdm import tqdm
+
+from parallel import Dist
+from utils import UserError
+
+AMP_DTYPES = {'half': torch.float16, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+PARAM_DTYPES = {'float': torch.float32, 'float32': torch.float32,
+                'double': torch.float64, 'float64': torch.float64}
+
+
+def autocast_for(device, dtype):
+    """Mixed precision: fp32 master weights, compute in `dtype` under autocast."""
+    if dtype in AMP_DTYPES:
+        return torch.autocast(device.type, dtype=AMP_DTYPES[dtype])
+    return nullcontext()
+
+
+def slow_cpu_autocast(device, dtype):
+    """True where autocast to `dtype` would run on a CPU that has no native kernels for it.
+
+    Without AVX-512 bf16/fp16 (e.g. an AVX2-only CPU), oneDNN emulates the low-precision
+    convolutions and a step runs several times slower than fp32 (README, Speed).
+    """
+    if device.type != 'cpu' or dtype not in AMP_DTYPES:
+        return False
+    native = {torch.bfloat16: '_is_mkldnn_bf16_supported', torch.float16: '_is_mkldnn_fp16_supported'}
+    try:
+        return not getattr(torch.ops.mkldnn, native[AMP_DTYPES[dtype]])()
+    except (AttributeError, RuntimeError):  # the check is private to torch: never fail a run on it
+        return False
+
+
+def compile_errors():
+    """The exceptions that mean torch.compile itself failed (no compiler, an unsupported op, ...)."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor import exc
+    return (TorchDynamoException, exc.InductorError, exc.CppCompileError, exc.InvalidCxxCompiler)
+
+
+def compiled(f, enabled, prog):
+    """torch.compile(f), falling back to f, with one line, where compilation fails. Any other
+    error (out of memory, a bad input) is raised as it is."""
+    if not enabled:
+        return f
+    current = [torch.compile(f)]
+
+    def call(*args, **kwargs):
+        if current[0] is f:
+            return f(*args, **kwargs)
+        try:
+            return current[0](*args, **kwargs)
+        except compile_errors() as e:
+            print(f'{prog}: --compile unavailable here ({type(e).__name__}); running eagerly', file=sys.stderr)
+            current[0] = f
+            return f(*args, **kwargs)
+    return call
+
+
+class GradScaled:
+    """An optimizer whose step(closure) goes through a GradScaler (fp16), for torchnet's Engine."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def __getattr__(self, name):  # param_groups, zero_grad, state_dict, ...
+        return getattr(self.optimizer, name)
+
+    def step(self, closure):
+        loss = closure()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
+
+
+def topk_errors(output, target, topk):
+    """Misclassified counts at each k, as ClassErrorMeter counts them, left on the device."""
+    pred = output.topk(max(topk), 1, True, True)[1]
+    correct = pred == target[:, None]
+    return [len(target) - correct[:, :k].sum() for k in topk]
+
+
+class Trainer:
+    """torchnet's Engine with its hooks as methods: trains `model`, evaluates after every epoch.
+
+    model(inputs, targets, mode) -> (logits, {'loss': total, 'at_losses': [...], other losses}),
+    as distill.Distiller gives. make_optimizer(lr) builds a fresh optimizer: at an epoch in
+    `epoch_step` the lr is multiplied by `lr_decay_ratio` and the momentum restarts, as in 2017.
+    on_epoch_start(epoch) runs first in each epoch (a beta schedule); on_epoch_end(stats, optimizer)
+    saves and logs, with the 2017 fields in stats. should_stop() is asked after steps (a signal).
+    Under torchrun, `dist` sums the meters over ranks, and rank 0's batch-norm `buffers` are
+    broadcast before each test pass. The meters get every step's values but read them from the
+    device only every `sync_every` steps and at the end of each pass, so that a GPU is not made
+    to wait for the host (default: 50 on GPUs; 1 on the CPU, where reading is free).
+    """
+
+    def __init__(self, model, make_optimizer, device, *, epochs, epoch_step=(), lr_decay_ratio=1.,
+                 start_epoch=0, topk=(1,), n_at=0, dtype='float', progress=True, sync_every=None,
+                 dist=None, buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.epochs, self.epoch_step, self.lr_decay_ratio, self.start_epoch = epochs, epoch_step, lr_decay_ratio, start_epoch
+        self.progress, self.buffers = progress, list(buffers)
+        self.on_epoch_start, self.on_epoch_end, self.should_stop = on_epoch_start, on_epoch_end, should_stop
+        self.dist = dist or Dist(device)
+        self.sync_every = sync_every or (1 if device.type == 'cpu' else 50)
+        self.stop_every = self.sync_every if self.dist.world > 1 else 1  # under torchrun asking is a collective
+        self.meter_loss = tnt.meter.AverageValueMeter()
+        self.classacc = tnt.meter.ClassErrorMeter(topk=list(topk), accuracy=True)
+        self.timer_train, self.timer_test = tnt.meter.TimeMeter('s'), tnt.meter.TimeMeter('s')
+        self.meters_at = [tnt.meter.AverageValueMeter() for _ in range(n_at)]
+        self.meters_extra = {}  # one per other loss the model reports (factt_loss, grad_at_loss, ...)
+        self.amp = autocast_for(device, dtype)
+        self.in_dtype = PARAM_DTYPES.get(dtype, torch.float32)
+        # fp16 gradients underflow without loss scaling
+        self.scaler = torch.amp.GradScaler(device.type) if AMP_DTYPES.get(dtype) == torch.float16 else None
+        self.make_optimizer = (lambda lr: GradScaled(make_optimizer(lr), self.scaler)) if self.scaler else make_optimizer
+        self.pending = []  # (batch number, batch size, device vector: loss, errors at each k, AT losses, extras)
+        self.losses, self.epoch, self.t0, self.last = None, start_epoch, 0, {}
+        if self.dist.rank == 0 and slow_cpu_autocast(device, dtype):
+            print(f'warning: this CPU has no native {dtype} kernels; --dtype {dtype} will train slower than float',
+                  file=sys.stderr)
+
+    def meters(self, train):
+        return [self.meter_loss, self.classacc, *(self.meters_at + list(self.meters_extra.values()) if train else [])]
+
+    def train(self, train_loader, test_loader, optimizer):
+        """Runs epochs start_epoch+1 .. epochs from `optimizer`; returns the last epoch's stats."""
+        self.train_loader, self.test_loader = train_loader, test_loader
+        if self.scaler:
+            optimizer = GradScaled(optimizer, self.scaler)
+        self.engine = tnt.engine.Engine()
+        self.engine.hooks.update(on_sample=self.on_sample, on_forward=self.on_forward, on_start=self.on_start,
+                                 on_update=self.on_update, on_start_epoch=self.on_start_epoch,
+                                 on_end_epoch=self.on_end_epoch)
+        self.engine.train(self.step, train_loader, self.epochs, optimizer)
+        return self.last
+
+    def step(self, sample):
+        """The engine's network: (loss to backpropagate, logits)."""
+        inputs, targets, mode = sample
+        with self.amp:
+            y, losses = self.model(inputs, targets, mode)
+        loss = losses['loss']
+        self.losses = [loss.detach()]
+        if mode:
+            extras = {k: v for k, v in losses.items() if k not in ('loss', 'at_losses')}
+            for name in extras:
+                self.meters_extra.setdefault(name, tnt.meter.AverageValueMeter())
+            self.losses += [v.detach() for v in (*losses.get('at_losses', ()), *extras.values())]
+        return (self.scaler.scale(loss) if self.scaler and mode else loss), y
+
+    def on_sample(self, state):
+        inputs, targets = state['sample'][:2]
+        state['sample'] = [inputs.to(self.device, self.in_dtype, non_blocking=True),
+                           targets.to(self.device, non_blocking=True), state['train']]
+
+    def on_forward(self, state):
+        output, target = state['output'].detach().float(), state['sample'][1]
+        errors = topk_errors(output, target, self.classacc.topk)
+        values = [v.float().reshape(()) for v in (self.losses[0], *errors, *self.losses[1:])]
+        self.pending.append((state['t'] - self.t0 + 1, len(target), torch.stack(values)))
+        if len(self.pending) >= self.sync_every:
+            self.flush(state)
+
+    def flush(self, state):
+        """Feeds the meters with the pending steps' values: one device-to-host copy."""
+        if not self.pending:
+            return
+        rows = torch.stack([v for _, _, v in self.pending]).tolist()
+        pending, self.pending = self.pending, []
+        for (batch, size, _), (loss, *rest) in zip(pending, rows):
+            if not math.isfinite(loss):
+                raise UserError(f'the loss is {loss} at epoch {self.epoch}, batch {batch}'
+                                f'{"" if state["train"] else " of the test pass"}; model.pt7 keeps the last good epoch')
+            self.meter_loss.add(loss)
+            for k, err in zip(self.classacc.topk, rest):
+                self.classacc.sum[k] += int(err)
+            self.classacc.n += size
+            for m, v in zip(self.meters(state['train'])[2:], rest[len(self.classacc.topk):]):
+                m.add(v)
+        if self.progress and state['train']:
+            state['iterator'].set_postfix(loss=f'{self.meter_loss.value()[0]:.3f}',
+                                          acc=f'{self.classacc.value()[0]:.2f}', refresh=False)
+
+    def on_start(self, state):
+        self.t0 = 0
+        if state['train']:
+            state['epoch'] = self.start_epoch
+
+    def on_update(self, state):
+        if self.should_stop and (state['t'] - self.t0) % self.stop_every == 0 and self.should_stop():
+            raise Stop()
+
+    def on_start_epoch(self, state):
+        self.epoch = epoch = state['epoch'] + 1
+        if self.on_epoch_start:
+            self.on_epoch_start(epoch)
+        if hasattr(getattr(self.train_loader, 'sampler', None), 'set_epoch'):
+            self.train_loader.sampler.set_epoch(epoch)  # DistributedSampler: a fresh, seeded order
+        if epoch in self.epoch_step:
+            state['optimizer'] = self.make_optimizer(state['optimizer'].param_groups[0]['lr'] * self.lr_decay_ratio)
+        for m in self.meters(True):
+            m.reset()
+        self.timer_train.reset()
+        self.t0 = state['t']
+        state['iterator'] = tqdm(self.train_loader, desc=f'epoch {epoch}/{self.epochs}', dynamic_ncols=True,
+                                 leave=False, disable=not self.progress)
+
+    def on_end_epoch(self, state):
+        self.flush(state)
+        self.dist.sync_meters(self.meters(True))
+        stats = {'train_loss': self.meter_loss.value()[0], 'train_acc': self.classacc.value()[0],
+                 'epoch': state['epoch'], 'train_time': self.timer_train.value(),
+                 'at_losses': [list(m.value()) for m in self.meters_at],
+                 **{name: list(m.value()) for name, m in self.meters_extra.items()}}
+        if self.test_loader is not None:
+            stats.update(self.test())
+        self.last = stats
+        if self.on_epoch_end:
+            self.on_epoch_end(stats, state['optimizer'])
+
+    def test(self):
+        """One pass over the test set, with rank 0's batch-norm statistics on every rank."""
+        self.dist.broadcast_(self.buffers)
+        for m in self.meters(False):
+            m.reset()
+        self.timer_test.reset()
+        with torch.no_grad():
+            self.engine.test(self.step, tqdm(self.test_loader, desc='test', leave=False, dynamic_ncols=True,
+                                             disable=not self.progress))
+        self.flush({'train': False})
+        self.dist.sync_meters(self.meters(False))
+        acc = self.classacc.value()
+        return {'test_loss': self.meter_loss.value()[0], 'test_time': self.timer_test.value(),
+                'test_acc': acc[0] if len(acc) == 1 else acc}
+
+
+class Stop(Exception):
+    """A signal asked the run to stop after the current step."""
+
+
+def evaluate(f, params, loader, device, dtype='float', topk=(1, 5), progress=True):
+    """Top-k accuracies (%) of f(inputs, params, False) over a loader."""
+    meter = tnt.meter.ClassErrorMeter(topk=list(topk), accuracy=True)
+    with torch.inference_mode(), autocast_for(device, dtype):
+        for x, y in tqdm(loader, desc='evaluate', leave=False, dynamic_ncols=True, disable=not progress):
+            meter.add(f(x.to(device), params, False)[0].float(), y)
+    return meter.value()
+
+
+def sgd(params, weight_decay):
+    """make_optimizer(lr): SGD with momentum 0.9 on every tensor of `params` that learns, as in 2017."""
+    trained = [v for v in params.values() if v.requires_grad]
+    return lambda lr: torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay)

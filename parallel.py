@@ -1,0 +1,144 @@
+"""Devices and parallelism: device choice, the torchrun process group, and functional networks as
+torch.nn.Modules, so that torch's own DataParallel (--ngpu N) and DistributedDataParallel (torchrun)
+carry them."""
+import math
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torchnet as tnt
+
+from utils import UserError, set_requires_grad_except_bn_
+
+
+def select_device(device_name, gpu_id, ngpu):
+    """The device, and the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    if device_name not in ('', 'cpu', 'cuda') and not device_name.startswith('cuda:'):
+        raise UserError(f'--device must be cpu or cuda, got {device_name!r}')
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if device_name != 'cpu' and world == 1:
+        os.environ.setdefault('CUDA_VISIBLE_DEVICES', gpu_id)  # before CUDA initialises
+    device = torch.device(device_name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device cuda, but no CUDA GPU is available (--gpu_id {gpu_id}; try --device cpu)')
+    available = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if ngpu > 1 and ngpu > available:
+        raise UserError(f'--ngpu {ngpu} needs {ngpu} GPUs; {available} visible (--gpu_id {gpu_id}, device {device.type})')
+    if world > 1:
+        if ngpu > 1:
+            raise UserError('--ngpu splits batches inside one process; under torchrun use one GPU per process')
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    return device
+
+
+class Dist:
+    """The torchrun world as the training loop needs it; world 1 is a no-op."""
+
+    def __init__(self, device):
+        on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if on else 0
+        self.world = torch.distributed.get_world_size() if on else 1
+        self.device = device
+
+    def sum(self, values):
+        """Element-wise sum over ranks of a list of numbers."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag):
+        return bool(self.sum([bool(flag)])[0]) if self.world > 1 else bool(flag)
+
+    def broadcast_(self, tensors):
+        """Rank 0's values into every rank's tensors (batch-norm statistics before a test pass)."""
+        if self.world > 1:
+            for t in tensors:
+                torch.distributed.broadcast(t.data, 0)
+
+    def sync_meters(self, meters):
+        """Meters over the whole data, not one rank's shard: counts, sums and the spread
+        (Chan et al.'s pooled sum of squared deviations) are combined over ranks."""
+        if self.world == 1:
+            return
+        for m in meters:
+            if isinstance(m, tnt.meter.ClassErrorMeter):
+                n, *sums = self.sum([m.n] + [m.sum[k] for k in m.topk])
+                m.n, m.sum = int(n), {k: s for k, s in zip(m.topk, sums)}
+                continue
+            # per rank: n, sum, the squared deviations from its own mean, and n * mean^2
+            n, total, m2, n_mean2 = self.sum([m.n, m.sum, m.m_s if m.n > 1 else 0.0,
+                                              m.sum ** 2 / m.n if m.n else 0.0])
+            m.n, m.sum = int(n), total
+            m.mean = m.mean_old = total / n if n else float('nan')
+            m.m_s = m2 + n_mean2 - total ** 2 / n if n else 0.0
+            m.std = math.sqrt(max(m.m_s, 0.0) / (n - 1)) if n > 1 else (math.inf if n == 1 else float('nan'))
+
+
+class FunctionalNet(nn.Module):
+    """A functional network f(input, params, mode) and its flat dict of tensors as a torch.nn.Module.
+
+    Trained tensors become Parameters and the others (batch-norm statistics, a frozen teacher)
+    buffers. The dict passed in is updated to hold those same tensor objects, so the optimizer,
+    checkpoints (with the 2017 names) and the module all see one set of weights.
+    """
+
+    def __init__(self, f, params, amp_dtype=None):
+        super().__init__()
+        self.f, self.names, self.amp_dtype = f, list(params), amp_dtype
+        for k in self.names:
+            if params[k].requires_grad:
+                params[k] = nn.Parameter(params[k])
+                self.register_parameter(self.attr(k), params[k])
+            else:
+                self.register_buffer(self.attr(k), params[k])
+
+    @staticmethod
+    def attr(name):
+        return name.replace('.', '__')  # module attributes cannot hold dots
+
+    @property
+    def params(self):
+        """The 2017 dict; in a DataParallel replica, the replica's own copies."""
+        return {k: getattr(self, self.attr(k)) for k in self.names}
+
+    def forward(self, x, mode):
+        # autocast state is per thread, and DataParallel's replica threads re-enter it without the
+        # dtype: each replica enters it here, with the dtype the run asked for
+        amp = torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with amp:
+            return self.f(x, self.params, mode)
+
+
+def data_parallel(net, ngpu):
+    """--ngpu N: torch's DataParallel splits each batch over N GPUs in one process. As in 2017,
+    batch-norm statistics are updated from the first GPU's share."""
+    return nn.DataParallel(net, device_ids=list(range(ngpu))) if ngpu > 1 else net
+
+
+def distributed(model, device):
+    """torchrun: DistributedDataParallel averages gradients in buckets overlapped with backward,
+    before a GradScaler looks at them. Batch-norm statistics stay per rank between test passes
+    (the loop broadcasts rank 0's before each), and a frozen teacher is sent once, not every step."""
+    if not torch.distributed.is_initialized():
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+
+
+def place_params(params, device, dtype, channels_last, trained):
+    """Moves a param dict to the device (in place). Trained: every tensor but batch-norm statistics
+    learns; otherwise all are frozen (a teacher)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for k, v in params.items():
+        v = v.to(device, dtype).requires_grad_(False)
+        params[k] = v.contiguous(memory_format=fmt) if v.dim() == 4 else v
+    if trained:
+        set_requires_grad_except_bn_(params)

@@ -1,0 +1,306 @@
+"""Run folders and the life of a run: options, model.pt7 and log.txt, resume, RNG state, signals.
+
+A run folder holds model.pt7 ({params, optimizer, epoch}, as in 2017, plus every RNG state and the
+epoch's log record) and log.txt (one `json_stats: {...}` line per finished epoch). Both are written
+so that a kill at any instant loses at most the epoch in progress, and a resumed run repeats the
+uninterrupted one.
+"""
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+
+import numpy as np
+import torch
+
+from engine import AMP_DTYPES, PARAM_DTYPES, Stop, Trainer
+from parallel import Dist, distributed
+from utils import UserError, check_params, is_trained, n_trained
+
+
+# ---------------------------------------------------------------- the command line
+
+def die(prog, message, code=2):
+    """One line on stderr and exit. Under torchrun each rank says it, naming itself."""
+    rank = os.environ.get('RANK') if int(os.environ.get('WORLD_SIZE', 1)) > 1 else None
+    print(f'{prog}: error: ' + (f'rank {rank}: ' if rank else '') + str(message), file=sys.stderr)
+    sys.exit(code)
+
+
+def cli(main, prog):
+    """Runs a script's main: bad input is one line on stderr and exit 1, never a traceback."""
+    try:
+        main()
+    except UserError as e:
+        die(prog, e, code=1)
+    except KeyboardInterrupt:  # before training starts; during it, fit handles the signal
+        print(f'\n{prog}: interrupted', file=sys.stderr)
+        sys.exit(130)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, not usage + message."""
+
+    def error(self, message):
+        die(self.prog, message)
+
+
+def parse_epoch_step(text):
+    """--epoch_step: a JSON list of ints."""
+    try:
+        steps = json.loads(text)
+    except json.JSONDecodeError:
+        steps = None
+    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise UserError(f'--epoch_step must be a JSON list of ints, like [60,120,160]; got {text!r}')
+    return steps
+
+
+def check_options(opt, positive=(), not_negative=()):
+    """The checks both scripts share, then `positive` and `not_negative` flags, each named alone."""
+    parse_epoch_step(opt.epoch_step)
+    if opt.dtype not in {**AMP_DTYPES, **PARAM_DTYPES}:
+        raise UserError(f'--dtype must be float, double, half or bfloat16, got {opt.dtype!r}')
+    for name in ('batch_size', 'ngpu', 'width', 'temperature', *positive):
+        if not getattr(opt, name) > 0:
+            raise UserError(f'--{name} must be positive, got {getattr(opt, name)}')
+    for name in ('epochs', 'nthread', 'lr', 'weight_decay', *not_negative):
+        if not getattr(opt, name) >= 0:
+            raise UserError(f'--{name} must not be negative, got {getattr(opt, name)}')
+
+
+# ---------------------------------------------------------------- files
+
+def safe_load(path, what):
+    """torch.load with weights_only=True (a file cannot run code); bad files raise UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f'no such {what}: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'cannot read {what} {path}: {type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else "corrupt file"}') from None
+
+
+def load_checkpoint(path):
+    """A model.pt7 as a dict; bad files raise UserError."""
+    state = safe_load(path, 'checkpoint')
+    if not isinstance(state, dict) or not isinstance(state.get('params'), dict):
+        raise UserError(f'{path} is not a model.pt7 checkpoint (expected a dict with "params")')
+    return state
+
+
+def save_checkpoint(path, params, optimizer, epoch, **extra):
+    """Writes {params, optimizer, epoch, **extra} atomically: a kill at any instant leaves
+    either the previous file or the new one, whole."""
+    state = dict(params={k: v.detach().cpu() for k, v in params.items()},
+                 optimizer=optimizer.state_dict(), epoch=epoch, **extra)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json_stats(log_path):
+    """The json_stats records of a log.txt, in order."""
+    records = []
+    with open(log_path) as fh:
+        for n, line in enumerate(fh, 1):
+            i = line.find('json_stats: ')
+            if i < 0:
+                continue
+            try:
+                records.append(json.loads(line[i + len('json_stats: '):]))
+            except json.JSONDecodeError:
+                raise UserError(f'{log_path}, line {n}: not a valid json_stats line') from None
+    return records
+
+
+def append_log(log_path, record):
+    with open(log_path, 'a') as fh:
+        fh.write('json_stats: ' + json.dumps(record) + '\n')
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def check_save(opt, default_name):
+    """Resolves --save and --resume auto; refuses to touch a folder that holds a run, unless resuming it."""
+    if opt.resume == 'auto':
+        if not opt.save:
+            raise UserError('--resume auto continues the run in --save: pass --save too')
+        path = os.path.join(opt.save, 'model.pt7')
+        opt.resume = path if os.path.exists(path) else ''
+    if not opt.save:
+        opt.save = os.path.dirname(opt.resume) if opt.resume else os.path.join('logs', default_name)
+    existing = [n for n in ('model.pt7', 'log.txt') if os.path.exists(os.path.join(opt.save, n))]
+    if existing and not opt.resume:
+        raise UserError(f'--save {opt.save} already holds a run ({existing[0]}); pass --resume '
+                        f'{os.path.join(opt.save, "model.pt7")} (or auto) to continue it, or choose another --save')
+
+
+def make_save(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, '.write_test')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'--save {folder} is not writable: {e.strerror}') from None
+
+
+# ---------------------------------------------------------------- random state
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generator=None):
+    """Every random state a run draws from, in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state['loader'] = generator.get_state()
+    return state
+
+
+def set_rng_state(state, generator=None):
+    torch.set_rng_state(state['torch'])
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    if generator is not None and 'loader' in state:
+        generator.set_state(state['loader'])
+
+
+# ---------------------------------------------------------------- signals
+
+class Signals:
+    """SIGINT/SIGTERM ask the run to stop after the current step; a second one exits at once (130).
+
+    For tests, AT_TEST_SIGNALS='WHEN:SIG,...' makes the process send itself SIG (INT, TERM, KILL)
+    at WHEN: after its Nth training step ('12'), or after epoch E's checkpoint is written and before
+    its log line ('ckpt2'). Signals then land at a chosen step, not at a chosen instant.
+    """
+
+    def __init__(self, prog):
+        self.prog, self.name, self.steps, self.plan = prog, None, 0, {}
+        for item in filter(None, os.environ.get('AT_TEST_SIGNALS', '').split(',')):
+            when, sig = item.split(':')
+            self.plan.setdefault(when, []).append(getattr(signal, 'SIG' + sig))
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handler)
+
+    def handler(self, signum, frame):
+        if self.name is not None:
+            print(f'{self.prog}: second signal, exiting now', file=sys.stderr)
+            os._exit(130)
+        self.name = signal.Signals(signum).name
+
+    def fire(self, when):
+        for sig in self.plan.pop(str(when), []):
+            os.kill(os.getpid(), sig)
+
+    def step_done(self):
+        self.steps += 1
+        self.fire(self.steps)
+
+
+# ---------------------------------------------------------------- a run
+
+def restore(path, saved, optimizer):
+    """Loads a model.pt7 into `saved` params and the optimizer; returns the checkpoint."""
+    state = load_checkpoint(path)
+    check_params(state['params'], saved, f'--resume {path}')
+    with torch.no_grad():
+        for k, v in saved.items():
+            v.copy_(state['params'][k])
+    try:
+        if state.get('optimizer'):
+            optimizer.load_state_dict(state['optimizer'])
+        state['epoch'] = int(state.get('epoch', 0))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f'--resume {path}: optimizer state does not fit this model ({e})') from None
+    return state
+
+
+class EpochWriter:
+    """on_epoch_end of rank 0: model.pt7 first, then its log line, then one line on stdout."""
+
+    def __init__(self, opt, run, generator, signals):
+        self.opt, self.run, self.generator, self.signals = opt, run, generator, signals
+        self.log_path = os.path.join(opt.save, 'log.txt')
+        self.n_parameters = n_trained(run.params_s)
+
+    def __call__(self, stats, optimizer):
+        opt = self.opt
+        # plain JSON types (meters give numpy floats), which torch.load(weights_only=True) accepts
+        record = json.loads(json.dumps({**vars(opt), **stats, 'num_classes': self.run.num_classes,
+                                        'n_parameters': self.n_parameters,
+                                        **({'beta_now': self.run.distiller.beta} if self.run.beta_at else {})}))
+        save_checkpoint(os.path.join(opt.save, 'model.pt7'), self.run.saved, optimizer, stats['epoch'],
+                        rng=rng_state(self.generator), record=record)
+        self.signals.fire(f'ckpt{stats["epoch"]}')
+        append_log(self.log_path, record)
+        acc = stats['test_acc'] if isinstance(stats['test_acc'], list) else [stats['test_acc']]
+        print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} '
+              f'acc {stats["train_acc"]:.2f}%, test loss {stats["test_loss"]:.4f} acc '
+              + '/'.join(f'{a:.2f}' for a in acc) + f'% ({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
+
+    def restore_lost_line(self, state):
+        """A kill between the checkpoint and its log line: the line is written back from the checkpoint."""
+        if state and state.get('record') and os.path.exists(self.log_path):
+            logged = read_json_stats(self.log_path)
+            if not logged or logged[-1].get('epoch', 0) < state['epoch']:
+                append_log(self.log_path, state['record'])
+
+
+def fit(opt, run, prog):
+    """Trains `run` (what cifar.build or imagenet.build return) under `opt`, writing model.pt7 and
+    log.txt into opt.save. run.beta_at(epoch), where not None, sets the AT weight of each epoch."""
+    dist = Dist(run.device)
+    lead = dist.rank == 0  # only rank 0 writes and prints
+    optimizer = run.make_optimizer(opt.lr)
+    generator = getattr(run.train_loader, 'generator', None)
+    state = restore(opt.resume, run.saved, optimizer) if opt.resume else None
+    epoch = state['epoch'] if state else 0
+    model = distributed(run.distiller, run.device)  # every rank starts from rank 0's weights
+    signals = Signals(prog)
+    writer = EpochWriter(opt, run, generator, signals)
+    if lead:
+        if state:
+            print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
+        make_save(opt.save)
+        writer.restore_lost_line(state)
+        print(f'{run.description}: {writer.n_parameters:,} parameters; {run.num_classes} classes; device {run.device}'
+              + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
+    if state and state.get('rng'):  # last, after building and restoring drew their own numbers
+        set_rng_state(state['rng'], generator)
+
+    def should_stop():
+        signals.step_done()
+        return dist.any(signals.name)
+
+    trainer = Trainer(model, run.make_optimizer, run.device, epochs=opt.epochs, epoch_step=parse_epoch_step(opt.epoch_step),
+                      lr_decay_ratio=opt.lr_decay_ratio, start_epoch=epoch, topk=run.topk, n_at=run.n_at,
+                      dtype=opt.dtype, progress=lead and not opt.no_progress, dist=dist, on_epoch_start=run.beta_at,
+                      on_epoch_end=writer if lead else None, should_stop=should_stop,
+                      buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
+    try:
+        return trainer.train(run.train_loader, run.test_loader, optimizer)
+    except Stop:
+        if lead:
+            done = read_json_stats(writer.log_path)[-1]['epoch'] if os.path.exists(writer.log_path) else 0
+            print(f'{prog}: {signals.name or "signal"}: stopped mid-epoch; model.pt7 holds the last whole epoch '
+                  f'({done}); continue with --resume auto --save {opt.save}', file=sys.stderr)
