@@ -124,13 +124,14 @@ def data_parallel(net, ngpu):
 
 
 def distributed(model, device):
-    """torchrun: DistributedDataParallel averages gradients in buckets overlapped with backward,
-    before a GradScaler looks at them. Batch-norm statistics stay per rank between test passes
-    (the loop broadcasts rank 0's before each), and a frozen teacher is sent once, not every step."""
+    """torchrun: DistributedDataParallel sends rank 0's weights to every rank once, then averages
+    gradients in buckets overlapped with backward, before a GradScaler looks at them. Buffers are not
+    re-sent each step: batch-norm statistics stay per rank between test passes (the loop broadcasts
+    rank 0's before each), and a frozen teacher is sent once."""
     if not torch.distributed.is_initialized():
         return model
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+        model, device_ids=[device.index] if device.type == 'cuda' else None, forward_sync_buffers=False)
 
 
 def place_params(params, device, dtype, channels_last, trained):

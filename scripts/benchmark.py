@@ -2,14 +2,13 @@
 """Throughput of cifar.py's paths, measured side by side in one process.
 
 Each configuration is built once through cifar.py's own `build` and trained by
-utils.train, the loop cifar.py uses; img/s count data loading and the whole
+engine.Trainer, the loop cifar.py uses; img/s count data loading and the whole
 step. The configurations run in turn (A B C A B C ...) and the medians over
 repeats are printed with their ratio to the first one.
 
     python scripts/benchmark.py --dataroot /tmp/cifar10-jpg
     python scripts/benchmark.py --dataroot /tmp/cifar10-jpg --configs faithful,fast,fast-bf16 --repeats 5
 """
-import argparse
 import json
 import os
 import platform
@@ -23,8 +22,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import torch  # noqa: E402
 
 import cifar  # noqa: E402
-import utils  # noqa: E402
-from resnet import wrn_params  # noqa: E402
+from engine import Trainer, autocast_for  # noqa: E402
+from resnet import wrn_depth_to_blocks, wrn_params  # noqa: E402
+from runs import Parser, cli  # noqa: E402
+from utils import UserError  # noqa: E402
+
+PROG = 'benchmark.py'
 
 CONFIGS = {
     'faithful': ['--loader', 'torchvision', '--channels_last', '0'],  # the 2017 path: per-image PIL, fp32 eager
@@ -36,7 +39,7 @@ CONFIGS = {
     'fast-grad': ['--grad_beta', '1'],  # gradient-based AT on top of activation AT: double backprop
     'fast-stepsync': [],  # the defaults, but the meters read the device after every step (the 2017 way)
 }
-SYNC_EVERY = {'fast-stepsync': 1}  # utils.train's sync_every; others take its default
+SYNC_EVERY = {'fast-stepsync': 1}  # the Trainer's sync_every; others take its default
 
 
 class Timed:
@@ -84,23 +87,34 @@ def make_teacher(folder, depth, width, num_classes):
 
 def train_rate(run, opt, steps, warmup, sync_every=None):
     timed = Timed(run.train_loader, warmup, steps, run.device)
-    utils.train(run.compute, make_optimizer=run.make_optimizer, optimizer=run.make_optimizer(opt.lr),
-                train_loader=timed, test_loader=None, epochs=1, start_epoch=0, epoch_step=[],
-                lr_decay_ratio=1, device=run.device, on_epoch_end=lambda *a: None,
-                n_at=run.n_at, dtype=opt.dtype, progress=False, sync_every=sync_every)
+    Trainer(run.distiller, run.make_optimizer, run.device, epochs=1, n_at=run.n_at, dtype=opt.dtype,
+            progress=False, sync_every=sync_every).train(timed, None, run.make_optimizer(opt.lr))
     return steps * opt.batch_size / timed.seconds
 
 
 def eval_rate(run, opt, steps, warmup):
     timed = Timed(run.test_loader, warmup, steps, run.device)
-    with torch.no_grad(), utils.autocast_for(run.device, opt.dtype):
+    with torch.no_grad(), autocast_for(run.device, opt.dtype):
         for x, y in timed:
-            run.compute(x.to(run.device), y.to(run.device), False)
+            run.distiller(x.to(run.device), y.to(run.device), False)
     return steps * opt.batch_size / timed.seconds
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def teacher_shape(text):
+    """--teacher DEPTH,WIDTH of a WRN, or '' for none."""
+    try:
+        depth, width = text.split(',')
+        depth, width = int(depth), float(width)
+        wrn_depth_to_blocks(depth)
+        if width <= 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f'--teacher must be DEPTH,WIDTH of a WRN (depth 6n+4, width > 0), like 16,2; got {text!r}') from None
+    return depth, width
+
+
+def main(argv=None):
+    p = Parser(prog=PROG, description=__doc__.split('\n')[0])
     p.add_argument('--dataroot', required=True)
     p.add_argument('--configs', default='faithful,fast', help=f'comma list of {", ".join(CONFIGS)}')
     p.add_argument('--depth', type=int, default=16)
@@ -112,30 +126,32 @@ def main():
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--device', default='')
     p.add_argument('--nthread', default='4', help="DataLoader workers of the faithful path (cifar.py's default)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     names = args.configs.split(',')
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
-        sys.exit(f'benchmark.py: error: unknown config {unknown[0]!r}; choose from {", ".join(CONFIGS)}')
+        raise UserError(f'unknown config {unknown[0]!r}; choose from {", ".join(CONFIGS)}')
+    for name in ('steps', 'repeats', 'batch_size'):
+        if getattr(args, name) <= 0:
+            raise UserError(f'--{name} must be positive, got {getattr(args, name)}')
+    if args.warmup < 0:
+        raise UserError(f'--warmup must not be negative, got {args.warmup}')
+    teacher = teacher_shape(args.teacher) if args.teacher else None
 
     tmp = tempfile.mkdtemp()
     common = ['--dataroot', args.dataroot, '--depth', str(args.depth), '--width', str(args.width),
               '--batch_size', str(args.batch_size), '--no_progress', '--device', args.device, '--nthread', args.nthread]
-    if args.teacher:
-        td, tw = args.teacher.split(',')
+    if teacher:
         train_dir = os.path.join(args.dataroot, 'train')
         classes = len(os.listdir(train_dir)) if os.path.isdir(train_dir) else 10
-        make_teacher(os.path.join(tmp, 'teacher'), int(td), float(tw), classes)
+        make_teacher(os.path.join(tmp, 'teacher'), *teacher, classes)
         common += ['--teacher_id', os.path.join(tmp, 'teacher'), '--beta', '1e+3']
 
     runs = {}
     for name in names:
         opt = cifar.parse_args(common + CONFIGS[name])
         t = time.perf_counter()
-        try:
-            runs[name] = (cifar.build(opt), opt)
-        except utils.UserError as e:
-            sys.exit(f'benchmark.py: error: {e}')
+        runs[name] = (cifar.build(opt), opt)
         print(f'# {name}: built in {time.perf_counter() - t:.1f}s (data decoding included)', flush=True)
     device = runs[names[0]][0].device
     train, evals, peak = {n: [] for n in names}, {n: [] for n in names}, {}
@@ -168,4 +184,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    cli(main, PROG)

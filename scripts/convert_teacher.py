@@ -14,8 +14,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import torch  # noqa: E402
 
-from resnet import load_teacher  # noqa: E402
-from utils import UserError, die  # noqa: E402
+from runs import die  # noqa: E402
+from teachers import load_teacher_export  # noqa: E402
+from utils import UserError  # noqa: E402
 
 PROG = 'convert_teacher.py'
 
@@ -34,7 +35,7 @@ def main(argv):
     if len(argv) < 2 or argv[0] in ('-h', '--help'):
         print(__doc__.strip())
         return 0 if argv and argv[0] in ('-h', '--help') else 2
-    _, params = load_teacher(argv[0])
+    _, params = load_teacher_export(argv[0])
     for out in argv[1:]:
         write_export(params, out)
         print(f'{out}: {len(params)} tensors, {sum(v.numel() for v in params.values()):,} numbers')

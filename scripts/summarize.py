@@ -11,7 +11,6 @@ at epoch N instead (runs that reached it), to compare runs of different lengths 
 Gradient-based AT runs (gradat_*, not in the paper's table) get a column of their own when present.
 Writes TABLE.md, TABLE.csv and TABLE.json, and a learning-curve PNG per pair.
 """
-import argparse
 import csv
 import json
 import os
@@ -20,13 +19,14 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from utils import UserError, cli, read_json_stats  # noqa: E402
+from runs import Parser, cli, read_json_stats  # noqa: E402
+from utils import UserError  # noqa: E402
 
 PROG = 'summarize.py'
 COLUMNS = ['student', 'at', 'factt', 'kd', 'atkd', 'gradat', 'teacher']
 HEADERS = ['student', 'AT', 'F-ActT', 'KD', 'AT+KD', 'grad-AT', 'teacher']
 OPTIONAL = {'gradat'}  # columns the paper's Table 1 lacks: shown only where runs exist
-# REFERENCE section 9: the paper's test errors (%). One table, so that a correction is one edit.
+# The paper's Table 1, test errors (%). One table, so that a correction is one edit.
 # None: the paper gives no CIFAR figure for gradient-based AT with these pairs.
 PAPER = {
     'nin_thin_nin_wide': ('NIN-thin, 0.2M', 'NIN-wide, 1M', [9.38, 8.93, 9.05, 8.55, 8.33, None, 7.28]),
@@ -136,7 +136,7 @@ def plot(runs, out_dir, pairs=tuple(PAPER)):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
+    p = Parser(prog=PROG, description=__doc__.split('\n')[0])
     p.add_argument('logs', help='folder of run folders')
     p.add_argument('--out', default='table1', help='path prefix for .md, .csv and .json')
     p.add_argument('--plots', default=None, help='folder for learning-curve PNGs (default: beside --out)')
@@ -147,6 +147,8 @@ def main(argv=None):
     if unknown:
         raise UserError(f'unknown row {unknown[0]!r} (rows: {" ".join(ROWS)})')
     pairs = [ROWS[r] for r in args.rows.split()]
+    if not pairs:
+        raise UserError(f'--rows names no row (rows: {" ".join(ROWS)})')
     if not os.path.isdir(args.logs):
         raise UserError(f'no such folder: {args.logs}')
     if args.epoch is not None and args.epoch < 1:

@@ -13,7 +13,7 @@ gradient maps are |dCE/dx| summed over colour channels, for the image's label
 (CIFAR) or the network's own top class (ImageNet export). Each map is scaled to
 [0, 1] for display.
 """
-import argparse
+
 import os
 import sys
 
@@ -21,23 +21,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import cifar  # noqa: E402
-import utils  # noqa: E402
-from resnet import load_teacher  # noqa: E402
+from cifar import MEAN, STD  # noqa: E402
+from data import open_cifar  # noqa: E402
+from runs import Parser, cli  # noqa: E402
+from teachers import load_teacher_export, load_teacher_run  # noqa: E402
+from utils import UserError, input_grad  # noqa: E402
 
 PROG = 'visualize.py'
 
 
 def load_run(folder):
-    """A CIFAR run folder's WRN as (name, f, params): a distilled run gives its student."""
-    f, params, info = cifar.load_teacher(folder, None)
+    """A CIFAR run folder's network as (name, f, params): a distilled run gives its student."""
+    f, params, _ = load_teacher_run(folder)
     return os.path.basename(os.path.normpath(folder)), f, params
 
 
 def cifar_images(dataroot, n):
     """The first n test images (one per class in turn), as (uint8 HWC arrays, labels)."""
-    opt = argparse.Namespace(dataroot=dataroot, dataset='CIFAR10')
-    ds = cifar.open_dataset(opt, False)
+    ds = open_cifar(dataroot, 'CIFAR10', False)
     by_class = {}
     for i, label in enumerate(ds.targets):
         by_class.setdefault(label, []).append(i)
@@ -57,7 +58,7 @@ def maps(f, params, x, targets, kind):
         if targets is None:
             with torch.no_grad():
                 targets = f(x, params, False)[0].argmax(1)
-        j = utils.input_grad(f, params, x, targets, False, create_graph=False)[0]
+        j = input_grad(f, params, x, targets, False, create_graph=False)[0]
         return [[m] for m in j.abs().sum(1)]
     with torch.no_grad():
         groups = f(x, params, False)[1]
@@ -92,7 +93,7 @@ def draw(images, columns, out, kind):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
+    p = Parser(prog=PROG, description=__doc__.split('\n')[0])
     p.add_argument('inputs', nargs='*', help='CIFAR run folders, or image files with --export')
     p.add_argument('--export', default='', help='an ImageNet export: .pth, .hkl or torchvision:NAME[:FILE]')
     p.add_argument('--dataroot', default='.', help='CIFAR data, for run folders')
@@ -101,26 +102,26 @@ def main(argv=None):
     p.add_argument('--out', default='attention.png')
     args = p.parse_args(argv)
     if not args.inputs:
-        raise utils.UserError('name CIFAR run folders, or image files with --export')
+        raise UserError('name CIFAR run folders, or image files with --export')
     if args.export:
         from PIL import Image
         import torchvision.transforms as T
-        f, params = load_teacher(args.export)
+        f, params = load_teacher_export(args.export)
         crop = T.Compose([T.Resize(256), T.CenterCrop(224)])
         try:
             images = [np.asarray(crop(Image.open(path).convert('RGB'))) for path in args.inputs]
         except OSError as e:
-            raise utils.UserError(f'cannot read image: {e}') from None
+            raise UserError(f'cannot read image: {e}') from None
         x = normalise(images, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         columns = [(os.path.basename(args.export), maps(f, params, x, None, args.kind))]
     else:
         runs = [load_run(folder) for folder in args.inputs]
         images, labels = cifar_images(args.dataroot, args.n)
-        x = normalise(images, cifar.MEAN, cifar.STD)
+        x = normalise(images, MEAN, STD)
         columns = [(name, maps(f, params, x, torch.tensor(labels), args.kind)) for name, f, params in runs]
     draw(images, columns, args.out, args.kind)
     print(f'{args.out}: {len(images)} images x {sum(len(c[1][0]) for c in columns)} maps')
 
 
 if __name__ == '__main__':
-    utils.cli(main, PROG)
+    cli(main, PROG)

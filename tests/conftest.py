@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The scripts as the tests run them: no network whether or not the machine has one (downloads go
+# to a closed port), and no torch hub cache, so "cannot download" cases mean the same everywhere.
+OFFLINE_ENV = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'TORCH_HOME': tempfile.mkdtemp(),
+               **{k: 'http://127.0.0.1:9' for k in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY')},
+               'no_proxy': '', 'NO_PROXY': ''}
 
 
 def make_class_folders(root, classes=3, train_per_class=16, test_per_class=8, seed=0):
@@ -34,9 +40,8 @@ def tiny_data(tmp_path_factory):
 
 def run_cifar(args, cwd, check=True, timeout=300):
     """Runs cifar.py as a user would, in `cwd` (so logs/ resolves there)."""
-    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
     p = subprocess.run([sys.executable, str(ROOT / 'cifar.py'), '--no_progress', *map(str, args)],
-                       cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+                       cwd=cwd, capture_output=True, text=True, timeout=timeout, env=OFFLINE_ENV)
     if check and p.returncode != 0:
         raise AssertionError(f'cifar.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}')
     return p

@@ -1,4 +1,4 @@
-"""An independent WRN built from torch.nn layers, written from REFERENCE.md section 4.
+"""An independent WRN built from torch.nn layers, written from the paper's pre-activation WRN as the 2017 code built it.
 
 It is the yardstick for resnet.py: same weights in, same outputs out. It also
 names its state_dict the 2017 way, so tests can write 2017-format checkpoints.

@@ -20,6 +20,19 @@ def test_benchmark_prints_a_row_per_config(tiny_data):
     assert p.stdout.count('# repeat') == 6 and 'WRN-10-1 student, WRN-10-2 teacher, AT, batch 8' in p.stdout
 
 
+def test_benchmark_bad_options_are_one_line(tiny_data):
+    for args, expected in ((['--teacher', '16'], "--teacher must be DEPTH,WIDTH"),
+                           (['--teacher', '11,2'], "--teacher must be DEPTH,WIDTH"),
+                           (['--steps', '0'], '--steps must be positive'),
+                           (['--warmup', '-1'], '--warmup must not be negative'),
+                           (['--steps', 'many'], "invalid int value: 'many'")):
+        p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--dataroot', str(tiny_data),
+                            *args], capture_output=True, text=True)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith('benchmark.py: error: '), p.stderr
+        assert expected in lines[0]
+
+
 def test_benchmark_refuses_an_unknown_config(tiny_data):
     p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--dataroot', str(tiny_data),
                         '--configs', 'fast,warp'], capture_output=True, text=True)

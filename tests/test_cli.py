@@ -7,27 +7,27 @@ import torch
 import cifar
 from conftest import run_cifar, tree_digest
 
-REFERENCE_DEFAULTS = {  # REFERENCE.md section 1
+FLAGS_2017_DEFAULTS = {  # the 2017 cifar.py's flags and defaults
     'depth': 16, 'width': 1, 'dataset': 'CIFAR10', 'dataroot': '.', 'dtype': 'float', 'nthread': 4,
     'teacher_id': '', 'batch_size': 128, 'lr': 0.1, 'epochs': 200, 'weight_decay': 0.0005,
     'epoch_step': '[60,120,160]', 'lr_decay_ratio': 0.2, 'resume': '', 'randomcrop_pad': 4,
     'temperature': 4, 'alpha': 0, 'beta': 0, 'cuda': False, 'save': '', 'ngpu': 1, 'gpu_id': '0',
 }
-REFERENCE_TYPES = {'depth': int, 'width': float, 'nthread': int, 'batch_size': int, 'lr': float,
+FLAGS_2017_TYPES = {'depth': int, 'width': float, 'nthread': int, 'batch_size': int, 'lr': float,
                    'epochs': int, 'weight_decay': float, 'lr_decay_ratio': float, 'randomcrop_pad': float,
                    'temperature': float, 'alpha': float, 'beta': float, 'ngpu': int}
 
 
 def test_defaults_match_2017():
     opt = vars(cifar.parse_args([]))
-    for k, v in REFERENCE_DEFAULTS.items():
+    for k, v in FLAGS_2017_DEFAULTS.items():
         assert opt[k] == v and type(opt[k]) is type(v), k
     assert opt['seed'] == 0 and opt['device'] == ''
 
 
 def test_types_match_2017():
     actions = {a.dest: a for a in cifar.build_parser()._actions}
-    for k, t in REFERENCE_TYPES.items():
+    for k, t in FLAGS_2017_TYPES.items():
         assert actions[k].type is t, k
     assert cifar.parse_args(['--width', '2']).width == 2.0
 
@@ -64,7 +64,7 @@ BAD = {
     'negative batch size': (['--batch_size', -5], 'batch_size'),
     'unknown dataset': (['--dataset', 'MNIST'], 'CIFAR10'),
     'unknown dtype': (['--dtype', 'int8'], 'dtype'),
-    'missing dataroot offline': (['--dataroot', 'no/such/dir'], 'could not be downloaded'),
+    'missing dataroot, download fails': (['--dataroot', 'no/such/dir'], 'could not be downloaded'),
     'unknown teacher': (['--teacher_id', 'nobody'], 'no run folder'),
     'teacher lacks model.pt7': (['--teacher_id', 'nomodel'], 'has no model.pt7'),
     'teacher with other classes': (['--teacher_id', 'done', '--dataset', 'CIFAR100', '--dataroot', 'DATA100'],
@@ -81,6 +81,12 @@ BAD = {
     'unknown device': (['--device', 'tpu'], 'cpu or cuda'),
     'unwritable save': (['--save', 'corrupt.pt7/run'], 'not writable'),
     'teacher log with a bad line': (['--teacher_id', 'badlog'], 'not a valid json_stats line'),
+    'negative randomcrop_pad': (['--randomcrop_pad', -1], '--randomcrop_pad must not be negative'),
+    'randomcrop_pad as large as the image': (['--randomcrop_pad', 32], 'smaller than the images (32 pixels)'),
+    'negative lr': (['--lr', -0.1], '--lr must not be negative'),
+    'negative weight_decay': (['--weight_decay', -1e-4], '--weight_decay must not be negative'),
+    'zero width': (['--width', 0], '--width must be positive'),
+    'compile with grad_beta': (['--compile', '--grad_beta', 1, '--teacher_id', 'done'], 'without --compile'),
     'gpu_id naming absent GPUs': (['--gpu_id', '7', '--device', 'cuda'], 'no CUDA'),
 }
 

@@ -12,14 +12,15 @@ import torch.nn as nn
 import torchvision
 
 import utils
-from conftest import ROOT, tree_digest
-from resnet import fold_torchvision, folded_resnet, load_teacher, resnet_imagenet, resnet_imagenet_params
+from conftest import OFFLINE_ENV, ROOT, tree_digest
+from resnet import fold_torchvision, folded_resnet, resnet_imagenet, resnet_imagenet_params
+from teachers import load_teacher_export as load_teacher
 
 
 def run_imagenet(args, cwd, check=True):
     p = subprocess.run([sys.executable, str(ROOT / 'imagenet.py'), '--no_progress', *map(str, args)],
                        cwd=cwd, capture_output=True, text=True, timeout=600,
-                       env={**__import__('os').environ, 'CUDA_VISIBLE_DEVICES': ''})
+                       env=OFFLINE_ENV)
     if check and p.returncode != 0:
         raise AssertionError(f'imagenet.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}')
     return p
@@ -131,6 +132,7 @@ def make_image_folder(root, classes=6, train=2, val=1, size=48):
 def imagenet_work(tmp_path_factory):
     work = tmp_path_factory.mktemp('imagenet')
     make_image_folder(work / 'data')
+    make_image_folder(work / 'data4', classes=4)
     model = random_torchvision('resnet34', num_classes=6)
     torch.save(fold_torchvision(model.state_dict()), work / 'resnet-34-export.pth')
     return work
@@ -190,13 +192,16 @@ BAD = {
     'missing key': (['--teacher_params', 'missing.pth'], "missing tensor 'group2.block1.conv1.bias'"),
     'extra key': (['--teacher_params', 'extra.pth'], "unexpected tensor 'group9.something'"),
     'mis-shaped key': (['--teacher_params', 'shape.pth'], "'group1.block0.conv_dim.weight' has shape"),
-    'offline torchvision': (['--teacher_params', 'torchvision:resnet34'], 'cannot download'),
+    'torchvision download fails': (['--teacher_params', 'torchvision:resnet34'], 'cannot download'),
     'unknown torchvision net': (['--teacher_params', 'torchvision:vgg16'], 'resnet18 or resnet34'),
     'depth 50': (['--depth', 50], '--depth must be one of'),
     'bad at_groups': (['--at_groups', '1,4'], '--at_groups'),
     'no imagenetpath': (['--imagenetpath', ''], '--imagenetpath'),
     'no val folder': (['--imagenetpath', 'data/train'], 'no train/ folder'),
     'evaluate without resume': (['--evaluate'], '--resume'),
+    'fewer than 5 classes': (['--imagenetpath', 'data4'], 'train/ has 4 classes; top-5 error needs at least 5'),
+    'negative lr': (['--lr', -1], '--lr must not be negative'),
+    'zero temperature': (['--temperature', 0], '--temperature must be positive'),
     'ngpu without GPUs': (['--ngpu', 2], '--ngpu 2'),
 }
 
@@ -219,15 +224,17 @@ def test_bad_input_one_line(case, imagenet_work):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs 2 GPUs')
 def test_two_gpu_data_parallel_with_at_losses():
     """The 2017 gather crashed here (its issue #35)."""
+    from distill import Distiller
+    from parallel import FunctionalNet, data_parallel
     params_s = {k: v.cuda() for k, v in resnet_imagenet_params(18, 1, 10).items()}
     utils.set_requires_grad_except_bn_(params_s)
     params_t = {k: v.cuda() for k, v in fold_torchvision(random_torchvision('resnet34', 10).state_dict()).items()}
     x, y = torch.randn(8, 3, 64, 64, device='cuda'), torch.randint(0, 10, (8,), device='cuda')
-    opt = type('O', (), dict(ngpu=2, temperature=4, alpha=0.5, beta=1e3))
-    compute = utils.make_compute(resnet_imagenet, params_s, folded_resnet, params_t, opt)
-    loss, logits, at_losses, _ = compute(x, y, True)
-    loss.backward()
-    assert logits.shape == (8, 10) and len(at_losses) == 4 and torch.isfinite(loss)
+    model = Distiller(data_parallel(FunctionalNet(resnet_imagenet, params_s), 2),
+                      data_parallel(FunctionalNet(folded_resnet, params_t), 2), alpha=0.5, beta=1e3)
+    logits, losses = model(x, y, True)
+    losses['loss'].backward()
+    assert logits.shape == (8, 10) and len(losses['at_losses']) == 4 and torch.isfinite(losses['loss'])
     assert params_s['fc.weight'].grad is not None
 
 

@@ -7,7 +7,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import utils
+import data
+import engine
 from cifar import MEAN, STD
 
 
@@ -24,7 +25,7 @@ def image():
 
 
 def loader(images, labels, train, batch_size=500, seed=0):
-    return utils.DeviceLoader(images, labels, batch_size=batch_size, mean=MEAN, std=STD, train=train,
+    return data.DeviceLoader(images, labels, batch_size=batch_size, mean=MEAN, std=STD, train=train,
                               generator=torch.Generator().manual_seed(seed))
 
 
@@ -34,7 +35,7 @@ def test_each_offset_and_flip_equals_torchvision(image):
     padded = torch.nn.functional.pad(x, [4] * 4, mode='reflect')
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     for top, left, flip in itertools.product(range(9), range(9), (False, True)):
-        out = utils.crop_flip(padded, torch.tensor([top]), torch.tensor([left]), torch.tensor([flip]), 32)
+        out = data.crop_flip(padded, torch.tensor([top]), torch.tensor([left]), torch.tensor([flip]), 32)
         out = out.div_(255).sub_(mean).div_(std)[0]
         assert torch.equal(out, torchvision_view(pil, top, left, flip)), (top, left, flip)
 
@@ -81,19 +82,32 @@ def test_test_split_is_plain_and_in_order(image):
 def test_channels_last_changes_layout_not_values(image):
     images = torch.from_numpy(image).permute(2, 0, 1)[None].repeat(4, 1, 1, 1)
     a = next(iter(loader(images, [0] * 4, train=False)))[0]
-    ld = utils.DeviceLoader(images, [0] * 4, batch_size=4, mean=MEAN, std=STD, train=False, channels_last=True)
+    ld = data.DeviceLoader(images, [0] * 4, batch_size=4, mean=MEAN, std=STD, train=False, channels_last=True)
     b = next(iter(ld))[0]
     assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_compiled_falls_back_to_eager_with_one_line(monkeypatch, capsys):
-    def broken_compile(f):
+def compile_raising(error):
+    def compile(f):
         def fail(*a, **k):
-            raise RuntimeError('no C++ compiler')
+            raise error
         return fail
-    monkeypatch.setattr(torch, 'compile', broken_compile)
-    f = utils.compiled(lambda x: x + 1, True, 'prog')
+    return compile
+
+
+def test_compiled_falls_back_to_eager_with_one_line(monkeypatch, capsys):
+    from torch._dynamo.exc import Unsupported
+    monkeypatch.setattr(torch, 'compile', compile_raising(Unsupported('an op dynamo cannot trace')))
+    f = engine.compiled(lambda x: x + 1, True, 'prog')
     assert f(1) == 2 and f(2) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ['prog: --compile unavailable here (RuntimeError); running eagerly']
-    assert utils.compiled(len, False, 'prog') is len
+    assert err == ['prog: --compile unavailable here (Unsupported); running eagerly']
+    assert engine.compiled(len, False, 'prog') is len
+
+
+@pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory'), ValueError('a bad input')])
+def test_compiled_raises_what_is_not_a_compile_failure(monkeypatch, capsys, error):
+    monkeypatch.setattr(torch, 'compile', compile_raising(error))
+    with pytest.raises(type(error)):
+        engine.compiled(lambda x: x + 1, True, 'prog')(1)
+    assert capsys.readouterr().err == ''

@@ -1,4 +1,4 @@
-"""Losses against the formulas of REFERENCE.md section 5, written out by hand in numpy."""
+"""Losses against the paper's formulas in the 2017 code's form, written out by hand in numpy."""
 import math
 
 import numpy as np
@@ -106,3 +106,9 @@ def test_beta_schedules():
     assert b == pytest.approx([1000, 1000, 200, 200, 40, 8, 8])
     assert [utils.beta_schedule(1000, 'linear', e, 4, [], 0.2) for e in (1, 2, 3, 4)] == [1000, 750, 500, 250]
     assert utils.beta_schedule(1000, 'none', 150, 200, [60], 0.2) == 1000
+
+
+def test_step_beta_drops_exactly_when_the_lr_drops():
+    """A repeated epoch_step entry (table1.sh gives [2,2,2] for 2 epochs) drops the lr once: beta too."""
+    assert [utils.beta_schedule(1000, 'step', e, 2, [2, 2, 2], 0.2) for e in (1, 2)] == [1000, pytest.approx(200)]
+    assert utils.beta_schedule(1000, 'step', 9, 9, [3, 3, 6], 0.5) == 250

@@ -123,3 +123,14 @@ def test_gradient_at_is_opt_in(tmp_path):
     assert not any('gradat' in line for line in table1(tmp_path))
     lines = table1(tmp_path, ROWS='16_1_16_2', METHODS='gradat', GRAD_BETA='50')
     assert saves(lines) == ['resnet_16_2_teacher', 'gradat_16_1_16_2'] and lines[-1].endswith('--grad_beta 50')
+
+
+def test_summarize_bad_input_is_one_line(tmp_path):
+    (tmp_path / 'logs').mkdir()
+    for args, expected in ((['--rows', ''], '--rows names no row'), (['--rows', 'wrn'], "unknown row 'wrn'"),
+                           (['--epoch', '0'], '--epoch must be 1 or more'), (['--epoch', 'x'], 'invalid int')):
+        p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'summarize.py'), tmp_path / 'logs', *args],
+                           capture_output=True, text=True, cwd=tmp_path)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith('summarize.py: error: '), p.stderr
+        assert expected in lines[0]

@@ -22,7 +22,7 @@ def load(path):
 
 def nn_test_accuracy(params, depth, width, data_root):
     """Test accuracy of saved params run through the torch.nn reference WRN, with our own
-    reading and normalising of the images (REFERENCE section 3)."""
+    reading and normalising of the images (the 2017 CIFAR mean and std)."""
     mean = np.array([125.3, 123.0, 113.9]) / 255
     std = np.array([63.0, 62.1, 66.7]) / 255
     classes = sorted(p.name for p in Path(data_root, 'test').iterdir())
@@ -139,10 +139,10 @@ def test_2017_format_teacher(tiny_data, tmp_path):
 
 @pytest.mark.parametrize('dtype', ['half', 'bfloat16'])
 def test_mixed_precision_does_not_crash(tiny_data, tmp_path, dtype):
-    import utils
+    import engine
     p = run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 1, '--dtype', dtype, '--save', 'logs/m'], tmp_path)
     warned = [line for line in p.stderr.splitlines() if line.startswith('warning:')]
-    assert len(warned) == (1 if utils.slow_cpu_autocast(torch.device('cpu'), dtype) else 0), p.stderr
+    assert len(warned) == (1 if engine.slow_cpu_autocast(torch.device('cpu'), dtype) else 0), p.stderr
     r = read_log(tmp_path / 'logs/m')[0]
     assert math.isfinite(r['train_loss']) and r['dtype'] == dtype
     assert load(tmp_path / 'logs/m/model.pt7')['params']['conv0'].dtype == torch.float32  # fp32 master weights
@@ -206,25 +206,25 @@ def cpu_flags():
 def test_autocast_warning_follows_the_cpu_flags(dtype):
     """Read from /proc/cpuinfo, not from torch: without any AVX-512 a low-precision CPU step is
     emulated (slow), so the user is told; with AVX-512 BW/VL/DQ oneDNN has kernels for it."""
-    import utils
+    import engine
     flags = cpu_flags()
     if flags is None:
         pytest.skip('no /proc/cpuinfo')
     cpu = torch.device('cpu')
-    assert not utils.slow_cpu_autocast(cpu, 'float') and not utils.slow_cpu_autocast(torch.device('cuda'), dtype)
+    assert not engine.slow_cpu_autocast(cpu, 'float') and not engine.slow_cpu_autocast(torch.device('cuda'), dtype)
     if not any(f.startswith('avx512') for f in flags):
-        assert utils.slow_cpu_autocast(cpu, dtype)
+        assert engine.slow_cpu_autocast(cpu, dtype)
     elif {'avx512bw', 'avx512vl', 'avx512dq'} <= flags and (dtype == 'bfloat16' or 'avx512_fp16' in flags
                                                             or 'amx_fp16' in flags):
-        assert not utils.slow_cpu_autocast(cpu, dtype)
+        assert not engine.slow_cpu_autocast(cpu, dtype)
     else:
         pytest.skip('partial AVX-512: oneDNN decides')
 
 
 def deferred_run(sync_every, nan_at=None):
-    """utils.train on a fixed linear model (lr 0) over 7 random batches, with a test pass."""
+    """engine.Trainer on a fixed linear model (lr 0) over 7 random batches, with a test pass."""
     import torchnet as tnt
-    import utils
+    from engine import Trainer
     g = torch.Generator().manual_seed(0)
     w = torch.randn(12, 10, generator=g, requires_grad=True)
     batches = [(torch.randn(9, 12, generator=g), torch.randint(0, 10, (9,), generator=g)) for _ in range(7)]
@@ -236,12 +236,11 @@ def deferred_run(sync_every, nan_at=None):
         seen.append(1)
         if nan_at and mode and len(seen) == nan_at:
             loss = loss * float('nan')
-        return loss, logits, [x.abs().mean(), (x ** 2).mean()], {'extra_loss': logits.std()}
+        return logits, {'loss': loss, 'at_losses': [x.abs().mean(), (x ** 2).mean()], 'extra_loss': logits.std()}
 
     sgd = lambda lr: torch.optim.SGD([w], lr=0.0)  # noqa: E731
-    stats = utils.train(compute, make_optimizer=sgd, optimizer=sgd(0), train_loader=batches, test_loader=batches[:3],
-                        epochs=1, start_epoch=0, epoch_step=[], lr_decay_ratio=1, device=torch.device('cpu'),
-                        on_epoch_end=lambda *a: None, n_at=2, topk=(1, 5), progress=False, sync_every=sync_every)
+    stats = Trainer(compute, sgd, torch.device('cpu'), epochs=1, n_at=2, topk=(1, 5), progress=False,
+                    sync_every=sync_every).train(batches, batches[:3], sgd(0))
     # independent figures: torchnet's own meters fed one batch at a time, the 2017 way
     meters = [tnt.meter.ClassErrorMeter(topk=[1, 5], accuracy=True) for _ in range(2)]
     losses, groups = [], []

@@ -29,6 +29,14 @@ def test_cifar_runs_activation_and_gradient_maps(tiny_data, tmp_path):
     assert Image.open(tmp_path / 'grad.png').size == (3 * 120, 2 * 120)
 
 
+def test_nin_run(tiny_data, tmp_path):
+    """A NIN has no fc.weight: its class count comes from its classifier conv."""
+    run_cifar(['--model', 'nin', '--width', 0.1, '--batch_size', 16, '--nthread', 0, '--dataroot', tiny_data,
+               '--epochs', 1, '--save', 'logs/nin'], tmp_path)
+    visualize(['logs/nin', '--dataroot', tiny_data, '-n', 2, '--out', 'nin.png'], tmp_path)
+    assert Image.open(tmp_path / 'nin.png').size == (4 * 120, 2 * 120)
+
+
 def test_imagenet_export_on_image_files(tiny_data, tmp_path):
     torch.manual_seed(0)
     torch.save(fold_torchvision(torchvision.models.resnet18().eval().state_dict()), tmp_path / 'e.pth')
