@@ -53,6 +53,9 @@ def build_parser():
     a('--gpu_id', default='0', type=str, help='CUDA_VISIBLE_DEVICES')
     # new
     a('--model', default='wrn', choices=list(CIFAR_MODELS), help='wrn: Wide ResNet; nin: Network-in-Network')
+    a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
+      help='1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per GPU; '
+           '0: beta on the whole batch (the default; without this flag, --ngpu > 1 notes the difference)')
     a('--beta_decay', default='none', choices=['none', 'step', 'linear'],
       help='AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr drops), '
            'linear (down to beta/epochs at the last epoch)')
@@ -80,6 +83,7 @@ def parse_args(argv=None):
             raise UserError(str(e)) from None
     if int(16 * opt.width) < 1:
         raise UserError(f'--width {opt.width} leaves a group with no channels')
+    opt.at_weight = runs.at_weight(opt)
     if opt.dataset not in DATASETS:
         raise UserError(f'--dataset must be one of {", ".join(DATASETS)}, got {opt.dataset!r}')
     if opt.grad_beta or opt.sym_beta:
@@ -105,10 +109,10 @@ def torchvision_transform(pad, train):
 
 def create_loaders(opt, device):
     """(train loader, test loader, class count): the fast device-resident loader, or the 2017 one."""
-    faithful = opt.loader == 'torchvision'
-    train_set, test_set = (open_cifar(opt.dataroot, opt.dataset, train,
-                                      torchvision_transform(opt.randomcrop_pad, train) if faithful else None)
-                           for train in (True, False))
+    faithful, dist = opt.loader == 'torchvision', Dist(device)
+    train_set, test_set = (dist.rank0_first(lambda: open_cifar(  # rank 0 downloads, if anyone must
+        opt.dataroot, opt.dataset, train, torchvision_transform(opt.randomcrop_pad, train) if faithful else None))
+        for train in (True, False))
     if len(train_set) == 0 or len(test_set) == 0:
         raise UserError(f'--dataroot {opt.dataroot}: empty train or test set')
     if len(train_set.classes) != len(test_set.classes):
@@ -117,7 +121,6 @@ def create_loaders(opt, device):
     size = image_size(train_set)
     if opt.randomcrop_pad >= size:
         raise UserError(f'--randomcrop_pad {opt.randomcrop_pad:g} must be smaller than the images ({size} pixels)')
-    dist = Dist(device)
     batch = rank_batch(opt.batch_size, (len(train_set), len(test_set)), dist)
     if faithful:
         return (data_loader(train_set, True, batch, opt.nthread, opt.seed, device, dist),
@@ -140,7 +143,9 @@ def build(opt):
     train_loader, test_loader, num_classes = create_loaders(opt, device)
 
     params_s = cifar_model_params(opt.model, opt.depth, opt.width, num_classes)
-    f_t, params_t, info = load_teacher_run(opt.teacher_id, num_classes) if opt.teacher_id else (None, {}, None)
+    # KD and gradient AT compare class scores: they need the teacher's classes; attention maps know no classes
+    f_t, params_t, info = load_teacher_run(opt.teacher_id, num_classes if opt.alpha or opt.grad_beta else None) \
+        if opt.teacher_id else (None, {}, None)
     # F-ActT's 1x1 adapters train with the student, and are saved as adapter.*
     adapters = factt_adapters(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, 32, 32)) \
         if f_t and opt.factt_beta else {}
@@ -150,18 +155,18 @@ def build(opt):
     student = FunctionalNet(compiled(CIFAR_MODELS[opt.model], opt.compile, PROG), params_s, amp)
     teacher = f_t and FunctionalNet(compiled(f_t, opt.compile, PROG), params_t, amp)
     distiller = Distiller(data_parallel(student, opt.ngpu), teacher and data_parallel(teacher, opt.ngpu),
-                          beta=opt.beta, alpha=opt.alpha, temperature=opt.temperature, factt_beta=opt.factt_beta,
+                          beta=opt.at_weight, alpha=opt.alpha, temperature=opt.temperature, factt_beta=opt.factt_beta,
                           adapters=adapters, grad_beta=opt.grad_beta, sym_beta=opt.sym_beta)
     steps = runs.parse_epoch_step(opt.epoch_step)
 
     def beta_at(epoch):
-        distiller.beta = beta_schedule(opt.beta, opt.beta_decay, epoch, opt.epochs, steps, opt.lr_decay_ratio)
+        distiller.beta = beta_schedule(opt.at_weight, opt.beta_decay, epoch, opt.epochs, steps, opt.lr_decay_ratio)
 
     return SimpleNamespace(
         device=device, train_loader=train_loader, test_loader=test_loader, num_classes=num_classes,
         params_s=params_s, distiller=distiller, n_at=3 if f_t else 0, topk=(1,),
         beta_at=beta_at if opt.beta_decay != 'none' else None,
-        make_optimizer=sgd({**params_s, **adapters}, opt.weight_decay),
+        make_optimizer=sgd({**params_s, **adapters}, opt.weight_decay, device, opt.dtype),
         description=f'student {cifar_model_name(opt.model, opt.depth, opt.width)}' + (
             f', teacher {info["name"]} from {info["folder"]}' if f_t else ''),
         # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling

@@ -136,6 +136,10 @@ class DeviceLoader:
     then scaling to [0,1] and normalisation, vectorised over the batch. The
     order is reshuffled every epoch from `generator`. It yields (inputs, targets)
     like a DataLoader, already on the device.
+
+    Under torchrun every rank draws the same numbers from the same seeded generator, for the whole
+    global batch, and keeps its own share of images and of crops and flips: the ranks' generators
+    stay in step (rank 0's state resumes them all) while each image gets its own augmentation.
     """
 
     def __init__(self, images, labels, *, batch_size, mean, std, train, pad=4, device='cpu',
@@ -160,28 +164,31 @@ class DeviceLoader:
         # training shards are padded to one size, so every rank takes as many steps
         return -(-n // self.world) if self.train else len(range(self.rank, n, self.world))
 
-    def augment(self, x):
-        n, size = x.shape[0], x.shape[-1]
+    def augment(self, x, n_global):
+        """Crops and flips drawn for the `n_global` images of the global batch; this rank's share."""
+        size, share = x.shape[-1], slice(self.rank, None, self.world)
         if self.pad:
             x = F.pad(x, [self.pad] * 4, mode='reflect')
         g, dev = self.generator, x.device
-        top = torch.randint(0, 2 * self.pad + 1, (n,), device=dev, generator=g)
-        left = torch.randint(0, 2 * self.pad + 1, (n,), device=dev, generator=g)
-        flip = torch.randint(0, 2, (n,), device=dev, generator=g).bool()
+        top = torch.randint(0, 2 * self.pad + 1, (n_global,), device=dev, generator=g)[share]
+        left = torch.randint(0, 2 * self.pad + 1, (n_global,), device=dev, generator=g)[share]
+        flip = torch.randint(0, 2, (n_global,), device=dev, generator=g).bool()[share]
         return crop_flip(x, top, left, flip, size)
 
     def __iter__(self):
         n = len(self.labels)
         order = (torch.randperm(n, device=self.labels.device, generator=self.generator)
                  if self.train else torch.arange(n, device=self.labels.device))
-        if self.world > 1:  # the same seeded order on every rank; each takes its own slice
-            if self.train:
-                order = torch.cat([order, order[:self.shard_size() * self.world - n]])
-            order = order[self.rank::self.world]
-        for idx in order.split(self.batch_size):
+        if self.world > 1 and self.train:  # one size for every rank's share, so all take as many steps
+            order = torch.cat([order, order[:self.shard_size() * self.world - n]])
+        # global batches of the same seeded order on every rank; each rank takes every world-th image
+        for chunk in order.split(self.batch_size * self.world):
+            idx = chunk[self.rank::self.world]
+            if not len(idx):  # the test split's last chunk may hold fewer images than ranks
+                break
             x = self.images[idx].float()
             if self.train:
-                x = self.augment(x)
+                x = self.augment(x, len(chunk))
             # the same float ops as ToTensor + Normalize, so outputs match torchvision's bit for bit
             x = x.div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
             yield x, self.labels[idx]

@@ -42,8 +42,9 @@ class Distiller(nn.Module):
     def distill(self, y_s, g_s, y_t, g_t, targets):
         groups = range(len(g_s)) if self.at_groups is None else self.at_groups
         at_losses = [at_loss(g_s[i], g_t[i]) for i in groups]
-        losses = {'loss': kd_loss(y_s, y_t, targets, self.temperature, self.alpha) + self.beta * sum(at_losses),
-                  'at_losses': at_losses}
+        # alpha 0 is cross-entropy, also where the teacher has other classes (AT needs none of them)
+        kd = kd_loss(y_s, y_t, targets, self.temperature, self.alpha) if self.alpha else F.cross_entropy(y_s, targets)
+        losses = {'loss': kd + self.beta * sum(at_losses), 'at_losses': at_losses}
         if self.factt_beta:
             losses['factt_loss'] = sum(
                 factt_loss(F.conv2d(s, self.adapters[f'group{i}']) if f'group{i}' in self.adapters else s, t)

@@ -103,7 +103,7 @@ class Trainer:
 
     def __init__(self, model, make_optimizer, device, *, epochs, epoch_step=(), lr_decay_ratio=1.,
                  start_epoch=0, topk=(1,), n_at=0, dtype='float', progress=True, sync_every=None,
-                 dist=None, buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None):
+                 dist=None, buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None, scaler_state=None):
         self.model, self.device, self.dtype = model, device, dtype
         self.epochs, self.epoch_step, self.lr_decay_ratio, self.start_epoch = epochs, epoch_step, lr_decay_ratio, start_epoch
         self.progress, self.buffers = progress, list(buffers)
@@ -120,6 +120,8 @@ class Trainer:
         self.in_dtype = PARAM_DTYPES.get(dtype, torch.float32)
         # fp16 gradients underflow without loss scaling
         self.scaler = torch.amp.GradScaler(device.type) if AMP_DTYPES.get(dtype) == torch.float16 else None
+        if self.scaler and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
         self.make_optimizer = (lambda lr: GradScaled(make_optimizer(lr), self.scaler)) if self.scaler else make_optimizer
         self.pending = []  # (batch number, batch size, device vector: loss, errors at each k, AT losses, extras)
         self.losses, self.epoch, self.t0, self.last = None, start_epoch, 0, {}
@@ -216,7 +218,7 @@ class Trainer:
     def on_end_epoch(self, state):
         self.flush(state)
         self.dist.sync_meters(self.meters(True))
-        stats = {'train_loss': self.meter_loss.value()[0], 'train_acc': self.classacc.value()[0],
+        stats = {'train_loss': self.meter_loss.value()[0], 'train_acc': self.accuracy(),
                  'epoch': state['epoch'], 'train_time': self.timer_train.value(),
                  'at_losses': [list(m.value()) for m in self.meters_at],
                  **{name: list(m.value()) for name, m in self.meters_extra.items()}}
@@ -237,25 +239,34 @@ class Trainer:
                                              disable=not self.progress))
         self.flush({'train': False})
         self.dist.sync_meters(self.meters(False))
-        acc = self.classacc.value()
         return {'test_loss': self.meter_loss.value()[0], 'test_time': self.timer_test.value(),
-                'test_acc': acc[0] if len(acc) == 1 else acc}
+                'test_acc': self.accuracy()}
+
+    def accuracy(self):
+        """Top-1 accuracy (%), or [top-1, top-5] where both are counted (ImageNet), as 2017 logged them."""
+        acc = self.classacc.value()
+        return acc[0] if len(acc) == 1 else acc
 
 
 class Stop(Exception):
     """A signal asked the run to stop after the current step."""
 
 
-def evaluate(f, params, loader, device, dtype='float', topk=(1, 5), progress=True):
-    """Top-k accuracies (%) of f(inputs, params, False) over a loader."""
+def evaluate(f, params, loader, device, dtype='float', topk=(1, 5), progress=True, dist=None):
+    """Top-k accuracies (%) of f(inputs, params, False) over a loader, and the image count;
+    under torchrun, over every rank's share."""
     meter = tnt.meter.ClassErrorMeter(topk=list(topk), accuracy=True)
     with torch.inference_mode(), autocast_for(device, dtype):
         for x, y in tqdm(loader, desc='evaluate', leave=False, dynamic_ncols=True, disable=not progress):
             meter.add(f(x.to(device), params, False)[0].float(), y)
-    return meter.value()
+    (dist or Dist(device)).sync_meters([meter])
+    return meter.value(), meter.n
 
 
-def sgd(params, weight_decay):
-    """make_optimizer(lr): SGD with momentum 0.9 on every tensor of `params` that learns, as in 2017."""
+def sgd(params, weight_decay, device, dtype):
+    """make_optimizer(lr): SGD with momentum 0.9 on every tensor of `params` that learns, as in 2017.
+    With fp16 on a GPU it is the fused SGD, which takes the GradScaler's inf check on the device:
+    the host does not wait for the GPU at every step to read it."""
     trained = [v for v in params.values() if v.requires_grad]
-    return lambda lr: torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay)
+    fused = device.type == 'cuda' and AMP_DTYPES.get(dtype) == torch.float16
+    return lambda lr: torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay, fused=fused or None)

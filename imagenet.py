@@ -47,7 +47,11 @@ def build_parser():
     a('--save', default='', type=str)
     a('--ngpu', default=1, type=int)
     a('--gpu_id', default='0', type=str)
+    a('--cuda', action='store_true', help='(2017 flag, kept for compatibility; see --device)')
     # new
+    a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
+      help='1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per GPU; '
+           '0: beta on the whole batch (the default; without this flag, --ngpu > 1 notes the difference)')
     a('--at_groups', default='0,1,2,3', type=str, help='groups whose attention is transferred, e.g. 2,3')
     a('--evaluate', default='', nargs='?', const='resume',
       help='only evaluate on val: the --resume student, or an export file (.pth, .hkl, torchvision:NAME)')
@@ -70,6 +74,7 @@ def parse_args(argv=None):
     if not groups or not all(0 <= g < 4 for g in groups) or len(set(groups)) != len(groups):
         raise UserError(f'--at_groups must list distinct groups from 0 to 3, like 2,3; got {opt.at_groups!r}')
     opt.at_group_list = groups
+    opt.at_weight = runs.at_weight(opt)
     if opt.evaluate == 'resume' and not opt.resume:
         raise UserError('--evaluate without a FILE evaluates the --resume checkpoint: pass --resume too')
     if not opt.imagenetpath:
@@ -109,20 +114,20 @@ def build(opt):
         raise UserError(f'--imagenetpath: train has {num_classes} classes, val has {val_classes}')
     params_s = resnet_imagenet_params(opt.depth, opt.width, num_classes)
     f_t, params_t = load_teacher_export(opt.teacher_params) if opt.teacher_params else (None, {})
-    if f_t and params_t['fc.weight'].shape[0] != num_classes:
-        raise UserError(f'teacher {opt.teacher_params} has {params_t["fc.weight"].shape[0]} classes, '
-                        f'the dataset {num_classes}')
+    if f_t and opt.alpha and params_t['fc.weight'].shape[0] != num_classes:  # attention maps know no classes
+        raise UserError(f'teacher {opt.teacher_params} has {params_t["fc.weight"].shape[0]} classes, the dataset '
+                        f'{num_classes}: KD (--alpha) compares class scores; AT alone (--alpha 0) would do')
     dtype, amp = PARAM_DTYPES.get(opt.dtype, torch.float32), AMP_DTYPES.get(opt.dtype)
     place_params(params_s, device, dtype, False, trained=True)
     place_params(params_t, device, dtype, False, trained=False)
     student = FunctionalNet(compiled(resnet_imagenet, opt.compile, PROG), params_s, amp)
     teacher = f_t and FunctionalNet(compiled(f_t, opt.compile, PROG), params_t, amp)
     distiller = Distiller(data_parallel(student, opt.ngpu), teacher and data_parallel(teacher, opt.ngpu),
-                          beta=opt.beta, alpha=opt.alpha, temperature=opt.temperature, at_groups=opt.at_group_list)
+                          beta=opt.at_weight, alpha=opt.alpha, temperature=opt.temperature, at_groups=opt.at_group_list)
     return SimpleNamespace(
         device=device, train_loader=train_loader, test_loader=val_loader, num_classes=num_classes,
         params_s=params_s, distiller=distiller, n_at=len(opt.at_group_list) if f_t else 0, topk=(1, 5),
-        beta_at=None, make_optimizer=sgd(params_s, opt.weight_decay),
+        beta_at=None, make_optimizer=sgd(params_s, opt.weight_decay, device, opt.dtype),
         description=f'student ResNet-{opt.depth}' + (f', teacher {opt.teacher_params}' if f_t else ''),
         # a teacher export is a fixed file: only the student is checkpointed
         saved=params_s)
@@ -133,16 +138,20 @@ def evaluate_only(opt):
     device = select_device(opt.device, opt.gpu_id, opt.ngpu)
     loader, num_classes = create_loader(opt, 'val', device)
     if opt.evaluate == 'resume':
-        state = runs.load_checkpoint(opt.resume)
-        params = resnet_imagenet_params(opt.depth, opt.width, num_classes)
-        check_params(state['params'], params, f'--resume {opt.resume}')
-        f, params = resnet_imagenet, {k: state['params'][k] for k in params}
+        with torch.device('meta'):
+            expected = resnet_imagenet_params(opt.depth, opt.width, num_classes)
+        params = runs.checkpoint_params(runs.load_checkpoint(opt.resume), expected)
+        check_params(params, expected, f'--resume {opt.resume}')
+        f, params = resnet_imagenet, {k: params[k] for k in expected}
     else:
         f, params = load_teacher_export(opt.evaluate)
     params = {k: v.to(device) for k, v in params.items()}
-    top1, top5 = evaluate(f, params, loader, device, opt.dtype, progress=not opt.no_progress)
-    name = opt.resume if opt.evaluate == 'resume' else opt.evaluate
-    print(f'{name}: top-1 error {100 - top1:.2f}%, top-5 error {100 - top5:.2f}% on {len(loader.dataset)} images')
+    dist = Dist(device)
+    (top1, top5), n = evaluate(f, params, loader, device, opt.dtype, progress=not opt.no_progress and dist.rank == 0,
+                               dist=dist)
+    if dist.rank == 0:  # every rank evaluated its share; the figures are over all of val/
+        name = opt.resume if opt.evaluate == 'resume' else opt.evaluate
+        print(f'{name}: top-1 error {100 - top1:.2f}%, top-5 error {100 - top5:.2f}% on {n} images')
     return top1, top5
 
 

@@ -13,24 +13,35 @@ from utils import UserError, set_requires_grad_except_bn_
 
 
 def select_device(device_name, gpu_id, ngpu):
-    """The device, and the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    """The device, and the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU).
+
+    --gpu_id sets CUDA_VISIBLE_DEVICES, as in 2017; where the environment already sets it (SLURM,
+    containers), the default --gpu_id 0 leaves it alone and any other --gpu_id replaces it.
+    """
     if device_name not in ('', 'cpu', 'cuda') and not device_name.startswith('cuda:'):
         raise UserError(f'--device must be cpu or cuda, got {device_name!r}')
     world = int(os.environ.get('WORLD_SIZE', 1))
-    if device_name != 'cpu' and world == 1:
-        os.environ.setdefault('CUDA_VISIBLE_DEVICES', gpu_id)  # before CUDA initialises
-    device = torch.device(device_name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device_name != 'cpu' and world == 1 and (gpu_id != '0' or 'CUDA_VISIBLE_DEVICES' not in os.environ):
+        os.environ['CUDA_VISIBLE_DEVICES'] = gpu_id  # before CUDA initialises
+    try:
+        device = torch.device(device_name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise UserError(f'--device must be cpu, cuda or cuda:N, got {device_name!r}') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'--device cuda, but no CUDA GPU is available (--gpu_id {gpu_id}; try --device cpu)')
     available = torch.cuda.device_count() if device.type == 'cuda' else 0
     if ngpu > 1 and ngpu > available:
         raise UserError(f'--ngpu {ngpu} needs {ngpu} GPUs; {available} visible (--gpu_id {gpu_id}, device {device.type})')
+    if world > 1 and ngpu > 1:
+        raise UserError('--ngpu splits batches inside one process; under torchrun use one GPU per process')
+    if device.type == 'cuda':
+        index = int(os.environ.get('LOCAL_RANK', 0)) if world > 1 else (device.index or 0)
+        if index >= available:
+            raise UserError(f'{"LOCAL_RANK" if world > 1 else "--device " + device_name} asks for GPU {index}, but '
+                            f'{available} visible (CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "")!r})')
+        device = torch.device('cuda', index)
+        torch.cuda.set_device(device)
     if world > 1:
-        if ngpu > 1:
-            raise UserError('--ngpu splits batches inside one process; under torchrun use one GPU per process')
-        if device.type == 'cuda':
-            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-            torch.cuda.set_device(device)
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
@@ -56,6 +67,28 @@ class Dist:
 
     def any(self, flag):
         return bool(self.sum([bool(flag)])[0]) if self.world > 1 else bool(flag)
+
+    def broadcast_object(self, obj):
+        """Rank 0's object (a checkpoint) on every rank: other machines need not share its disk."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, 0, device=self.device if self.device.type == 'cuda' else None)
+        return box[0]
+
+    def rank0_first(self, make):
+        """make() on rank 0 first (a download), then on the others; if rank 0 fails, every rank stops."""
+        if self.world == 1:
+            return make()
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = make()
+            except UserError as e:
+                error = e
+        if self.any(error is not None):
+            raise error or UserError('rank 0 could not open the data (its line says why)')
+        return result if self.rank == 0 else make()
 
     def broadcast_(self, tensors):
         """Rank 0's values into every rank's tensors (batch-norm statistics before a test pass)."""
@@ -119,8 +152,28 @@ class FunctionalNet(nn.Module):
 
 def data_parallel(net, ngpu):
     """--ngpu N: torch's DataParallel splits each batch over N GPUs in one process. As in 2017,
-    batch-norm statistics are updated from the first GPU's share."""
-    return nn.DataParallel(net, device_ids=list(range(ngpu))) if ngpu > 1 else net
+    batch-norm statistics are updated from the first GPU's share. A frozen network (a teacher) is
+    copied to the GPUs once, not at every step."""
+    if ngpu <= 1:
+        return net
+    return nn.DataParallel(net, device_ids=list(range(ngpu))) if any(True for _ in net.parameters()) \
+        else FrozenDataParallel(net, list(range(ngpu)))
+
+
+class FrozenDataParallel(nn.Module):
+    """DataParallel for a network that never changes: replicated onto the GPUs at its first call."""
+
+    def __init__(self, net, device_ids):
+        super().__init__()
+        self.net, self.device_ids, self.replicas = net, device_ids, None
+
+    def forward(self, x, mode):
+        if self.replicas is None:
+            self.replicas = nn.parallel.replicate(self.net, self.device_ids, detach=True)
+        inputs = nn.parallel.scatter(x, self.device_ids)
+        outputs = nn.parallel.parallel_apply(self.replicas[:len(inputs)], [(i, mode) for i in inputs],
+                                             devices=self.device_ids[:len(inputs)])
+        return nn.parallel.gather(outputs, self.device_ids[0])
 
 
 def distributed(model, device):

@@ -138,7 +138,8 @@ IMAGENET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
 
 
 def resnet_imagenet_params(depth, width, num_classes=1000):
-    """Post-activation basic-block ResNet-18/34; a 1x1 conv, without bn, where a shortcut changes channels."""
+    """Post-activation basic-block ResNet-18/34; a 1x1 conv, without bn, where a shortcut changes channels.
+    As in 2017, the stem has 64 channels at any width: only the groups scale with `width`."""
     if depth not in IMAGENET_BLOCKS:
         raise ValueError(f'ImageNet ResNet depth must be one of {sorted(IMAGENET_BLOCKS)}, got {depth}')
     widths = [int(w * width) for w in (64, 128, 256, 512)]
@@ -150,11 +151,11 @@ def resnet_imagenet_params(depth, width, num_classes=1000):
             p['convdim'] = conv_params(ni, no, 1)
         return p
 
-    groups, ni = {}, widths[0]
+    groups, ni = {}, 64
     for g, (n, no) in enumerate(zip(IMAGENET_BLOCKS[depth], widths)):
         groups[f'group{g}'] = {f'block{i}': block(ni if i == 0 else no, no) for i in range(n)}
         ni = no
-    return flatten({'conv0': conv_params(3, widths[0], 7), 'bn0': bn_params(widths[0]), **groups,
+    return flatten({'conv0': conv_params(3, 64, 7), 'bn0': bn_params(64), **groups,
                     'fc': linear_params(widths[3], num_classes)})
 
 

@@ -58,6 +58,16 @@ def parse_epoch_step(text):
     return steps
 
 
+def at_weight(opt):
+    """The AT weight on the mean over the whole batch, whatever the device count. The 2017 code summed
+    one AT loss per GPU, so its --ngpu N trained with N x beta: --at_sum_replicas 1 asks for that."""
+    if opt.ngpu > 1 and opt.beta and opt.at_sum_replicas is None:
+        print(f'note: --ngpu {opt.ngpu} --beta {opt.beta:g} weighs the whole batch\'s AT loss by {opt.beta:g}; '
+              f'the 2017 code summed one AT loss per GPU, a weight of {opt.ngpu * opt.beta:g}: pass '
+              f'--at_sum_replicas 1 for that, or 0 to keep {opt.beta:g} without this note', file=sys.stderr)
+    return opt.beta * (opt.ngpu if opt.at_sum_replicas else 1)
+
+
 def check_options(opt, positive=(), not_negative=()):
     """The checks both scripts share, then `positive` and `not_negative` flags, each named alone."""
     parse_epoch_step(opt.epoch_step)
@@ -173,15 +183,22 @@ def rng_state(generator=None):
 
 
 def set_rng_state(state, generator=None):
+    """Restores rng_state's states. Those of devices this machine lacks (a run saved on CUDA and
+    resumed on the CPU, or on fewer GPUs) are left out, with one line where it changes the run."""
     torch.set_rng_state(state['torch'])
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, gauss = state['numpy']
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    if state.get('cuda') and torch.cuda.is_available():
+        for i, s in enumerate(state['cuda'][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
     if generator is not None and 'loader' in state:
-        generator.set_state(state['loader'])
+        if state['loader'].numel() == generator.get_state().numel():
+            generator.set_state(state['loader'])
+        else:  # CPU and CUDA generators keep states of different kinds
+            print(f'warning: the checkpoint\'s data order was drawn on another kind of device than '
+                  f'{generator.device.type}; it goes on from --seed, not where it left off', file=sys.stderr)
 
 
 # ---------------------------------------------------------------- signals
@@ -219,19 +236,43 @@ class Signals:
 
 # ---------------------------------------------------------------- a run
 
-def restore(path, saved, optimizer):
-    """Loads a model.pt7 into `saved` params and the optimizer; returns the checkpoint."""
+def checkpoint_params(state, saved):
+    """A checkpoint's tensors under the run's names. A run that saves plain names takes the student
+    of a distilled checkpoint (student.* and teacher.*: the 2017 ImageNet layout)."""
+    params = state['params']
+    if not any(k.startswith('student.') for k in saved) and params and all(
+            k.startswith(('student.', 'teacher.')) for k in params):
+        params = {k[len('student.'):]: v for k, v in params.items() if k.startswith('student.')}
+    return params
+
+
+def read_resume(path, saved):
+    """A model.pt7 to resume, its params checked against `saved` and under its names."""
     state = load_checkpoint(path)
+    state['params'] = checkpoint_params(state, saved)
     check_params(state['params'], saved, f'--resume {path}')
+    return state
+
+
+def restore(path, state, saved, optimizer):
+    """Loads a checkpoint (read_resume's) into `saved` params and the optimizer."""
+    params = state['params']
     with torch.no_grad():
         for k, v in saved.items():
-            v.copy_(state['params'][k])
+            v.copy_(params[k])
     try:
         if state.get('optimizer'):
             optimizer.load_state_dict(state['optimizer'])
         state['epoch'] = int(state.get('epoch', 0))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f'--resume {path}: optimizer state does not fit this model ({e})') from None
+    trained = [p for g in optimizer.param_groups for p in g['params']]
+    if any(s.get('momentum_buffer') is not None and s['momentum_buffer'].shape != p.shape
+           for p in trained for s in [optimizer.state.get(p, {})]):
+        # a 2017 checkpoint may list its tensors in another order: the weights are right, the momentum is not
+        print(f'note: --resume {path}: its momentum does not fit this model\'s tensor order; momentum restarts',
+              file=sys.stderr)
+        optimizer.state.clear()
     return state
 
 
@@ -249,14 +290,17 @@ class EpochWriter:
         record = json.loads(json.dumps({**vars(opt), **stats, 'num_classes': self.run.num_classes,
                                         'n_parameters': self.n_parameters,
                                         **({'beta_now': self.run.distiller.beta} if self.run.beta_at else {})}))
+        scaler = getattr(optimizer, 'scaler', None)  # fp16: the loss scale goes on where it was
         save_checkpoint(os.path.join(opt.save, 'model.pt7'), self.run.saved, optimizer, stats['epoch'],
-                        rng=rng_state(self.generator), record=record)
+                        rng=rng_state(self.generator), record=record,
+                        **({'scaler': scaler.state_dict()} if scaler else {}))
         self.signals.fire(f'ckpt{stats["epoch"]}')
         append_log(self.log_path, record)
-        acc = stats['test_acc'] if isinstance(stats['test_acc'], list) else [stats['test_acc']]
-        print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} '
-              f'acc {stats["train_acc"]:.2f}%, test loss {stats["test_loss"]:.4f} acc '
-              + '/'.join(f'{a:.2f}' for a in acc) + f'% ({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
+        def pct(acc):  # top-1, or top-1/top-5
+            return '/'.join(f'{a:.2f}' for a in (acc if isinstance(acc, list) else [acc])) + '%'
+        print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} acc '
+              f'{pct(stats["train_acc"])}, test loss {stats["test_loss"]:.4f} acc {pct(stats["test_acc"])} '
+              f'({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
 
     def restore_lost_line(self, state):
         """A kill between the checkpoint and its log line: the line is written back from the checkpoint."""
@@ -273,7 +317,10 @@ def fit(opt, run, prog):
     lead = dist.rank == 0  # only rank 0 writes and prints
     optimizer = run.make_optimizer(opt.lr)
     generator = getattr(run.train_loader, 'generator', None)
-    state = restore(opt.resume, run.saved, optimizer) if opt.resume else None
+    # rank 0 reads the checkpoint and hands it to the others, which may be on machines without it
+    state = dist.broadcast_object(read_resume(opt.resume, run.saved) if opt.resume and lead else None)
+    if state:
+        restore(opt.resume, state, run.saved, optimizer)
     epoch = state['epoch'] if state else 0
     model = distributed(run.distiller, run.device)  # every rank starts from rank 0's weights
     signals = Signals(prog)
@@ -295,7 +342,7 @@ def fit(opt, run, prog):
     trainer = Trainer(model, run.make_optimizer, run.device, epochs=opt.epochs, epoch_step=parse_epoch_step(opt.epoch_step),
                       lr_decay_ratio=opt.lr_decay_ratio, start_epoch=epoch, topk=run.topk, n_at=run.n_at,
                       dtype=opt.dtype, progress=lead and not opt.no_progress, dist=dist, on_epoch_start=run.beta_at,
-                      on_epoch_end=writer if lead else None, should_stop=should_stop,
+                      on_epoch_end=writer if lead else None, should_stop=should_stop, scaler_state=(state or {}).get('scaler'),
                       buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
     try:
         return trainer.train(run.train_loader, run.test_loader, optimizer)

@@ -48,7 +48,8 @@ def load_teacher_run(run_id, num_classes=None):
         raise UserError(f'teacher {folder}/model.pt7: missing tensor {head!r}')
     run_classes = params[head].shape[0]
     if num_classes is not None and run_classes != num_classes:
-        raise UserError(f'teacher {folder} was trained on {run_classes} classes, this dataset has {num_classes}')
+        raise UserError(f'teacher {folder} was trained on {run_classes} classes, this dataset has {num_classes}: '
+                        f'KD (--alpha) and --grad_beta compare class scores; AT alone (--beta) would do')
     with torch.device('meta'):
         expected = cifar_model_params(model, depth, width, run_classes)
     check_params(params, expected, f'teacher {folder}/model.pt7')

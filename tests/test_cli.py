@@ -67,7 +67,7 @@ BAD = {
     'missing dataroot, download fails': (['--dataroot', 'no/such/dir'], 'could not be downloaded'),
     'unknown teacher': (['--teacher_id', 'nobody'], 'no run folder'),
     'teacher lacks model.pt7': (['--teacher_id', 'nomodel'], 'has no model.pt7'),
-    'teacher with other classes': (['--teacher_id', 'done', '--dataset', 'CIFAR100', '--dataroot', 'DATA100'],
+    'KD from a teacher with other classes': (['--teacher_id', 'done', '--alpha', 0.9, '--dataset', 'CIFAR100', '--dataroot', 'DATA100'],
                                    'trained on 3 classes'),
     'resume missing': (['--resume', 'nothere.pt7'], 'no such checkpoint'),
     'resume truncated': (['--resume', 'corrupt.pt7'], 'cannot read checkpoint'),

@@ -146,6 +146,8 @@ def test_tiny_run_with_teacher(imagenet_work):
     assert len(rec) == 1
     top1, top5 = rec[0]['test_acc']
     assert 0 <= top1 <= top5 <= 100
+    train1, train5 = rec[0]['train_acc']  # [top1, top5], as 2017 logged it
+    assert 0 <= train1 <= train5 <= 100
     assert len(rec[0]['at_losses']) == 4 and all(math.isfinite(m) for m, _ in rec[0]['at_losses'])
     state = torch.load(w / 'logs/at/model.pt7', weights_only=True)
     assert {'params', 'optimizer', 'epoch'} <= set(state) and 'group3.block1.conv1' in state['params']
@@ -247,3 +249,104 @@ def test_imagenet_defaults_match_2017():
     for k, v in expected.items():
         assert opt[k] == v, k
     assert opt['at_groups'] == '0,1,2,3' and opt['evaluate'] == ''
+
+
+def test_beta_under_ngpu_and_the_2017_sum_over_replicas(capsys):
+    """--ngpu 2 --beta 1e3: beta weighs the whole batch's AT loss, and one line says so; with
+    --at_sum_replicas 1 the total equals 2017's: kd + beta x the sum of each replica's AT losses."""
+    import imagenet
+    from distill import Distiller
+    from parallel import FunctionalNet
+    base = ['--imagenetpath', 'x', '--ngpu', '2', '--beta', '1e3']
+    assert imagenet.parse_args(base).at_weight == 1000
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and 'by 1000' in note[0] and 'a weight of 2000' in note[0] and '--at_sum_replicas 1' in note[0]
+    opt = imagenet.parse_args(base + ['--at_sum_replicas', '1'])
+    assert opt.at_weight == 2000 and imagenet.parse_args(base + ['--at_sum_replicas', '0']).at_weight == 1000
+    assert imagenet.parse_args(['--imagenetpath', 'x', '--beta', '1e3', '--at_sum_replicas', '1']).at_weight == 1000
+    assert capsys.readouterr().err == ''
+    torch.manual_seed(0)
+    params_s = resnet_imagenet_params(18, 0.25, 6)
+    params_t = fold_torchvision(random_torchvision('resnet18', 6).state_dict())
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        _, losses = Distiller(FunctionalNet(resnet_imagenet, dict(params_s)), FunctionalNet(folded_resnet, params_t),
+                              beta=opt.at_weight)(x, y, False)
+        replica_at = 0.0  # by hand: each replica's AT losses on its half of the batch, summed
+        for half in (slice(0, 2), slice(2, 4)):
+            g_s, g_t = resnet_imagenet(x[half], params_s, False)[1], folded_resnet(x[half], params_t)[1]
+            replica_at += sum(utils.at_loss(s, t) for s, t in zip(g_s, g_t))
+        expected = torch.nn.functional.cross_entropy(resnet_imagenet(x, params_s, False)[0], y) + 1000 * replica_at
+    assert losses['loss'].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_stem_has_64_channels_at_any_width():
+    params = resnet_imagenet_params(18, 0.5, 10)
+    assert params['conv0'].shape == (64, 3, 7, 7) and params['bn0.weight'].shape == (64,)
+    assert params['group0.block0.convdim'].shape == (32, 64, 1, 1)  # the first block meets the width
+    y, groups = resnet_imagenet(torch.randn(2, 3, 64, 64), params, True)
+    assert y.shape == (2, 10) and [g.shape[1] for g in groups] == [32, 64, 128, 256]
+
+
+def test_2017_flags_cuda_accepted():
+    import imagenet
+    assert imagenet.parse_args(['--imagenetpath', 'x', '--cuda']).cuda is True
+
+
+def write_2017_imagenet_checkpoint(path, num_classes, teacher):
+    """model.pt7 as the 2017 imagenet.py left it: student. and teacher. tensors, legacy torch.save."""
+    torch.manual_seed(3)
+    params = resnet_imagenet_params(18, 1, num_classes)
+    utils.set_requires_grad_except_bn_(params)
+    opt = torch.optim.SGD([v for v in params.values() if v.requires_grad], 0.1, momentum=0.9)
+    sum(v.sum() for v in params.values() if v.requires_grad).backward()
+    opt.step()
+    path.parent.mkdir(parents=True)
+    torch.save({'params': {**{'student.' + k: v.detach() for k, v in params.items()},
+                           **{'teacher.' + k: v for k, v in teacher.items()}},
+                'optimizer': opt.state_dict(), 'epoch': 1}, path, _use_new_zipfile_serialization=False)
+    return params
+
+
+def test_2017_imagenet_checkpoint_evaluates_and_resumes(imagenet_work):
+    w = imagenet_work
+    teacher = torch.load(w / 'resnet-34-export.pth', weights_only=True)
+    params = write_2017_imagenet_checkpoint(w / 'logs/old2017/model.pt7', 6, teacher)
+    out = run_imagenet(['--imagenetpath', 'data', '--evaluate', '--resume', 'logs/old2017/model.pt7'], w).stdout
+    # the same figures as an evaluation of the student's tensors saved the plain way
+    torch.save({'params': {k: v.detach() for k, v in params.items()}}, w / 'plain.pt7')
+    plain = run_imagenet(['--imagenetpath', 'data', '--evaluate', '--resume', 'plain.pt7'], w).stdout
+    assert out.split(': ', 1)[1] == plain.split(': ', 1)[1] and 'top-5 error' in out
+    p = run_imagenet(['--imagenetpath', 'data', '--batch_size', 6, '--epochs', 2, '--nthread', 0,
+                      '--resume', 'logs/old2017/model.pt7'], w)
+    assert 'resumed from logs/old2017/model.pt7 at epoch 1' in p.stdout and 'Traceback' not in p.stderr
+    rec = [json.loads(line[12:]) for line in (w / 'logs/old2017/log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in rec] == [2]
+    state = torch.load(w / 'logs/old2017/model.pt7', weights_only=True)
+    assert not any(k.startswith(('student.', 'teacher.')) for k in state['params'])  # saved the plain way now
+
+
+def test_evaluate_under_torchrun_counts_all_of_val(imagenet_work):
+    w = imagenet_work
+    single = run_imagenet(['--imagenetpath', 'data', '--evaluate', 'resnet-34-export.pth'], w).stdout
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        str(ROOT / 'imagenet.py'), '--no_progress', '--imagenetpath', 'data', '--evaluate',
+                        'resnet-34-export.pth', '--batch_size', '2'], cwd=w, capture_output=True, text=True,
+                       timeout=300, env=OFFLINE_ENV)
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stdout.splitlines() if 'top-1 error' in line]
+    assert lines == [line for line in single.splitlines() if 'top-1 error' in line]  # once, over all 6 images
+    assert 'on 6 images' in lines[0]
+
+
+def test_teacher_with_other_classes_for_at_alone(imagenet_work):
+    w = imagenet_work
+    torch.save(fold_torchvision(random_torchvision('resnet34', num_classes=1000).state_dict()), w / 'r34-1k.pth')
+    args = ['--imagenetpath', 'data', '--teacher_params', 'r34-1k.pth', '--beta', 1e3, '--batch_size', 6,
+            '--epochs', 1, '--nthread', 0]
+    run_imagenet([*args, '--save', 'logs/at1k'], w)  # attention maps know no classes
+    assert len(json.loads((w / 'logs/at1k/log.txt').read_text()[12:])['at_losses']) == 4
+    p = run_imagenet([*args, '--alpha', 0.5, '--save', 'logs/kd1k'], w, check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        'imagenet.py: error: teacher r34-1k.pth has 1000 classes, the dataset 6: KD (--alpha) compares class '
+        'scores; AT alone (--alpha 0) would do']

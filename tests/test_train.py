@@ -82,6 +82,16 @@ def test_student_with_teacher_at_and_kd(teacher_run, tiny_data):
                '--teacher_id', str(folder), '--beta', 1e3], teacher_run)
 
 
+def test_at_alone_from_a_teacher_with_other_classes(teacher_run, tmp_path_factory):
+    """Attention maps know no classes: a 3-class teacher guides a 4-class student (KD would be refused)."""
+    from conftest import make_class_folders
+    data = make_class_folders(tmp_path_factory.mktemp('four'), classes=4, train_per_class=4, test_per_class=2)
+    run_cifar([*SMALL, '--dataroot', data, '--epochs', 1, '--save', 'logs/other', '--teacher_id', 'teacher',
+               '--beta', 1e3], teacher_run)
+    r = read_log(teacher_run / 'logs' / 'other')[0]
+    assert r['num_classes'] == 4 and len(r['at_losses']) == 3 and all(m > 0 for m, _ in r['at_losses'])
+
+
 def test_resume_continues_epochs_and_lr_schedule(tiny_data, tmp_path):
     common = [*SMALL, '--dataroot', tiny_data, '--epoch_step', '[2,3]', '--lr', 0.1]
     run_cifar([*common, '--epochs', 1, '--save', 'logs/r'], tmp_path)
@@ -92,7 +102,7 @@ def test_resume_continues_epochs_and_lr_schedule(tiny_data, tmp_path):
     assert state['epoch'] == 3
     assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(0.1 * 0.2 * 0.2)
     assert [r['epoch'] for r in read_log(tmp_path / 'logs/r')] == [1, 2, 3]
-    # a run with no lr steps keeps the lr, and its momentum buffers come back on resume
+    # the checkpoint keeps momentum (test_robust.py checks it comes back bit for bit)
     assert all('momentum_buffer' in s for s in state['optimizer']['state'].values())
 
 

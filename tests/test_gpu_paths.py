@@ -1,0 +1,157 @@
+"""The CUDA and multi-process paths, proved on the CPU: device choice, RNG states across devices,
+augmentation per rank, resume without a shared disk, rank 0 downloading first, fused SGD, the
+loss scale in checkpoints."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log, run_cifar
+
+sys.path.insert(0, str(ROOT))
+import parallel  # noqa: E402
+import runs  # noqa: E402
+from data import DeviceLoader  # noqa: E402
+from utils import UserError  # noqa: E402
+
+SMALL = ['--depth', 10, '--batch_size', 16, '--nthread', 0]
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """torch.cuda as a machine with 2 visible GPUs would show it, without touching CUDA."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: chosen.append(torch.device(d)))
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    return chosen
+
+
+def test_gpu_id_is_honoured_and_a_bad_index_is_one_line(two_gpus, monkeypatch):
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '5,6')  # set by SLURM or a container
+    assert parallel.select_device('cuda', '0', 1) == torch.device('cuda', 0)
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '5,6'  # the default --gpu_id leaves it alone
+    assert torch.backends.cudnn.benchmark  # as both 2017 scripts set it
+    parallel.select_device('cuda:1', '2,3', 1)
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '2,3' and two_gpus[-1] == torch.device('cuda', 1)
+    with pytest.raises(UserError, match=r"--device cuda:2 asks for GPU 2, but 2 visible \(CUDA_VISIBLE_DEVICES='2,3'\)"):
+        parallel.select_device('cuda:2', '2,3', 1)
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    with pytest.raises(UserError, match='LOCAL_RANK asks for GPU 3, but 2 visible'):
+        parallel.select_device('cuda', '0', 1)
+
+
+def test_rng_states_of_more_gpus_than_visible(two_gpus, monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, i: restored.append((int(s[0]), i)))
+    state = runs.rng_state()
+    state['cuda'] = [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 8, dtype=torch.uint8)]
+    runs.set_rng_state(state)
+    assert restored == [(7, 0)]
+
+
+def test_a_checkpoint_from_cuda_resumes_on_the_cpu(tiny_data, tmp_path):
+    """A CUDA run's loader state (16 bytes) and CUDA RNG states, resumed on the CPU: one warning."""
+    run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 1, '--save', 'logs/c'], tmp_path)
+    path = tmp_path / 'logs/c/model.pt7'
+    state = torch.load(path, weights_only=True)
+    assert state['rng']['loader'].numel() > 16  # a CPU generator's state
+    state['rng']['loader'] = torch.zeros(16, dtype=torch.uint8)
+    state['rng']['cuda'] = [torch.zeros(16, dtype=torch.uint8)] * 2
+    torch.save(state, path)
+    p = run_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 2, '--save', 'logs/c', '--resume', 'auto'], tmp_path)
+    assert [line for line in p.stderr.splitlines() if line] == [
+        "warning: the checkpoint's data order was drawn on another kind of device than cpu; "
+        "it goes on from --seed, not where it left off"]
+    assert [r['epoch'] for r in read_log(tmp_path / 'logs/c')] == [1, 2]
+
+
+def loader(rank, world, batch, seed=0):
+    # every image the same 8x8 ramp: what differs between two images is their crop and flip
+    images = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).expand(24, 3, 8, 8).contiguous()
+    return DeviceLoader(images, list(range(24)), batch_size=batch, mean=[0] * 3, std=[1 / 255] * 3, train=True,
+                        pad=2, generator=torch.Generator().manual_seed(seed), rank=rank, world=world)
+
+
+def test_ranks_draw_their_own_augmentation():
+    """The j-th image of each rank's batch gets its own crop and flip, and together the ranks make
+    exactly the global batches one process draws."""
+    ranks = [list(loader(r, 2, 4)) for r in (0, 1)]
+    whole = list(loader(0, 1, 8))
+    assert len(ranks[0]) == len(ranks[1]) == len(whole) == 3
+    for (x0, y0), (x1, y1), (x, y) in zip(*ranks, whole):
+        assert torch.equal(torch.stack([x0, x1], 1).flatten(0, 1), x)
+        assert torch.equal(torch.stack([y0, y1], 1).flatten(), y)
+    # one seeded generator on both ranks, yet the j-th images of their batches are cropped differently
+    assert not torch.equal(torch.cat([x for x, _ in ranks[0]]), torch.cat([x for x, _ in ranks[1]]))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_resume_where_only_rank_0_has_the_checkpoint(tiny_data, tmp_path):
+    """Two machines without a shared disk: rank 1 starts from rank 0's checkpoint, not from scratch."""
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    args = [*SMALL, '--dataroot', tiny_data, '--save', 'logs/r']
+    run_cifar([*args, '--epochs', 1], tmp_path / 'a')
+    env = {**OFFLINE_ENV, 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port())}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / 'cifar.py'), '--no_progress', *map(str, args),
+                               '--epochs', '3', '--resume', 'auto'], cwd=tmp_path / cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, 'RANK': str(rank), 'LOCAL_RANK': str(rank)})
+             for rank, cwd in ((0, 'a'), (1, 'b'))]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert 'resumed from logs/r/model.pt7 at epoch 1' in outs[0][0]
+    assert [r['epoch'] for r in read_log(tmp_path / 'a/logs/r')] == [1, 2, 3]
+    assert not (tmp_path / 'b/logs').exists()
+
+
+def test_rank_0_downloads_first_and_every_rank_stops_with_it(tmp_path):
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        str(ROOT / 'cifar.py'), '--no_progress', *map(str, SMALL), '--dataroot', 'no/data',
+                        '--save', 'logs/x'], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=OFFLINE_ENV)
+    ours = sorted(line for line in p.stderr.splitlines() if line.startswith('cifar.py: error:'))
+    assert p.returncode != 0 and len(ours) == 2, p.stderr
+    assert ours[0].startswith("cifar.py: error: rank 0: CIFAR10 is not in --dataroot 'no/data' and could not be "
+                              "downloaded")
+    assert ours[1] == 'cifar.py: error: rank 1: rank 0 could not open the data (its line says why)'
+    assert not (tmp_path / 'no').exists() and not (tmp_path / 'logs').exists()
+
+
+def test_fused_sgd_for_fp16_on_gpus_only():
+    from engine import sgd
+    p = {'w': torch.zeros(3, requires_grad=True), 'running_mean': torch.zeros(3)}
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    assert sgd(p, 0, cuda, 'half')(0.1).defaults['fused'] is True
+    assert not sgd(p, 0, cuda, 'bfloat16')(0.1).defaults['fused']
+    assert not sgd(p, 0, cpu, 'half')(0.1).defaults['fused']
+    assert sgd(p, 0, cpu, 'half')(0.1).param_groups[0]['params'] == [p['w']]
+
+
+def test_the_loss_scale_is_checkpointed(tiny_data, tmp_path):
+    args = [*SMALL, '--dataroot', tiny_data, '--dtype', 'half', '--save', 'logs/h']
+    run_cifar([*args, '--epochs', 1], tmp_path)
+    path = tmp_path / 'logs/h/model.pt7'
+    state = torch.load(path, weights_only=True)
+    assert state['scaler']['scale'] == 2.0 ** 16  # GradScaler's initial scale: no step overflowed
+    state['scaler']['scale'] = 1024.0  # as if fp16 overflows had halved it
+    torch.save(state, path)
+    run_cifar([*args, '--epochs', 2, '--resume', 'auto'], tmp_path)
+    assert torch.load(path, weights_only=True)['scaler']['scale'] == 1024.0  # went on from there
