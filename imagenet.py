@@ -145,6 +145,9 @@ def evaluate_only(opt):
         f, params = resnet_imagenet, {k: params[k] for k in expected}
     else:
         f, params = load_teacher_export(opt.evaluate)
+        if params['fc.weight'].shape[0] != num_classes:
+            raise UserError(f'{opt.evaluate} has {params["fc.weight"].shape[0]} classes, val/ has {num_classes}: '
+                            f'its errors would mean nothing')
     params = {k: v.to(device) for k, v in params.items()}
     dist = Dist(device)
     (top1, top5), n = evaluate(f, params, loader, device, opt.dtype, progress=not opt.no_progress and dist.rank == 0,

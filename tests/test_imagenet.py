@@ -346,6 +346,9 @@ def test_teacher_with_other_classes_for_at_alone(imagenet_work):
             '--epochs', 1, '--nthread', 0]
     run_imagenet([*args, '--save', 'logs/at1k'], w)  # attention maps know no classes
     assert len(json.loads((w / 'logs/at1k/log.txt').read_text()[12:])['at_losses']) == 4
+    p = run_imagenet(['--imagenetpath', 'data', '--evaluate', 'r34-1k.pth'], w, check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        'imagenet.py: error: r34-1k.pth has 1000 classes, val/ has 6: its errors would mean nothing']
     p = run_imagenet([*args, '--alpha', 0.5, '--save', 'logs/kd1k'], w, check=False)
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         'imagenet.py: error: teacher r34-1k.pth has 1000 classes, the dataset 6: KD (--alpha) compares class '
