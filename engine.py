@@ -105,7 +105,8 @@ class Trainer:
                  start_epoch=0, topk=(1,), n_at=0, dtype='float', progress=True, sync_every=None,
                  dist=None, buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None, scaler_state=None):
         self.model, self.device, self.dtype = model, device, dtype
-        self.epochs, self.epoch_step, self.lr_decay_ratio, self.start_epoch = epochs, epoch_step, lr_decay_ratio, start_epoch
+        self.epochs, self.epoch_step, self.start_epoch = epochs, epoch_step, start_epoch
+        self.lr_decay_ratio = lr_decay_ratio
         self.progress, self.buffers = progress, list(buffers)
         self.on_epoch_start, self.on_epoch_end, self.should_stop = on_epoch_start, on_epoch_end, should_stop
         self.dist = dist or Dist(device)
@@ -122,7 +123,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if AMP_DTYPES.get(dtype) == torch.float16 else None
         if self.scaler and scaler_state:
             self.scaler.load_state_dict(scaler_state)
-        self.make_optimizer = (lambda lr: GradScaled(make_optimizer(lr), self.scaler)) if self.scaler else make_optimizer
+        self.make_optimizer = make_optimizer if not self.scaler else (
+            lambda lr: GradScaled(make_optimizer(lr), self.scaler))
         self.pending = []  # (batch number, batch size, device vector: loss, errors at each k, AT losses, extras)
         self.losses, self.epoch, self.t0, self.last = None, start_epoch, 0, {}
         if self.dist.rank == 0 and slow_cpu_autocast(device, dtype):

@@ -88,7 +88,8 @@ def open_split(opt, split):
     if not os.path.isdir(folder):
         raise UserError(f'--imagenetpath {opt.imagenetpath} has no {split}/ folder')
     if split == 'train':
-        transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+        transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                               T.Normalize(MEAN, STD)])
     else:
         transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])
     dataset = image_folder(folder, transform)
@@ -155,6 +156,7 @@ def evaluate_only(opt):
     if dist.rank == 0:  # every rank evaluated its share; the figures are over all of val/
         name = opt.resume if opt.evaluate == 'resume' else opt.evaluate
         print(f'{name}: top-1 error {100 - top1:.2f}%, top-5 error {100 - top5:.2f}% on {n} images')
+    dist.close()
     return top1, top5
 
 

@@ -31,14 +31,16 @@ def select_device(device_name, gpu_id, ngpu):
         raise UserError(f'--device cuda, but no CUDA GPU is available (--gpu_id {gpu_id}; try --device cpu)')
     available = torch.cuda.device_count() if device.type == 'cuda' else 0
     if ngpu > 1 and ngpu > available:
-        raise UserError(f'--ngpu {ngpu} needs {ngpu} GPUs; {available} visible (--gpu_id {gpu_id}, device {device.type})')
+        raise UserError(f'--ngpu {ngpu} needs {ngpu} GPUs; {available} visible '
+                        f'(--gpu_id {gpu_id}, device {device.type})')
     if world > 1 and ngpu > 1:
         raise UserError('--ngpu splits batches inside one process; under torchrun use one GPU per process')
     if device.type == 'cuda':
         index = int(os.environ.get('LOCAL_RANK', 0)) if world > 1 else (device.index or 0)
         if index >= available:
+            visible = os.environ.get('CUDA_VISIBLE_DEVICES', '')
             raise UserError(f'{"LOCAL_RANK" if world > 1 else "--device " + device_name} asks for GPU {index}, but '
-                            f'{available} visible (CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "")!r})')
+                            f'{available} visible (CUDA_VISIBLE_DEVICES={visible!r})')
         device = torch.device('cuda', index)
         torch.cuda.set_device(device)
     if world > 1:
@@ -67,6 +69,13 @@ class Dist:
 
     def any(self, flag):
         return bool(self.sum([bool(flag)])[0]) if self.world > 1 else bool(flag)
+
+    def close(self):
+        """Every rank waits for the others (rank 0 may still be writing), then leaves the group
+        together: a rank that exits alone can take the others' connections down with it."""
+        if self.world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     def broadcast_object(self, obj):
         """Rank 0's object (a checkpoint) on every rank: other machines need not share its disk."""

@@ -339,15 +339,20 @@ def fit(opt, run, prog):
         signals.step_done()
         return dist.any(signals.name)
 
-    trainer = Trainer(model, run.make_optimizer, run.device, epochs=opt.epochs, epoch_step=parse_epoch_step(opt.epoch_step),
-                      lr_decay_ratio=opt.lr_decay_ratio, start_epoch=epoch, topk=run.topk, n_at=run.n_at,
-                      dtype=opt.dtype, progress=lead and not opt.no_progress, dist=dist, on_epoch_start=run.beta_at,
-                      on_epoch_end=writer if lead else None, should_stop=should_stop, scaler_state=(state or {}).get('scaler'),
+    trainer = Trainer(model, run.make_optimizer, run.device, epochs=opt.epochs,
+                      epoch_step=parse_epoch_step(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
+                      start_epoch=epoch, topk=run.topk, n_at=run.n_at, dtype=opt.dtype,
+                      progress=lead and not opt.no_progress, dist=dist, on_epoch_start=run.beta_at,
+                      on_epoch_end=writer if lead else None, should_stop=should_stop,
+                      scaler_state=(state or {}).get('scaler'),
                       buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
     try:
-        return trainer.train(run.train_loader, run.test_loader, optimizer)
+        stats = trainer.train(run.train_loader, run.test_loader, optimizer)
     except Stop:
+        stats = None
         if lead:
             done = read_json_stats(writer.log_path)[-1]['epoch'] if os.path.exists(writer.log_path) else 0
             print(f'{prog}: {signals.name or "signal"}: stopped mid-epoch; model.pt7 holds the last whole epoch '
                   f'({done}); continue with --resume auto --save {opt.save}', file=sys.stderr)
+    dist.close()
+    return stats

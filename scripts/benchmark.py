@@ -4,16 +4,26 @@
 Each configuration is built once through cifar.py's own `build` and trained by
 engine.Trainer, the loop cifar.py uses; img/s count data loading and the whole
 step. The configurations run in turn (A B C A B C ...) and the medians over
-repeats are printed with their ratio to the first one.
+repeats are printed with their ratio to the first one. The dataset is decoded
+once and shared by every configuration.
+
+On a GPU, `peak MiB` is each configuration's own: the most memory allocated
+during its steps above what was allocated before them, plus its own dataset and
+weights resident on the GPU (the other configurations' are not counted).
+`fast-nobench` (cudnn.benchmark off) runs in a process of its own: cuDNN keeps
+the kernels it picked per process, whatever the flag says when they are reused.
 
     python scripts/benchmark.py --dataroot /tmp/cifar10-jpg
     python scripts/benchmark.py --dataroot /tmp/cifar10-jpg --configs faithful,fast,fast-bf16 --repeats 5
+    python scripts/benchmark.py --dataroot /tmp/cifar10-jpg --configs fast,fast-cl,fast-nocl,fast-nobench --json out.json
 """
+import gc
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +48,14 @@ CONFIGS = {
     'fast-nocl': ['--channels_last', '0'],
     'fast-grad': ['--grad_beta', '1'],  # gradient-based AT on top of activation AT: double backprop
     'fast-stepsync': [],  # the defaults, but the meters read the device after every step (the 2017 way)
+    'fast-cl': ['--channels_last', '1'],  # with fast-nocl: both memory formats, whatever the device's default
+    'fast-nobench': [],  # the defaults with torch.backends.cudnn.benchmark off, in a process of its own
 }
 SYNC_EVERY = {'fast-stepsync': 1}  # the Trainer's sync_every; others take its default
+# configs measured by a child process of this script: cuDNN caches the algorithm it chose for each
+# convolution shape per process, without the benchmark flag in the key, so in a process where
+# another config has already run those shapes the flag would change nothing
+OWN_PROCESS = {'fast-nobench': ('fast', ['--cudnn_benchmark', '0'])}
 
 
 class Timed:
@@ -74,6 +90,31 @@ class Timed:
             except StopIteration:  # a small split: go round again
                 it = iter(self.loader)
                 yield next(it)
+
+
+def shared_decoding():
+    """cifar.build decodes the dataset for each config: decode each split once, and hand every
+    config the same uint8 tensor (the loaders only read it; on a GPU each config has its own copy)."""
+    decode, cache = cifar.decode_all, {}
+
+    def decode_once(dataset):
+        key = (type(dataset).__name__, str(getattr(dataset, 'root', '')), getattr(dataset, 'train', None), len(dataset))
+        if key not in cache:
+            cache[key] = decode(dataset)
+        images, labels = cache[key]
+        return images, list(labels)
+    cifar.decode_all = decode_once
+
+
+def resident_bytes(run, device_type='cuda'):
+    """Bytes of a config's own tensors on the device: its dataset (the fast loader) and its networks,
+    each storage once."""
+    tensors = [t for loader in (run.train_loader, run.test_loader) for t in
+               (getattr(loader, 'images', None), getattr(loader, 'labels', None)) if torch.is_tensor(t)]
+    tensors += list(run.distiller.parameters()) + list(run.distiller.buffers())
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if t.device.type == device_type}
+    return sum(storages.values())
 
 
 def make_teacher(folder, depth, width, num_classes):
@@ -113,7 +154,7 @@ def teacher_shape(text):
     return depth, width
 
 
-def main(argv=None):
+def parse_args(argv):
     p = Parser(prog=PROG, description=__doc__.split('\n')[0])
     p.add_argument('--dataroot', required=True)
     p.add_argument('--configs', default='faithful,fast', help=f'comma list of {", ".join(CONFIGS)}')
@@ -126,61 +167,141 @@ def main(argv=None):
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--device', default='')
     p.add_argument('--nthread', default='4', help="DataLoader workers of the faithful path (cifar.py's default)")
+    p.add_argument('--cudnn_benchmark', type=int, choices=[0, 1], default=None,
+                   help='torch.backends.cudnn.benchmark for every config (default: on, as cifar.py sets it on a GPU)')
+    p.add_argument('--json', default='', help='also write the figures to this file')
     args = p.parse_args(argv)
     names = args.configs.split(',')
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise UserError(f'unknown config {unknown[0]!r}; choose from {", ".join(CONFIGS)}')
+    if len(set(names)) != len(names):
+        raise UserError(f'--configs names a config twice: {args.configs}')
     for name in ('steps', 'repeats', 'batch_size'):
         if getattr(args, name) <= 0:
             raise UserError(f'--{name} must be positive, got {getattr(args, name)}')
     if args.warmup < 0:
         raise UserError(f'--warmup must not be negative, got {args.warmup}')
-    teacher = teacher_shape(args.teacher) if args.teacher else None
+    args.names = names
+    args.teacher_shape = teacher_shape(args.teacher) if args.teacher else None
+    return args
 
+
+def own_process(args, name):
+    """Measures `name` in a child process of this script; its figures, as measure() returns them."""
+    config, extra = OWN_PROCESS[name]
+    fd, out = tempfile.mkstemp(suffix='.json')
+    os.close(fd)
+    argv = [sys.executable, os.path.abspath(__file__), '--dataroot', args.dataroot, '--configs', config,
+            '--depth', str(args.depth), '--width', str(args.width), '--teacher', args.teacher,
+            '--batch_size', str(args.batch_size), '--steps', str(args.steps), '--warmup', str(args.warmup),
+            '--repeats', str(args.repeats), '--device', args.device, '--nthread', args.nthread, '--json', out, *extra]
+    print(f'# {name}: measured by its own process ({config} with {" ".join(extra)})', flush=True)
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        if p.returncode != 0:
+            last = p.stdout.strip().splitlines()[-1:] or ['no output']
+            raise UserError(f'{name}: its process failed ({p.returncode}): {last[0]}')
+        with open(out) as fh:
+            figures = json.load(fh)['configs'][config]
+    finally:
+        os.remove(out)
+    for r, (t, e) in enumerate(zip(figures['train_img_s'], figures['eval_img_s'])):
+        print(f'# repeat {r + 1}: {name}: train {t:.1f} img/s, eval {e:.1f} img/s', flush=True)
+    return figures
+
+
+def measure(args, names):
+    """Builds the configs in `names` in this process and times them in turn; {name: figures}."""
     tmp = tempfile.mkdtemp()
     common = ['--dataroot', args.dataroot, '--depth', str(args.depth), '--width', str(args.width),
               '--batch_size', str(args.batch_size), '--no_progress', '--device', args.device, '--nthread', args.nthread]
-    if teacher:
+    if args.teacher_shape:
         train_dir = os.path.join(args.dataroot, 'train')
         classes = len(os.listdir(train_dir)) if os.path.isdir(train_dir) else 10
-        make_teacher(os.path.join(tmp, 'teacher'), *teacher, classes)
+        make_teacher(os.path.join(tmp, 'teacher'), *args.teacher_shape, classes)
         common += ['--teacher_id', os.path.join(tmp, 'teacher'), '--beta', '1e+3']
 
+    shared_decoding()
     runs = {}
     for name in names:
         opt = cifar.parse_args(common + CONFIGS[name])
         t = time.perf_counter()
         runs[name] = (cifar.build(opt), opt)
-        print(f'# {name}: built in {time.perf_counter() - t:.1f}s (data decoding included)', flush=True)
+        print(f'# {name}: built in {time.perf_counter() - t:.1f}s'
+              + (' (data decoding included)' if len(runs) == 1 else ' (decoded data shared)'), flush=True)
     device = runs[names[0]][0].device
-    train, evals, peak = {n: [] for n in names}, {n: [] for n in names}, {}
+    cuda = device.type == 'cuda'
+    if cuda and args.cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    resident = {n: resident_bytes(runs[n][0]) for n in names} if cuda else {}
+    figures = {n: {'train_img_s': [], 'eval_img_s': [], 'peak_mib': None} for n in names}
     for r in range(args.repeats):
         for name in names:
             run, opt = runs[name]
-            if device.type == 'cuda':
+            if cuda:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            train[name].append(train_rate(run, opt, args.steps, args.warmup, SYNC_EVERY.get(name)))
-            evals[name].append(eval_rate(run, opt, args.steps, args.warmup))
-            if device.type == 'cuda':
-                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
-            print(f'# repeat {r + 1}: {name}: train {train[name][-1]:.1f} img/s, eval {evals[name][-1]:.1f} img/s',
-                  flush=True)
+            train = train_rate(run, opt, args.steps, args.warmup, SYNC_EVERY.get(name))
+            evals = eval_rate(run, opt, args.steps, args.warmup)
+            f = figures[name]
+            f['train_img_s'].append(train)
+            f['eval_img_s'].append(evals)
+            if cuda:
+                own = (torch.cuda.max_memory_allocated() - before + resident[name]) / 2 ** 20
+                f['peak_mib'] = max(f['peak_mib'] or 0, own)
+            print(f'# repeat {r + 1}: {name}: train {train:.1f} img/s, eval {evals:.1f} img/s', flush=True)
+    where = torch.cuda.get_device_name(device) if cuda else \
+        f'CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+    runs.clear()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return figures, where, cuda
 
-    cpu = platform.processor() or platform.machine()
-    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU {cpu}, {torch.get_num_threads()} threads'
+
+def main(argv=None):
+    args = parse_args(argv)
+    names = args.names
+    here = [n for n in names if n not in OWN_PROCESS]
+    figures, where, cuda = measure(args, here) if here else ({}, None, None)
+    for name in names:
+        if name in OWN_PROCESS:
+            figures[name] = own_process(args, name)
+    figures = {n: figures[n] for n in names}
+    if where is None:  # every config ran in a child process
+        cuda = torch.cuda.is_available() and args.device != 'cpu'
+        where = torch.cuda.get_device_name() if cuda else \
+            f'CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+
     teacher = f'WRN-{args.teacher.replace(",", "-")} teacher, AT' if args.teacher else 'no teacher'
+    peak = cuda
     print(f'\nWRN-{args.depth}-{args.width:g} student, {teacher}, batch {args.batch_size}; {where}; '
           f'torch {torch.__version__}; medians of {args.repeats} x {args.steps} steps')
+    if peak:
+        print("peak MiB: each config's own, the most allocated during its steps above what was allocated "
+              'before them, plus its own dataset and weights on the GPU')
     print('| config | train img/s | ratio | eval img/s | ratio |' + (' peak MiB |' if peak else ''))
     print('|---|---|---|---|---|' + ('---|' if peak else ''))
-    base_t, base_e = statistics.median(train[names[0]]), statistics.median(evals[names[0]])
+    base_t, base_e = statistics.median(figures[names[0]]['train_img_s']), statistics.median(figures[names[0]]['eval_img_s'])
     for n in names:
-        mt, me = statistics.median(train[n]), statistics.median(evals[n])
-        print(f'| {n} | {mt:.1f} | {mt / base_t:.2f}x | {me:.1f} | {me / base_e:.2f}x |'
-              + (f' {peak[n]:.0f} |' if peak else ''))
+        f = figures[n]
+        f['train_median'], f['eval_median'] = statistics.median(f['train_img_s']), statistics.median(f['eval_img_s'])
+        f['train_ratio'], f['eval_ratio'] = f['train_median'] / base_t, f['eval_median'] / base_e
+        print(f"| {n} | {f['train_median']:.1f} | {f['train_ratio']:.2f}x | {f['eval_median']:.1f} | {f['eval_ratio']:.2f}x |"
+              + (f" {f['peak_mib']:.0f} |" if peak else ''))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if not peak:
-        print(f'process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB')
+        print(f'process peak RSS {rss:.0f} MiB')
+    if args.json:
+        with open(args.json, 'w') as fh:
+            json.dump({'where': where, 'torch': torch.__version__, 'device': 'cuda' if cuda else 'cpu',
+                       'student': f'WRN-{args.depth}-{args.width:g}', 'teacher': args.teacher,
+                       'batch_size': args.batch_size, 'steps': args.steps, 'warmup': args.warmup,
+                       'repeats': args.repeats, 'cudnn_benchmark': args.cudnn_benchmark,
+                       'peak_definition': 'own steps above prior allocation + own dataset and weights (MiB); None on CPU',
+                       'process_peak_rss_mib': rss, 'configs': figures}, fh, indent=1)
 
 
 if __name__ == '__main__':

@@ -1,23 +1,91 @@
 #!/usr/bin/env bash
-# One short GPU check, for a lent CUDA machine: environment, the test suite,
-# the benchmark (fp32 / bf16 / compile, with peak memory), then one AT epoch
-# of WRN-16-1 <- WRN-16-2 on the real CIFAR-10 images.
-#   bash scripts/gpu_check.sh [cifar10-jpg.tar.gz] [out_dir]
-set -uo pipefail
+# The GPU check, for one call of a lent CUDA machine (under 8 minutes): installs the carried wheels
+# (torchnet, visdom, hickle and the pure-Python needs the machine lacks), unpacks the carried CIFAR
+# archive, and runs checks a-e (scripts/gpu_check.py says what each measures), each with a time
+# budget, into $OUT/gpu_check.json and $OUT/gpu_check.log. A failed check is recorded and the next
+# one runs; the exit status is non-zero if any failed.
+#
+#   bash scripts/make_wheelhouse.sh          # here, once: .wheelhouse/ and .gpu_check/cifar10-jpg.tar.gz
+#   bash scripts/gpu_check.sh                # there, carrying .wheelhouse and .gpu_check
+#   bash scripts/gpu_check.sh --rehearse     # here, on the CPU: tiny sizes, no install, the same JSON keys
+#
+# Options: --rehearse, --budget SECONDS (480; the whole run), --only a,c (others skipped),
+# --archive FILE (.gpu_check/cifar10-jpg.tar.gz), --wheelhouse DIR (.wheelhouse), --keep-work,
+# --install (install the wheels in a rehearsal too: the device's setup, on a CPU machine).
+# Environment: OUT (default /tmp/gpu_check), PYTHON (default python3).
+set -euo pipefail
 cd "$(dirname "$0")/.."
-ARCHIVE=${1:-../shared/data/cifar10-jpg.tar.gz}
-OUT=${2:-${OUT:-/tmp/gpu_check}}
+START=$(date +%s)
+REHEARSE=0 INSTALL= BUDGET=480 ONLY= ARCHIVE=.gpu_check/cifar10-jpg.tar.gz WHEELS=.wheelhouse KEEP=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rehearse) REHEARSE=1 ;;
+    --budget) BUDGET=$2; shift ;;
+    --only) ONLY=$2; shift ;;
+    --archive) ARCHIVE=$2; shift ;;
+    --wheelhouse) WHEELS=$2; shift ;;
+    --keep-work) KEEP=--keep-work ;;
+    --install) INSTALL=1 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+OUT=${OUT:-/tmp/gpu_check}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-python -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/env.txt"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/env.txt"
-python -m pytest -q -x 2>&1 | tail -5 | tee "$OUT/tests.txt"
-DATA=$(mktemp -d)
-tar -xzf "$ARCHIVE" -C "$DATA"
-python scripts/benchmark.py --dataroot "$DATA/cifar10-jpg" --configs faithful,fast,fast-stepsync,fast-nocl,fast-bf16,fast-compile \
-    --batch_size 128 --steps 50 --repeats 3 --nthread 8 2>&1 | tee "$OUT/benchmark.txt"
-# a whole epoch and its test pass, as log.txt counts them
-W=$(mktemp -d)
-(cd "$W" && python "$OLDPWD/cifar.py" --dataroot "$DATA/cifar10-jpg" --depth 16 --width 2 --epochs 1 \
-    --save logs/t --no_progress > /dev/null && python "$OLDPWD/cifar.py" --dataroot "$DATA/cifar10-jpg" \
-    --teacher_id t --beta 1e+3 --epochs 2 --save logs/s --dtype bfloat16 --no_progress) 2>&1 | tail -4 | tee "$OUT/epoch.txt"
-cp "$W/logs/s/log.txt" "$OUT/at_log.txt" 2>/dev/null
+LOG=$OUT/gpu_check.log
+: > "$LOG"
+say() { echo "gpu_check.sh: $*" | tee -a "$LOG"; }
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+if [ -z "$KEEP" ]; then trap 'rm -rf "$WORK"' EXIT; fi
+export PYTHONUNBUFFERED=1
+
+install=skipped install_s=0
+INSTALL=${INSTALL:-$((1 - REHEARSE))}
+if [ "$REHEARSE" = 1 ]; then
+  say "rehearsal on the CPU: a tiny generated CIFAR stands in for the archive"
+  export CUDA_VISIBLE_DEVICES=
+  # one thread per process: on 2 shared cores, torch's 2 OpenMP threads wait on each other (20x slower steps)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  "$PY" scripts/gpu_check.py tiny-cifar "$WORK/src/cifar10-jpg" 2>&1 | tee -a "$LOG"
+  tar -czf "$WORK/tiny-cifar.tar.gz" -C "$WORK/src" cifar10-jpg
+  ARCHIVE=$WORK/tiny-cifar.tar.gz
+fi
+if [ "$INSTALL" = 1 ]; then
+  t=$(date +%s)
+  shopt -s nullglob
+  wheels=("$WHEELS"/*.whl)
+  shopt -u nullglob
+  say "installing ${#wheels[@]} wheels from $WHEELS into $WORK/site"
+  if [ ${#wheels[@]} -gt 0 ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+       --upgrade --target "$WORK/site" "${wheels[@]}" 2>&1 | tee -a "$LOG"; then
+    install=ok
+  else
+    install=failed
+    say "the wheel install failed; the checks will run and say what is missing"
+  fi
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  install_s=$(( $(date +%s) - t ))
+fi
+
+t=$(date +%s)
+unpack=failed
+mkdir -p "$WORK/data"
+if tar -xzf "$ARCHIVE" -C "$WORK/data" 2>&1 | tee -a "$LOG" && [ -d "$WORK/data/cifar10-jpg/train" ]; then
+  unpack=ok
+else
+  say "could not unpack $ARCHIVE into a cifar10-jpg/train folder"
+fi
+unpack_s=$(( $(date +%s) - t ))
+archive_bytes=$(stat -c %s "$ARCHIVE" 2>/dev/null || echo 0)
+say "install $install (${install_s}s), unpack $unpack (${unpack_s}s), $(( $(date +%s) - START ))s of ${BUDGET}s used"
+
+set +e
+"$PY" scripts/gpu_check.py run --out "$OUT" --dataroot "$WORK/data/cifar10-jpg" --budget "$BUDGET" --start "$START" \
+  --work "$WORK/run" ${ONLY:+--only "$ONLY"} $KEEP $([ "$REHEARSE" = 1 ] && echo --rehearse) \
+  --setup "{\"install\": \"$install\", \"install_s\": $install_s, \"wheels\": \"$WHEELS\", \"unpack\": \"$unpack\", \"unpack_s\": $unpack_s, \"archive\": \"$ARCHIVE\", \"archive_bytes\": $archive_bytes}"
+rc=$?
+set -e
+if [ -n "$KEEP" ]; then say "work folder kept: $WORK"; fi
+exit $rc

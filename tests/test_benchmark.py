@@ -1,4 +1,5 @@
 """scripts/benchmark.py runs its configurations side by side and prints one table row each."""
+import json
 import os
 import re
 import subprocess
@@ -38,4 +39,42 @@ def test_benchmark_refuses_an_unknown_config(tiny_data):
                         '--configs', 'fast,warp'], capture_output=True, text=True)
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         "benchmark.py: error: unknown config 'warp'; choose from " + ', '.join(
-            ['faithful', 'fast', 'fast-bf16', 'fast-half', 'fast-compile', 'fast-nocl', 'fast-grad', 'fast-stepsync'])]
+            ['faithful', 'fast', 'fast-bf16', 'fast-half', 'fast-compile', 'fast-nocl', 'fast-grad', 'fast-stepsync',
+             'fast-cl', 'fast-nobench'])]
+
+
+def test_benchmark_measures_both_memory_formats_and_cudnn_benchmark_off(tiny_data, tmp_path):
+    """fast-cl and fast-nocl are both measured whatever the device's default; fast-nobench runs in a
+    process of its own (cuDNN's kernel choice is per process); --json holds the figures."""
+    out = tmp_path / 'bench.json'
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--dataroot', str(tiny_data),
+                        '--configs', 'fast-cl,fast-nocl,fast-nobench', '--depth', '10', '--teacher', '10,2',
+                        '--batch_size', '8', '--steps', '1', '--warmup', '1', '--repeats', '2', '--json', str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stderr
+    rows = re.findall(r'^\| (\S+) \| [\d.]+ \| ([\d.]+)x \|', p.stdout, re.M)
+    assert [r[0] for r in rows] == ['fast-cl', 'fast-nocl', 'fast-nobench'], p.stdout
+    assert '# fast-nobench: measured by its own process' in p.stdout and p.stdout.count('# repeat') == 6
+    assert '(decoded data shared)' in p.stdout  # fast-nocl reuses fast-cl's decoded images
+    report = json.loads(out.read_text())
+    assert list(report['configs']) == ['fast-cl', 'fast-nocl', 'fast-nobench'] and report['device'] == 'cpu'
+    for f in report['configs'].values():
+        assert len(f['train_img_s']) == 2 and f['train_median'] > 0 and f['peak_mib'] is None  # no GPU: RSS instead
+    assert 'process peak RSS' in p.stdout
+
+
+def test_benchmark_counts_each_configs_own_resident_bytes():
+    """A config's peak adds its own dataset and weights on the device, each storage once."""
+    import torch
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / 'scripts'))
+    import benchmark
+    images, labels = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    net = torch.nn.Linear(2, 2)  # 6 float32 numbers
+    run = SimpleNamespace(train_loader=SimpleNamespace(images=images, labels=labels),
+                          test_loader=SimpleNamespace(images=images[:2], labels=labels),  # views: counted once
+                          distiller=net)
+    assert benchmark.resident_bytes(run, 'cpu') == 4 * 3 * 8 * 8 + 4 * 8 + 6 * 4
+    assert benchmark.resident_bytes(run) == 0  # nothing of it on a GPU

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log, run_cifar
+from conftest import OFFLINE_ENV, ROOT, read_log, run_cifar
 
 sys.path.insert(0, str(ROOT))
 import parallel  # noqa: E402

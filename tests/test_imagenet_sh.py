@@ -155,7 +155,7 @@ def error_of(eval_txt):
 
 def test_end_to_end_skip_and_resume(tmp_path):
     """5 classes of 500x375 JPEGs (2 train, 1 val each) and a random torchvision ResNet-34 as TEACHER_WEIGHTS."""
-    data = make_imagenet(tmp_path / 'data')
+    make_imagenet(tmp_path / 'data')
     torch.save(random_torchvision('resnet34', num_classes=5).state_dict(), tmp_path / 'resnet34.pth')
     logs = tmp_path / 'logs'
     r18, at = logs / 'r18', logs / 'at_r18_r34'

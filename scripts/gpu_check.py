@@ -1,0 +1,739 @@
+#!/usr/bin/env python
+"""The driver of scripts/gpu_check.sh: checks a-e on a CUDA machine (or, with --rehearse, on the CPU
+with tiny sizes), each in processes of its own with a time budget, into one JSON file.
+
+    python scripts/gpu_check.py run --out OUT --dataroot DIR/cifar10-jpg [--rehearse] [--budget 480]
+    python scripts/gpu_check.py tiny-cifar DIR          # the rehearsal's class-folder CIFAR
+
+The checks, in this order:
+  a_cuda_vs_cpu  one batch of real images through WRN-16-1 <- WRN-16-2 (random init, fixed seed) on the
+                 GPU and on the CPU in fp32 with TF32 off: logits, losses, the 3 AT losses, gradients
+  b_at_epoch     one AT epoch of cifar.py on the whole dataset: fp32, --dtype bfloat16, and bfloat16
+                 with --compile; train/test seconds, accuracy, peak GPU memory
+  c_benchmark    scripts/benchmark.py: channels_last on/off, fp16 + GradScaler, bf16, compile,
+                 cudnn.benchmark off
+  d_resume       a tiny run: 1 epoch, then --resume auto to 2; the log and the checkpoint's lr
+  e_imagenet     imagenet.py, ResNet-18 <- a ResNet-34 export folded by convert_teacher.py, bfloat16,
+                 a few steps on a generated ImageFolder of 500x375 JPEGs
+Only the standard library is imported at the top: the workers (this file, called as
+`worker ...`) import torch and the project.
+"""
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROG = 'gpu_check'
+CHECKS = ['a_cuda_vs_cpu', 'b_at_epoch', 'c_benchmark', 'd_resume', 'e_imagenet']
+# seconds each check may take at most, and the least left for it to start at all
+BUDGETS = {'a_cuda_vs_cpu': 60, 'b_at_epoch': 270, 'c_benchmark': 180, 'd_resume': 75, 'e_imagenet': 90}
+MIN_START = {'a_cuda_vs_cpu': 20, 'b_at_epoch': 45, 'c_benchmark': 60, 'd_resume': 30, 'e_imagenet': 40}
+B_RUNS = [('fp32', [], 70), ('bf16', ['--dtype', 'bfloat16'], 70), ('bf16_compile', ['--dtype', 'bfloat16', '--compile'], 150)]
+BENCH_CONFIGS = 'fast,fast-cl,fast-nocl,fast-half,fast-bf16,fast-compile,fast-nobench'
+# check a: rel = max|device - cpu| / max|cpu|, both fp32 with TF32 off
+RTOL = {'grads': 1e-3}
+RTOL_DEFAULT = 1e-4
+
+
+# ---------------------------------------------------------------- data made here
+
+def save_jpeg(array, path, quality=90):
+    from PIL import Image
+    Image.fromarray(array).save(path, quality=quality)
+
+
+def make_tiny_cifar(root, classes=10, train=16, test=8, seed=0):
+    """A learnable class-folder CIFAR of 32x32 JPEGs: class c is bright in channel c % 3 and striped
+    every (c // 3 + 2) rows."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', train), ('test', test)):
+        for c in range(classes):
+            d = os.path.join(root, split, f'class{c}')
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 110, (32, 32, 3), dtype=np.uint8)
+                img[..., c % 3] += 110
+                img[::c // 3 + 2] += 30
+                save_jpeg(img, os.path.join(d, f'{i:04d}.jpg'))
+    return root
+
+
+def make_image_folder(root, classes, train, val, size=(500, 375), seed=0):
+    """An ImageFolder of smooth random colour fields with noise, size = (width, height)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', train), ('val', val)):
+        for c in range(classes):
+            d = os.path.join(root, split, f'n{c:08d}')
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+                small[..., c % 3] = 255 - 20 * (c // 3)
+                img = np.asarray(Image.fromarray(small).resize(size, Image.BILINEAR)).copy()
+                img += rng.integers(0, 24, img.shape, dtype=np.uint8)
+                save_jpeg(img, os.path.join(d, f'{i}.JPEG'))
+    return root
+
+
+def write_teacher_run(folder, depth, width, num_classes, seed=0):
+    """A randomly initialised WRN teacher run folder (model.pt7 + log.txt), as benchmark.py makes."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from resnet import wrn_params
+    torch.manual_seed(seed)
+    os.makedirs(folder)
+    torch.save({'params': wrn_params(depth, width, num_classes), 'optimizer': {}, 'epoch': 0},
+               os.path.join(folder, 'model.pt7'))
+    with open(os.path.join(folder, 'log.txt'), 'w') as fh:
+        fh.write('json_stats: ' + json.dumps({'depth': depth, 'width': width}) + '\n')
+    return folder
+
+
+def read_log(folder):
+    path = os.path.join(folder, 'log.txt')
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line.split('json_stats: ', 1)[1]) for line in fh if 'json_stats: ' in line]
+
+
+# ---------------------------------------------------------------- the environment
+
+def cpu_info():
+    info = {'machine': platform.machine(), 'cores': os.cpu_count(), 'model': platform.processor()}
+    try:
+        with open('/proc/cpuinfo') as fh:
+            text = fh.read()
+        model = re.search(r'^model name\s*:\s*(.*)$', text, re.M)
+        flags = re.search(r'^flags\s*:\s*(.*)$', text, re.M)
+        info['model'] = model.group(1) if model else info['model']
+        have = set(flags.group(1).split()) if flags else set()
+        info['flags'] = sorted(have & {'avx', 'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni',
+                                       'avx512_bf16', 'avx512_fp16', 'amx_tile', 'amx_bf16', 'amx_int8', 'avx_vnni'})
+    except OSError:
+        pass
+    return info
+
+
+def environment():
+    """Versions, the GPU and the CPU. Initialises CUDA in this process (a context, no more)."""
+    env = {'python': sys.version.split()[0], 'executable': sys.executable, 'platform': platform.platform(),
+           'cpu': cpu_info(), 'packages': {}}
+    from importlib import metadata
+    for name in ('torch', 'torchvision', 'numpy', 'pillow', 'h5py', 'tqdm', 'triton', 'torchnet', 'visdom', 'hickle',
+                 'six', 'websocket-client', 'jsonpatch', 'tornado'):
+        try:
+            env['packages'][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env['packages'][name] = None
+    try:
+        import torch
+        env['torch'] = torch.__version__
+        env['torch_cuda'] = torch.version.cuda
+        env['cudnn'] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        env['cuda_available'] = torch.cuda.is_available()
+        env['threads'] = torch.get_num_threads()
+        try:
+            env['cpu']['mkldnn_bf16'] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            env['cpu']['mkldnn_bf16'] = None
+        if env['cuda_available']:
+            p = torch.cuda.get_device_properties(0)
+            env['gpu'] = {'name': p.name, 'capability': f'{p.major}.{p.minor}', 'memory_mib': p.total_memory // 2 ** 20,
+                          'multiprocessors': p.multi_processor_count, 'count': torch.cuda.device_count(),
+                          'bf16_supported': torch.cuda.is_bf16_supported()}
+    except Exception as e:  # the checks will say more; the JSON must still be written
+        env['torch_error'] = f'{type(e).__name__}: {e}'
+    try:
+        smi = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version,memory.total,clocks.max.sm',
+                              '--format=csv,noheader'], capture_output=True, text=True, timeout=30)
+        env['nvidia_smi'] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        env['nvidia_smi'] = f'unavailable ({type(e).__name__})'
+    try:
+        st = os.statvfs('/dev/shm')  # DataLoader workers (imagenet.py) pass batches through it
+        env['dev_shm_mib'] = st.f_blocks * st.f_frsize // 2 ** 20
+    except OSError:
+        env['dev_shm_mib'] = None
+    env['imports'] = {}
+    for name in ('torchnet', 'visdom', 'hickle'):  # what the carried wheels bring
+        try:
+            importlib.import_module(name)
+            env['imports'][name] = 'ok'
+        except Exception as e:
+            env['imports'][name] = f'{type(e).__name__}: {e}'
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(ROOT)):
+        if name.endswith('.py'):
+            with open(os.path.join(ROOT, name), 'rb') as fh:
+                h.update(name.encode() + fh.read())
+    env['code_sha256'] = h.hexdigest()[:16]  # of the project's top-level .py files, to tie results to code
+    return env
+
+
+# ---------------------------------------------------------------- running processes
+
+class Log:
+    """Everything goes to stdout and to the log file."""
+
+    def __init__(self, path):
+        self.fh = open(path, 'a', buffering=1)
+        self.lock = threading.Lock()
+
+    def __call__(self, line):
+        with self.lock:
+            sys.stdout.write(line + '\n')
+            sys.stdout.flush()
+            self.fh.write(line + '\n')
+
+
+class Clock:
+    """The whole run's deadline (the shell script's start + --budget)."""
+
+    def __init__(self, start, budget):
+        self.start, self.budget = start, budget
+
+    def now(self):
+        return time.time() - self.start
+
+    def left(self):
+        return self.budget - self.now()
+
+
+def run_proc(cmd, timeout, log, cwd=None, env=None, tag=''):
+    """Runs cmd in a process group of its own, its output streamed to the log; on timeout the group
+    is ended (TERM, then KILL). Returns (returncode or None on timeout, output, seconds)."""
+    log(f'$ {" ".join(map(str, cmd))}' + (f'   (cwd {cwd})' if cwd else '') + f'   [timeout {timeout:.0f}s]')
+    t0 = time.perf_counter()
+    p = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, errors='replace', start_new_session=True)
+    lines = []
+
+    def pump():
+        for line in p.stdout:
+            line = line.rstrip('\n')
+            lines.append(line)
+            log(f'  {tag}| {line}')
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = p.wait(timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        rc = None
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log(f'  {tag}| timed out after {timeout:.0f}s: ended')
+    reader.join(timeout=10)
+    return rc, '\n'.join(lines), time.perf_counter() - t0
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def tail(text, n=3):
+    """The last lines of a process's output, for an error message (without the long options echo)."""
+    return ' / '.join([line for line in text.strip().splitlines() if not line.startswith('parsed options:')][-n:])
+
+
+def worker(ctx, name, args, timeout, tag):
+    """Runs `gpu_check.py worker NAME RESULT -- args`; its result dict, and its output."""
+    result = os.path.join(ctx.work, f'{tag}.result.json')
+    if os.path.exists(result):
+        os.remove(result)
+    rc, out, seconds = run_proc([sys.executable, os.path.abspath(__file__), 'worker', name, result,
+                                 '--compile-backend', ctx.compile_backend, '--', *args],
+                                timeout, ctx.log, cwd=ctx.work, env=ctx.env, tag=tag)
+    res = {}
+    if os.path.exists(result):
+        with open(result) as fh:
+            res = json.load(fh)
+    res['wall_seconds'] = round(seconds, 2)
+    if rc is None:
+        res['error'] = f'timed out after {timeout:.0f}s'
+    elif rc != 0 and not res.get('error'):
+        res['error'] = f'exit {rc}: {tail(out)}'
+    if '--compile unavailable here' in out:  # engine.compiled fell back to eager: say so beside the figures
+        res['compile_fell_back'] = next(line for line in out.splitlines() if '--compile unavailable here' in line)
+    return res, out
+
+
+# ---------------------------------------------------------------- the checks (driver side)
+
+def check_a(ctx, timeout):
+    res, _ = worker(ctx, 'a', ['--dataroot', ctx.dataroot, '--device', ctx.device, '--batch', str(ctx.sizes['a_batch'])],
+                 timeout, 'a')
+    if res.get('error'):
+        raise CheckFailed(res['error'], res)
+    if not res.get('passed'):
+        worst = [k for k, v in res['compare'].items() if not v['ok']]
+        raise CheckFailed(f'outside tolerance: {", ".join(worst)}', res)
+    return res
+
+
+def cifar_record(folder):
+    log = read_log(folder)
+    if not log:
+        return {}
+    r = log[-1]
+    keep = ('epoch', 'train_time', 'test_time', 'train_acc', 'test_acc', 'train_loss', 'test_loss', 'dtype', 'compile')
+    out = {k: r.get(k) for k in keep}
+    out['at_losses'] = [m[0] for m in r.get('at_losses', [])]
+    return out
+
+
+def check_b(ctx, timeout):
+    s = ctx.sizes
+    teacher = write_teacher_run(os.path.join(ctx.work, 'b_teacher'), s['b_depth'], 2, ctx.classes)
+    runs, failed, t_end = {}, [], time.perf_counter() + timeout
+    for name, flags, budget in B_RUNS:
+        left = t_end - time.perf_counter()
+        if left < 15:
+            runs[name] = {'status': 'skipped', 'note': f'{left:.0f}s left of the check\'s budget'}
+            failed.append(f'{name} skipped')
+            continue
+        save = os.path.join(ctx.work, f'b_{name}')
+        argv = ['--dataroot', ctx.dataroot, '--depth', str(s['b_depth']), '--teacher_id', teacher, '--beta', '1e+3',
+                '--epochs', '1', '--save', save, '--no_progress', '--device', ctx.device, *s['b_flags'], *flags]
+        res, _ = worker(ctx, 'main', ['cifar', *argv], min(budget * ctx.scale, left), f'b.{name}')
+        res.update(cifar_record(save))
+        res['flags'] = flags
+        res['status'] = 'failed' if res.get('error') else 'ok'
+        if not res.get('error') and res.get('epoch') != 1:
+            res['status'], res['error'] = 'failed', f'log.txt has no epoch-1 line ({res.get("epoch")})'
+        if res['status'] == 'failed':
+            failed.append(f'{name}: {res["error"]}')
+        runs[name] = res
+    out = {'student': f'WRN-{s["b_depth"]}-1', 'teacher': f'WRN-{s["b_depth"]}-2 (random init)', 'runs': runs,
+           'peak_gpu_memory': 'torch.cuda.max_memory_allocated / max_memory_reserved of the process running '
+                              'cifar.main (MiB); the dataset on the GPU included'}
+    if failed:
+        raise CheckFailed('; '.join(failed), out)
+    return out
+
+
+def check_c(ctx, timeout):
+    s = ctx.sizes
+    out_json = os.path.join(ctx.work, 'c_benchmark.json')
+    args = ['benchmark', '--dataroot', ctx.dataroot, '--configs', BENCH_CONFIGS, '--device', ctx.device,
+            '--json', out_json, *s['c_flags']]
+    res, out = worker(ctx, 'main', args, timeout, 'c')
+    if not os.path.exists(out_json):  # stopped before its table: the repeats it finished
+        import statistics
+        seen = {}
+        for m in re.finditer(r'^# repeat \d+: (\S+): train ([\d.]+) img/s, eval ([\d.]+) img/s$', out, re.M):
+            seen.setdefault(m.group(1), []).append((float(m.group(2)), float(m.group(3))))
+        res['partial'] = {n: {'train_median': statistics.median(t for t, _ in v),
+                              'eval_median': statistics.median(e for _, e in v), 'repeats': len(v)}
+                          for n, v in seen.items()}
+    else:
+        with open(out_json) as fh:
+            bench = json.load(fh)
+        res.update({k: bench[k] for k in ('where', 'student', 'teacher', 'batch_size', 'steps', 'warmup', 'repeats',
+                                          'peak_definition')})
+        r3 = lambda v: round(v, 3) if isinstance(v, float) else [r3(x) for x in v] if isinstance(v, list) else v  # noqa: E731
+        res['configs'] = {n: {k: r3(v) for k, v in f.items()
+                              if k in ('train_median', 'train_ratio', 'eval_median', 'eval_ratio', 'peak_mib',
+                                       'train_img_s', 'eval_img_s')}
+                          for n, f in bench['configs'].items()}
+    if res.get('error'):
+        raise CheckFailed(res['error'], res)
+    missing = [n for n in BENCH_CONFIGS.split(',') if n not in res.get('configs', {})]
+    if missing:
+        raise CheckFailed(f'no figures for {", ".join(missing)}', res)
+    return res
+
+
+def check_d(ctx, timeout):
+    import torch
+    s = ctx.sizes
+    data = make_tiny_cifar(os.path.join(ctx.work, 'd_data'), classes=10, train=s['d_train'], test=s['d_test'])
+    teacher = write_teacher_run(os.path.join(ctx.work, 'd_teacher'), 10, 2, 10)
+    t_end = time.perf_counter() + timeout
+    common = ['--dataroot', data, '--depth', '10', '--teacher_id', teacher, '--beta', '1e+3', '--batch_size', '32',
+              '--lr', '0.1', '--epoch_step', '[2]', '--lr_decay_ratio', '0.2', '--no_progress', '--device', ctx.device]
+    save, straight = os.path.join(ctx.work, 'd_run'), os.path.join(ctx.work, 'd_straight')
+    outputs = []
+    for tag, argv in (('d.1', ['--epochs', '1', '--save', save]),
+                      ('d.2', ['--epochs', '2', '--save', save, '--resume', 'auto']),
+                      ('d.straight', ['--epochs', '2', '--save', straight])):
+        rc, out, _ = run_proc([sys.executable, os.path.join(ROOT, 'cifar.py'), *common, *argv],
+                              max(t_end - time.perf_counter(), 1), ctx.log, cwd=ctx.work, env=ctx.env, tag=tag)
+        if rc != 0:
+            raise CheckFailed(f'{tag}: ' + ('timed out' if rc is None else f'exit {rc}: {tail(out)}'))
+        outputs.append(out)
+        if tag == 'd.1':
+            first_line = open(os.path.join(save, 'log.txt')).read()
+    log, ref = read_log(save), read_log(straight)
+    state = torch.load(os.path.join(save, 'model.pt7'), map_location='cpu', weights_only=True)
+    lr = state['optimizer']['param_groups'][0]['lr']
+    res = {'epochs_logged': [r['epoch'] for r in log], 'checkpoint_epoch': state['epoch'], 'checkpoint_lr': lr,
+           'expected_lr': 0.1 * 0.2, 'resumed_line': next((line for line in outputs[1].splitlines()
+                                                           if line.startswith('resumed from')), None)}
+    sref = torch.load(os.path.join(straight, 'model.pt7'), map_location='cpu', weights_only=True)
+    res['vs_uninterrupted'] = {  # information: bit-exact on the CPU; on a GPU nondeterministic kernels may differ
+        'test_loss_diff': abs(log[-1]['test_loss'] - ref[-1]['test_loss']),
+        'train_loss_diff': abs(log[-1]['train_loss'] - ref[-1]['train_loss']),
+        'max_param_diff': max((state['params'][k].float() - sref['params'][k].float()).abs().max().item()
+                              for k in state['params'])}
+    problems = []
+    if res['epochs_logged'] != [1, 2]:
+        problems.append(f'log epochs {res["epochs_logged"]}, expected [1, 2]')
+    if not open(os.path.join(save, 'log.txt')).read().startswith(first_line):
+        problems.append('the first log line changed on resume')
+    if state['epoch'] != 2:
+        problems.append(f'checkpoint epoch {state["epoch"]}')
+    if abs(lr - res['expected_lr']) > 1e-12:
+        problems.append(f'checkpoint lr {lr}, expected {res["expected_lr"]}')
+    if not res['resumed_line']:
+        problems.append('the second run did not say it resumed')
+    if problems:
+        raise CheckFailed('; '.join(problems), res)
+    return res
+
+
+def check_e(ctx, timeout):
+    s = ctx.sizes
+    data = make_image_folder(os.path.join(ctx.work, 'e_data'), s['e_classes'], s['e_train'], s['e_val'])
+    save = os.path.join(ctx.work, 'e_run')
+    args = [os.path.join(ctx.work, 'e_resnet34_export.pth'), str(s['e_classes']),
+            '--imagenetpath', data, '--depth', '18', '--beta', '1e+3', '--epochs', '1', '--dtype', 'bfloat16',
+            '--save', save, '--no_progress', '--device', ctx.device, *s['e_flags']]
+    res, _ = worker(ctx, 'e', args, timeout, 'e')
+    log = read_log(save)
+    if log:
+        r = log[-1]
+        res.update({k: r.get(k) for k in ('epoch', 'train_time', 'test_time', 'train_acc', 'test_acc', 'train_loss')})
+        res['at_losses'] = [m[0] for m in r.get('at_losses', [])]
+    res['images'] = {'classes': s['e_classes'], 'train': s['e_classes'] * s['e_train'], 'val': s['e_classes'] * s['e_val'],
+                     'size': '500x375 JPEG'}
+    if res.get('error'):
+        raise CheckFailed(res['error'], res)
+    if not log or len(res['at_losses']) != 4:
+        raise CheckFailed(f'expected one log line with 4 AT losses, got {log[-1:] or "none"}', res)
+    if not res.get('hkl_equals_pth'):
+        raise CheckFailed('the .hkl export does not load to the .pth export\'s tensors', res)
+    return res
+
+
+RUNNERS = {'a_cuda_vs_cpu': check_a, 'b_at_epoch': check_b, 'c_benchmark': check_c, 'd_resume': check_d,
+           'e_imagenet': check_e}
+
+# sizes: the real run, and the rehearsal's tiny ones
+SIZES = {
+    'device': dict(a_batch=128, b_depth=16, b_flags=[],
+                   c_flags=['--batch_size', '128', '--steps', '30', '--warmup', '5', '--repeats', '3'],
+                   d_train=32, d_test=16, e_classes=5, e_train=64, e_val=10,
+                   e_flags=['--batch_size', '32', '--nthread', '4']),
+    'rehearsal': dict(a_batch=16, b_depth=10, b_flags=['--batch_size', '16'],
+                      c_flags=['--depth', '10', '--teacher', '10,2', '--batch_size', '8', '--steps', '1',
+                               '--warmup', '1', '--repeats', '2', '--nthread', '0'],
+                      d_train=4, d_test=2, e_classes=5, e_train=1, e_val=1,
+                      e_flags=['--batch_size', '5', '--nthread', '0']),
+}
+
+
+def run(args):
+    clock = Clock(args.start or time.time(), args.budget)
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(os.path.join(args.out, 'gpu_check.log'))
+    json_path = os.path.join(args.out, 'gpu_check.json')
+    mode = 'rehearsal' if args.rehearse else 'device'
+    work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix='gpu_check.')
+    os.makedirs(work, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    if args.rehearse:
+        env['CUDA_VISIBLE_DEVICES'] = ''
+    # the rehearsal compiles with dynamo's eager backend: the same tracing, guards and recompiles,
+    # without inductor's C++ code generation, which takes minutes on 2 CPU cores
+    backend = args.compile_backend or ('eager' if args.rehearse else '')
+    ctx = argparse.Namespace(log=log, work=work, env=env, dataroot=os.path.abspath(args.dataroot),
+                             device='cpu' if args.rehearse else 'cuda', sizes=SIZES[mode],
+                             scale=1 if not args.rehearse else 2, compile_backend=backend)
+    train_dir = os.path.join(ctx.dataroot, 'train')
+    ctx.classes = len(os.listdir(train_dir)) if os.path.isdir(train_dir) else 10
+    only = set(args.only.split(',')) if args.only else None
+    report = {'mode': mode, 'started_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(clock.start)),
+              'budget_s': args.budget, 'order': CHECKS, 'dataroot': ctx.dataroot,
+              'compile_backend': backend or 'inductor (torch.compile default)',
+              'setup': json.loads(args.setup) if args.setup else {}}
+
+    def save():
+        report['seconds'] = round(clock.now(), 1)
+        tmp = json_path + '.tmp'
+        with open(tmp, 'w') as fh:
+            json.dump(report, fh, indent=1, default=str)
+        os.replace(tmp, json_path)
+
+    log(f'== environment ({mode})')
+    t = time.perf_counter()
+    report['environment'] = environment()
+    report['environment']['seconds'] = round(time.perf_counter() - t, 1)
+    log(json.dumps(report['environment']))
+    for name in CHECKS:
+        report[name] = {'status': 'pending'}
+    save()
+    for name in CHECKS:
+        letter = name[0]
+        budget = BUDGETS[name] * ctx.scale
+        entry = {'budget_s': budget, 'started_s': round(clock.now(), 1)}
+        if only is not None and letter not in only and name not in only:
+            entry.update(status='skipped', note=f'not selected (--only {args.only})')
+        elif clock.left() < MIN_START[name]:
+            entry.update(status='skipped', note=f'{clock.left():.0f}s of the {args.budget}s budget left; '
+                                                 f'it needs at least {MIN_START[name]}s to start')
+        else:
+            timeout = min(budget, clock.left())
+            log(f'== {name} (up to {timeout:.0f}s; {clock.left():.0f}s left)')
+            t = time.perf_counter()
+            try:
+                entry.update(RUNNERS[name](ctx, timeout))
+                entry['status'] = 'ok'
+            except CheckFailed as e:
+                entry.update(e.args[1] if len(e.args) > 1 else {})
+                entry.update(status='failed', error=e.args[0])
+            except Exception as e:  # a bug here must not lose the other checks
+                log(traceback.format_exc())
+                entry.update(status='failed', error=f'{type(e).__name__}: {e}')
+            entry['seconds'] = round(time.perf_counter() - t, 1)
+        report[name] = entry
+        log(f'== {name}: {entry["status"]}' + (f' ({entry.get("error") or entry.get("note")})'
+                                               if entry['status'] != 'ok' else f' in {entry["seconds"]}s'))
+        save()
+    report['failed'] = [n for n in CHECKS if report[n]['status'] == 'failed']
+    report['status'] = 'failed' if report['failed'] else 'ok'
+    save()
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f'== gpu_check {mode}: {report["status"]} in {clock.now():.0f}s; '
+        + ', '.join(f'{n} {report[n]["status"]}' for n in CHECKS) + f'; {json_path}')
+    return 1 if report['failed'] else 0
+
+
+# ---------------------------------------------------------------- workers (their own processes)
+
+def patch_compile(backend):
+    """--compile-backend: torch.compile with another backend (eager: dynamo's tracing without codegen)."""
+    if backend:
+        import functools
+        import torch
+        torch.compile = functools.partial(torch.compile, backend=backend)
+
+
+def worker_a(argv, result):
+    p = argparse.ArgumentParser()
+    p.add_argument('--dataroot', required=True)
+    p.add_argument('--device', required=True)
+    p.add_argument('--batch', type=int, required=True)
+    a = p.parse_args(argv)
+    import numpy as np
+    import torch
+    sys.path.insert(0, ROOT)
+    from cifar import MEAN, STD
+    from data import open_cifar
+    from distill import Distiller
+    from parallel import FunctionalNet, place_params
+    from resnet import wrn, wrn_params
+    torch.backends.cuda.matmul.allow_tf32 = False  # the brief's flags, and torch >= 2.9's own
+    torch.backends.cudnn.allow_tf32 = False
+    precision = {}
+    for name, obj in (('matmul', torch.backends.cuda.matmul), ('conv', getattr(torch.backends.cudnn, 'conv', None))):
+        if hasattr(obj, 'fp32_precision'):
+            obj.fp32_precision = 'ieee'
+            precision[name] = obj.fp32_precision
+    device = torch.device(a.device)
+
+    test = open_cifar(a.dataroot, 'CIFAR10', False)
+    n = min(a.batch, len(test))
+    idx = [round(i * (len(test) - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the classes
+    x = torch.stack([torch.from_numpy(np.asarray(test.loader(test.samples[i][0])).copy()).permute(2, 0, 1)
+                     for i in idx]).float().div(255)
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    y = torch.tensor([test.targets[i] for i in idx])
+    torch.manual_seed(0)
+    classes = len(test.classes)
+    p_s, p_t = wrn_params(16, 1, classes), wrn_params(16, 2, classes)
+
+    def forward(dev, dtype):
+        s, t = {k: v.clone() for k, v in p_s.items()}, {k: v.clone() for k, v in p_t.items()}
+        place_params(s, dev, dtype, False, True)
+        place_params(t, dev, dtype, False, False)
+        d = Distiller(FunctionalNet(wrn, s), FunctionalNet(wrn, t), beta=1e3, alpha=0.)
+        xx, yy = x.to(dev, dtype), y.to(dev)
+        logits, losses = d(xx, yy, True)
+        losses['loss'].backward()
+        out = {'logits': logits, 'loss': losses['loss'],
+               **{f'at_loss_{i}': v for i, v in enumerate(losses['at_losses'])},
+               'grads': torch.cat([s[k].grad.flatten() for k in sorted(s) if s[k].grad is not None])}
+        with torch.no_grad():
+            d.alpha = 0.9  # KD + AT on the same batch
+            out['loss_kd'] = d(xx, yy, True)[1]['loss']
+            out['logits_eval'] = d(xx, yy, False)[0]  # running statistics after the two updates
+        return {k: v.detach().to('cpu', torch.float64) for k, v in out.items()}
+
+    t0 = time.perf_counter()
+    ref = forward(torch.device('cpu'), torch.float64)
+    cpu = forward(torch.device('cpu'), torch.float32)
+    t1 = time.perf_counter()
+    dev = forward(device, torch.float32)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+
+    def diff(u, v):
+        m = (u - v).abs().max().item()
+        return m, m / max(v.abs().max().item(), 1e-30)
+    compare = {}
+    for k in dev:
+        ab, rel = diff(dev[k], cpu[k])
+        rtol = RTOL.get(k, RTOL_DEFAULT)
+        compare[k] = {'max_abs': ab, 'max_rel': rel, 'rtol': rtol, 'ok': rel <= rtol,
+                      'cpu_vs_fp64_rel': diff(cpu[k], ref[k])[1], 'device_vs_fp64_rel': diff(dev[k], ref[k])[1]}
+        if dev[k].numel() == 1:
+            compare[k]['value'] = dev[k].item()
+    json.dump({'device': str(device), 'batch': n, 'student': 'WRN-16-1', 'teacher': 'WRN-16-2', 'seed': 0,
+               'beta': 1e3, 'tf32': False, 'fp32_precision': precision,
+               'cudnn_benchmark': torch.backends.cudnn.benchmark, 'cpu_seconds': round(t1 - t0, 2), 'device_seconds': round(t2 - t1, 2),
+               'tolerance': f'rel = max|{device.type} - cpu| / max|cpu| (fp32 both) <= rtol: '
+                            f'{RTOL_DEFAULT:g} for logits and losses, {RTOL["grads"]:g} for the gradients',
+               'passed': all(c['ok'] for c in compare.values()), 'compare': compare}, open(result, 'w'), indent=1)
+    return 0
+
+
+def call_main(module, argv):
+    """module.main(argv) as its CLI runs it; the error line, or None."""
+    from utils import UserError
+    try:
+        importlib.import_module(module).main(argv)
+    except UserError as e:
+        print(f'{module}.py: error: {e}', file=sys.stderr)
+        return f'{module}.py: error: {e}'
+    except SystemExit as e:
+        return None if e.code in (0, None) else f'{module}.py exited {e.code}'
+    return None
+
+
+def memory_figures():
+    import torch
+    out = {'peak_rss_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out['peak_allocated_mib'] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+        out['peak_reserved_mib'] = round(torch.cuda.max_memory_reserved() / 2 ** 20, 1)
+    else:
+        out['peak_allocated_mib'] = out['peak_reserved_mib'] = None
+    return out
+
+
+def worker_main(argv, result):
+    """cifar / imagenet / benchmark main(argv) in this process, then its peak memory."""
+    module, argv = argv[0], argv[1:]
+    sys.path[:0] = [ROOT, os.path.join(ROOT, 'scripts')]
+    t = time.perf_counter()
+    error = call_main(module, argv)
+    res = {'error': error, 'main_seconds': round(time.perf_counter() - t, 2), **memory_figures()}
+    json.dump(res, open(result, 'w'), indent=1)
+    return 1 if error else 0
+
+
+def worker_e(argv, result):
+    """A random torchvision ResNet-34, folded by convert_teacher.py's CLI, teaches imagenet.py.
+    argv: EXPORT_PATH CLASSES imagenet.py-arguments..."""
+    teacher_out, classes, rest = argv[0], int(argv[1]), argv[2:]
+    import torch
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet34(weights=None, num_classes=classes).eval()
+    for m in model.modules():  # non-trivial batch-norm statistics, for the folding to matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    tv = teacher_out + '.torchvision.pth'
+    torch.save(model.state_dict(), tv)
+    t = time.perf_counter()
+    hkl = os.path.splitext(teacher_out)[0] + '.hkl'  # the 2017 format too: hickle and h5py on this machine
+    conv = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'convert_teacher.py'),
+                           f'torchvision:resnet34:{tv}', teacher_out, hkl], capture_output=True, text=True)
+    print(conv.stdout + conv.stderr, end='')
+    res = {'convert_seconds': round(time.perf_counter() - t, 2), 'convert_output': conv.stdout.strip()}
+    if conv.returncode != 0:
+        res['error'] = f'convert_teacher.py exit {conv.returncode}: {tail(conv.stderr or conv.stdout)}'
+        json.dump(res, open(result, 'w'), indent=1)
+        return 1
+    sys.path[:0] = [ROOT]
+    from teachers import load_teacher_export
+    p_pth, p_hkl = load_teacher_export(teacher_out)[1], load_teacher_export(hkl)[1]
+    res['hkl_equals_pth'] = set(p_pth) == set(p_hkl) and all(torch.equal(p_pth[k], p_hkl[k]) for k in p_pth)
+    t = time.perf_counter()
+    res['error'] = call_main('imagenet', [*rest, '--teacher_params', teacher_out])
+    res['main_seconds'] = round(time.perf_counter() - t, 2)
+    res.update(memory_figures())
+    json.dump(res, open(result, 'w'), indent=1)
+    return 1 if res['error'] else 0
+
+
+WORKERS = {'a': worker_a, 'main': worker_main, 'e': worker_e}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['worker']:
+        name, result, rest = argv[1], argv[2], argv[3:]
+        backend = ''
+        if rest[:1] == ['--compile-backend']:
+            backend, rest = rest[1], rest[2:]
+        rest = rest[1:] if rest[:1] == ['--'] else rest
+        patch_compile(backend)
+        try:
+            return WORKERS[name](rest, result)
+        except Exception as e:
+            traceback.print_exc()
+            json.dump({'error': f'{type(e).__name__}: {e}', **memory_figures()}, open(result, 'w'))
+            return 1
+    p = argparse.ArgumentParser(prog='gpu_check.py', description=__doc__.split('\n')[0])
+    sub = p.add_subparsers(dest='cmd', required=True)
+    r = sub.add_parser('run')
+    r.add_argument('--out', required=True)
+    r.add_argument('--dataroot', required=True, help='the unpacked cifar10-jpg folder (train/ and test/)')
+    r.add_argument('--rehearse', action='store_true', help='CPU, tiny sizes')
+    r.add_argument('--budget', type=float, default=480, help='seconds for the whole run, from --start')
+    r.add_argument('--start', type=float, default=0, help='the time (epoch seconds) the budget counts from')
+    r.add_argument('--only', default='', help='comma list of checks to run (letters a-e or names); others are skipped')
+    r.add_argument('--setup', default='', help='JSON: what the shell script did before (install, unpack)')
+    r.add_argument('--work', default='', help='scratch folder (default: a new temporary one), removed at the end')
+    r.add_argument('--keep-work', action='store_true')
+    r.add_argument('--compile-backend', default=os.environ.get('GPU_CHECK_COMPILE_BACKEND', ''),
+                   help='torch.compile backend in the workers (default: inductor, torch\'s own default)')
+    t = sub.add_parser('tiny-cifar')
+    t.add_argument('dir')
+    args = p.parse_args(argv)
+    if args.cmd == 'tiny-cifar':
+        make_tiny_cifar(args.dir)
+        return 0
+    return run(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

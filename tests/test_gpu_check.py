@@ -1,0 +1,121 @@
+"""scripts/gpu_check.sh: the CPU rehearsal of the GPU check writes every check, in order, into one JSON;
+failures are recorded and the run goes on; scripts/make_wheelhouse.sh builds what the GPU machine lacks."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import OFFLINE_ENV, ROOT
+
+CHECKS = ['a_cuda_vs_cpu', 'b_at_epoch', 'c_benchmark', 'd_resume', 'e_imagenet']
+TOP_KEYS = {'mode', 'started_utc', 'budget_s', 'order', 'dataroot', 'compile_backend', 'setup', 'environment',
+            *CHECKS, 'seconds', 'failed', 'status'}
+BENCH = ['fast', 'fast-cl', 'fast-nocl', 'fast-half', 'fast-bf16', 'fast-compile', 'fast-nobench']
+
+
+def log_order(text):
+    return [c for line in text.splitlines() for c in CHECKS if line.startswith(f'== {c} (')]
+
+
+def test_rehearsal_runs_every_check_in_order(tmp_path):
+    out = tmp_path / 'out'
+    t = time.perf_counter()
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu_check.sh'), '--rehearse'], cwd=tmp_path,
+                       env={**OFFLINE_ENV, 'OUT': str(out), 'PYTHON': sys.executable},
+                       capture_output=True, text=True, timeout=420)
+    seconds = time.perf_counter() - t
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    report = json.loads((out / 'gpu_check.json').read_text())
+    assert set(report) == TOP_KEYS
+    assert report['mode'] == 'rehearsal' and report['status'] == 'ok' and report['failed'] == []
+    assert report['order'] == CHECKS
+    assert [report[c]['status'] for c in CHECKS] == ['ok'] * 5, {c: report[c].get('error') for c in CHECKS}
+    starts = [report[c]['started_s'] for c in CHECKS]
+    assert starts == sorted(starts) and len(set(starts)) == 5
+    log = (out / 'gpu_check.log').read_text()
+    assert log_order(log) == CHECKS
+    assert sorted(os.listdir(out)) == ['gpu_check.json', 'gpu_check.log']  # nothing else comes back
+
+    env = report['environment']
+    assert env['torch'] and env['cuda_available'] is False and 'flags' in env['cpu']
+    assert report['setup']['install'] == 'skipped' and report['setup']['unpack'] == 'ok'
+    a = report['a_cuda_vs_cpu']
+    assert a['passed'] and {'logits', 'loss', 'at_loss_0', 'at_loss_1', 'at_loss_2', 'grads'} <= set(a['compare'])
+    b = report['b_at_epoch']['runs']
+    assert list(b) == ['fp32', 'bf16', 'bf16_compile']
+    for run in b.values():
+        assert run['status'] == 'ok' and run['epoch'] == 1 and run['train_time'] > 0 and run['test_acc'] is not None
+        assert len(run['at_losses']) == 3 and 'peak_allocated_mib' in run
+    assert list(report['c_benchmark']['configs']) == BENCH
+    d = report['d_resume']
+    assert d['epochs_logged'] == [1, 2] and d['checkpoint_lr'] == pytest.approx(0.02)
+    assert d['vs_uninterrupted']['max_param_diff'] == 0  # on the CPU a resumed run repeats the straight one
+    e = report['e_imagenet']
+    assert len(e['at_losses']) == 4 and e['hkl_equals_pth'] and e['epoch'] == 1 and len(e['test_acc']) == 2
+    print(f'rehearsal: {seconds:.0f}s')
+
+
+def test_a_failed_check_is_recorded_and_the_next_ones_run(tmp_path):
+    """No data for a: it fails; d makes its own data and passes; the others are not selected. Exit 1."""
+    out = tmp_path / 'out'
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'gpu_check.py'), 'run', '--rehearse',
+                        '--out', str(out), '--dataroot', str(tmp_path / 'nothing'), '--only', 'a,d'],
+                       cwd=tmp_path, env={**OFFLINE_ENV, 'OMP_NUM_THREADS': '1'},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr
+    report = json.loads((out / 'gpu_check.json').read_text())
+    assert set(report) == TOP_KEYS
+    assert report['status'] == 'failed' and report['failed'] == ['a_cuda_vs_cpu']
+    assert report['a_cuda_vs_cpu']['error']
+    assert report['d_resume']['status'] == 'ok'
+    for c in ('b_at_epoch', 'c_benchmark', 'e_imagenet'):
+        assert report[c]['status'] == 'skipped' and 'not selected' in report[c]['note']
+
+
+def test_checks_are_skipped_when_the_budget_is_spent(tmp_path):
+    out = tmp_path / 'out'
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'gpu_check.py'), 'run', '--rehearse',
+                        '--out', str(out), '--dataroot', str(tmp_path), '--budget', '5', '--start', str(time.time() - 10)],
+                       cwd=tmp_path, env=OFFLINE_ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr  # skipped is not failed
+    report = json.loads((out / 'gpu_check.json').read_text())
+    assert [report[c]['status'] for c in CHECKS] == ['skipped'] * 5
+    assert all('budget' in report[c]['note'] for c in CHECKS)
+
+
+def test_bad_option_is_one_line(tmp_path):
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu_check.sh'), '--fast'], capture_output=True, text=True,
+                       env={**OFFLINE_ENV, 'OUT': str(tmp_path)})
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        'gpu_check.sh: error: unknown option --fast (see --help)']
+
+
+def pip_reaches_index(tmp_path):
+    """Whether pip, as configured here, can fetch torchnet's sdist (the wheelhouse needs an index)."""
+    try:
+        p = subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-build-isolation',
+                            'torchnet==0.0.4', '-d', str(tmp_path / 'probe')], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False, 'timed out'
+    return p.returncode == 0, (p.stderr.strip().splitlines() or [''])[-1]
+
+
+def test_make_wheelhouse_builds_what_the_device_lacks(tmp_path):
+    """Uses pip's own configuration (not OFFLINE_ENV): the sdists come from the package index."""
+    ok, why = pip_reaches_index(tmp_path)
+    if not ok:
+        pytest.skip(f'pip cannot fetch torchnet 0.0.4 here, so no wheelhouse can be built: {why}')
+    import setuptools
+    if int(setuptools.__version__.split('.')[0]) >= 81:
+        pytest.skip(f'setuptools {setuptools.__version__} has no pkg_resources: visdom 0.2.4 cannot be built')
+    wheels = tmp_path / 'wheels'
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'make_wheelhouse.sh'), '--wheelhouse', str(wheels), '--no-data'],
+                       env={**os.environ, 'PYTHON': sys.executable}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    names = sorted(f.split('-')[0].lower() for f in os.listdir(wheels))
+    assert names == ['hickle', 'jsonpatch', 'jsonpointer', 'torchnet', 'tornado', 'visdom', 'websocket_client']
+    assert all(f.endswith('-py3-none-any.whl') or ('abi3' in f and 'x86_64' in f) for f in os.listdir(wheels))
+    assert 'every requirement is on the device or in' in p.stdout and 'of 64 MiB' in p.stdout
