@@ -1,6 +1,11 @@
-import hashlib
-import json
 import os
+
+# Two test workers share the machine (pytest.ini: -n 2): each of their processes computes on one thread,
+# so that no two busy-waiting thread pools fight over the same cores.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+import hashlib  # noqa: E402
+import json
 import subprocess
 import sys
 import tempfile

@@ -116,7 +116,8 @@ def test_pth_and_hkl_exports_round_trip(tmp_path):
     assert all(torch.equal(back[k], folded[k]) for k in folded)
 
 
-def make_image_folder(root, classes=6, train=2, val=1, size=48):
+def make_image_folder(root, classes=6, train=2, val=1, size=(48, 48)):
+    """An ImageFolder tree of random JPEGs, size = (width, height)."""
     from PIL import Image
     rng = np.random.default_rng(0)
     for split, n in (('train', train), ('val', val)):
@@ -124,7 +125,7 @@ def make_image_folder(root, classes=6, train=2, val=1, size=48):
             d = Path(root, split, f'n{c:08d}')
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f'{i}.JPEG')
+                Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(d / f'{i}.JPEG')
     return Path(root)
 
 

@@ -6,14 +6,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import OFFLINE_ENV, ROOT
-from test_imagenet import random_torchvision
+from test_imagenet import make_image_folder, random_torchvision
 
 SCRIPT = ROOT / 'scripts' / 'imagenet.sh'
 PY = sys.executable
@@ -34,17 +32,9 @@ def dry_run(tmp_path, **env):
     return p.stdout.splitlines()
 
 
-def make_imagenet(root, classes=5, train=2, val=1):
-    """An ImageFolder tree of random JPEGs at an ImageNet-like 500x375."""
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split, n in (('train', train), ('val', val)):
-        for c in range(classes):
-            d = Path(root, split, f'n{c:08d}')
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(d / f'{i}.JPEG')
-    return Path(root)
+def make_imagenet(root):
+    """5 classes (top-5 needs 5), 2 train and 1 val JPEG each, at an ImageNet-like 500x375."""
+    return make_image_folder(root, classes=5, train=2, val=1, size=(500, 375))
 
 
 def test_help_prints_the_header_only():
