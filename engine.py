@@ -99,6 +99,7 @@ class Trainer:
     broadcast before each test pass. The meters get every step's values but read them from the
     device only every `sync_every` steps and at the end of each pass, so that a GPU is not made
     to wait for the host (default: 50 on GPUs; 1 on the CPU, where reading is free).
+    With fp16 a GradScaler scales the loss; scaler_state (a checkpoint's) resumes its scale.
     """
 
     def __init__(self, model, make_optimizer, device, *, epochs, epoch_step=(), lr_decay_ratio=1.,

@@ -47,8 +47,8 @@ def build_parser():
     a('--save', default='', type=str)
     a('--ngpu', default=1, type=int)
     a('--gpu_id', default='0', type=str)
-    a('--cuda', action='store_true', help='(2017 flag, kept for compatibility; see --device)')
     # new
+    a('--cuda', action='store_true', help="(cifar.py's 2017 flag, accepted here too; see --device)")
     a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
       help='1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per GPU; '
            '0: beta on the whole batch (the default; without this flag, --ngpu > 1 notes the difference)')
