@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log
+from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log, run_cifar
 from test_train import nn_test_accuracy
 
 
@@ -48,6 +48,17 @@ def test_two_process_resume_repeats_the_uninterrupted_run(odd_data, tmp_path):
     assert whole == cut and len(cut) == 3
     a, b = (torch.load(tmp_path / 'logs' / n / 'model.pt7', weights_only=True) for n in ('whole', 'cut'))
     assert all(torch.equal(a['params'][k], b['params'][k]) for k in a['params'])
+
+
+def test_two_process_gradient_at(odd_data, tmp_path):
+    """Double backprop inside DistributedDataParallel's one forward: gradient AT and flip symmetry."""
+    run_cifar(['--dataroot', odd_data, '--depth', 10, '--batch_size', 16, '--nthread', 0, '--epochs', 1,
+               '--save', 'logs/t'], tmp_path)
+    p = torchrun(['--dataroot', odd_data, '--depth', 10, '--batch_size', 16, '--nthread', 0, '--epochs', 1,
+                  '--teacher_id', 't', '--beta', 1e3, '--grad_beta', 10, '--sym_beta', 1, '--save', 'logs/g'], tmp_path)
+    assert p.returncode == 0, p.stderr
+    r = read_log(tmp_path / 'logs/g')[0]
+    assert r['grad_at_loss'][0] > 0 and r['sym_loss'][0] > 0 and len(r['at_losses']) == 3
 
 
 def test_world_larger_than_dataset(tmp_path):
