@@ -156,7 +156,6 @@ def evaluate_only(opt):
     if dist.rank == 0:  # every rank evaluated its share; the figures are over all of val/
         name = opt.resume if opt.evaluate == 'resume' else opt.evaluate
         print(f'{name}: top-1 error {100 - top1:.2f}%, top-5 error {100 - top5:.2f}% on {n} images')
-    dist.close()
     return top1, top5
 
 

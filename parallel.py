@@ -70,13 +70,6 @@ class Dist:
     def any(self, flag):
         return bool(self.sum([bool(flag)])[0]) if self.world > 1 else bool(flag)
 
-    def close(self):
-        """Every rank waits for the others (rank 0 may still be writing), then leaves the group
-        together: a rank that exits alone can take the others' connections down with it."""
-        if self.world > 1:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
     def broadcast_object(self, obj):
         """Rank 0's object (a checkpoint) on every rank: other machines need not share its disk."""
         if self.world == 1:
@@ -86,17 +79,19 @@ class Dist:
         return box[0]
 
     def rank0_first(self, make):
-        """make() on rank 0 first (a download), then on the others; if rank 0 fails, every rank stops."""
+        """make() on rank 0 first (a download), then on the others; if rank 0 fails, every rank
+        stops with rank 0's reason."""
         if self.world == 1:
             return make()
-        result, error = None, None
+        result, failure = None, None
         if self.rank == 0:
             try:
                 result = make()
             except UserError as e:
-                error = e
-        if self.any(error is not None):
-            raise error or UserError('rank 0 could not open the data (its line says why)')
+                failure = str(e)
+        failure = self.broadcast_object(failure)
+        if failure:
+            raise UserError(failure)
         return result if self.rank == 0 else make()
 
     def broadcast_(self, tensors):

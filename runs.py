@@ -23,10 +23,25 @@ from utils import UserError, check_params, is_trained, n_trained
 # ---------------------------------------------------------------- the command line
 
 def die(prog, message, code=2):
-    """One line on stderr and exit. Under torchrun each rank says it, naming itself."""
-    rank = os.environ.get('RANK') if int(os.environ.get('WORLD_SIZE', 1)) > 1 else None
-    print(f'{prog}: error: ' + (f'rank {rank}: ' if rank else '') + str(message), file=sys.stderr)
+    """One line on stderr and exit. Under torchrun each rank says it, naming itself, in one write
+    (so that two ranks' lines never interleave), and leaves without tearing down the process group."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    rank = f'rank {os.environ.get("RANK", "0")}: ' if world > 1 else ''
+    sys.stdout.flush()
+    os.write(2, f'{prog}: error: {rank}{message}\n'.encode())
+    if world > 1:
+        os._exit(code)
     sys.exit(code)
+
+
+def leave():
+    """Under torchrun, once every rank is done: exit together, without running the gloo/nccl
+    teardown one rank at a time, which can abort a rank whose peers have already gone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cli(main, prog):
@@ -38,6 +53,7 @@ def cli(main, prog):
     except KeyboardInterrupt:  # before training starts; during it, fit handles the signal
         print(f'\n{prog}: interrupted', file=sys.stderr)
         sys.exit(130)
+    leave()
 
 
 class Parser(argparse.ArgumentParser):
@@ -354,5 +370,4 @@ def fit(opt, run, prog):
             done = read_json_stats(writer.log_path)[-1]['epoch'] if os.path.exists(writer.log_path) else 0
             print(f'{prog}: {signals.name or "signal"}: stopped mid-epoch; model.pt7 holds the last whole epoch '
                   f'({done}); continue with --resume auto --save {opt.save}', file=sys.stderr)
-    dist.close()
     return stats

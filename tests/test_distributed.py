@@ -66,9 +66,10 @@ def test_world_larger_than_dataset(tmp_path):
     p = torchrun(['--dataroot', data, '--depth', 10, '--epochs', 1, '--nthread', 0, '--save', 'logs/x'], tmp_path)
     assert p.returncode != 0
     ours = [line for line in p.stderr.splitlines() if line.startswith('cifar.py: error:')]
-    # each rank says it, once, naming itself
-    assert sorted(ours) == [f'cifar.py: error: rank {r}: 2 torchrun processes for 1 images: too few images to give '
-                            f'each process some' for r in (0, 1)]
+    # each rank says it, once, naming itself (torchrun may stop a rank before it does: at least one does)
+    assert 1 <= len(ours) == len(set(ours)) and set(ours) <= {
+        f'cifar.py: error: rank {r}: 2 torchrun processes for 1 images: too few images to give each process some'
+        for r in (0, 1)}
     assert 'cifar.py", line' not in p.stderr  # no traceback from our processes (torchrun adds its own report)
     assert not (tmp_path / 'logs/x').exists()
 

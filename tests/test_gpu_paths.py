@@ -2,6 +2,7 @@
 augmentation per rank, resume without a shared disk, rank 0 downloading first, fused SGD, the
 loss scale in checkpoints."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -127,11 +128,12 @@ def test_rank_0_downloads_first_and_every_rank_stops_with_it(tmp_path):
                         str(ROOT / 'cifar.py'), '--no_progress', *map(str, SMALL), '--dataroot', 'no/data',
                         '--save', 'logs/x'], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env=OFFLINE_ENV)
-    ours = sorted(line for line in p.stderr.splitlines() if line.startswith('cifar.py: error:'))
-    assert p.returncode != 0 and len(ours) == 2, p.stderr
-    assert ours[0].startswith("cifar.py: error: rank 0: CIFAR10 is not in --dataroot 'no/data' and could not be "
-                              "downloaded")
-    assert ours[1] == 'cifar.py: error: rank 1: rank 0 could not open the data (its line says why)'
+    # every rank stops with rank 0's reason (torchrun may stop a rank before it says it: at least one does)
+    ours = [line for line in p.stderr.splitlines() if line.startswith('cifar.py: error:')]
+    assert p.returncode != 0 and 1 <= len(ours) <= 2, p.stderr
+    for line in ours:
+        assert re.fullmatch(r"cifar\.py: error: rank [01]: CIFAR10 is not in --dataroot 'no/data' and could not be "
+                            r"downloaded \(\w+\); pass --dataroot .*", line), line
     assert not (tmp_path / 'no').exists() and not (tmp_path / 'logs').exists()
 
 

@@ -14,6 +14,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 from parallel import FunctionalNet  # noqa: E402
+from runs import leave  # noqa: E402
 from resnet import wrn, wrn_params  # noqa: E402
 from utils import set_requires_grad_except_bn_  # noqa: E402
 
@@ -91,7 +92,7 @@ def _fp16_worker(rank, init, out):
     trainer = Trainer(model, sgd, torch.device('cpu'), epochs=1, dtype='half', progress=False, dist=Dist('cpu'))
     trainer.train(batches, None, sgd(0.1))
     torch.save({'w': params[0].detach(), 'scale': trainer.scaler.get_scale()}, f'{out}/{rank}.pt')
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 def test_fp16_under_ddp_with_an_inf_on_one_rank_ends(tmp_path):
@@ -125,7 +126,7 @@ def _meters_worker(rank, init, out):
         loss.add(6.0)
     Dist(torch.device('cpu')).sync_meters([acc, loss])
     torch.save({'acc': acc.value()[0], 'loss': loss.value()}, f'{out}/{rank}.pt')
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 def test_meters_are_combined_over_ranks(tmp_path):
