@@ -7,6 +7,7 @@ uninterrupted one.
 """
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -34,22 +35,35 @@ def die(prog, message, code=2):
     sys.exit(code)
 
 
-def leave():
-    """Under torchrun, once every rank is done: exit together, without running the gloo/nccl
-    teardown one rank at a time, which can abort a rank whose peers have already gone."""
+def leave(code=0):
+    """Exits with `code`. Under torchrun, once every rank is done: exit together, without running the
+    gloo/nccl teardown one rank at a time, which can abort a rank whose peers have already gone."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    sys.exit(code)
+
+
+class Stopped(Exception):
+    """A run stopped cleanly by signal `signum`, after its last whole epoch was saved."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def cli(main, prog):
-    """Runs a script's main: bad input is one line on stderr and exit 1, never a traceback."""
+    """Runs a script's main: bad input is one line on stderr and exit 1, never a traceback. A run
+    stopped by a signal exits 128 + its number (130 for SIGINT, 143 for SIGTERM), so that a shell
+    script or a batch scheduler stops too."""
     try:
         main()
     except UserError as e:
         die(prog, e, code=1)
+    except Stopped as e:
+        leave(128 + e.signum)
     except KeyboardInterrupt:  # before training starts; during it, fit handles the signal
         print(f'\n{prog}: interrupted', file=sys.stderr)
         sys.exit(130)
@@ -71,6 +85,8 @@ def parse_epoch_step(text):
         steps = None
     if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
         raise UserError(f'--epoch_step must be a JSON list of ints, like [60,120,160]; got {text!r}')
+    if any(s < 1 for s in steps):  # epochs count from 1: an lr step at 0 would never happen
+        raise UserError(f'--epoch_step lists epochs from 1 on, like [60,120,160]; got {text!r}')
     return steps
 
 
@@ -85,16 +101,24 @@ def at_weight(opt):
 
 
 def check_options(opt, positive=(), not_negative=()):
-    """The checks both scripts share, then `positive` and `not_negative` flags, each named alone."""
+    """The checks both scripts share, then `positive` and `not_negative` flags, each named alone.
+    No number may be inf or nan: argparse's float() takes both, and no flag means them."""
+    for name, value in vars(opt).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f'--{name} must be a finite number, got {value}')
     parse_epoch_step(opt.epoch_step)
     if opt.dtype not in {**AMP_DTYPES, **PARAM_DTYPES}:
         raise UserError(f'--dtype must be float, double, half or bfloat16, got {opt.dtype!r}')
-    for name in ('batch_size', 'ngpu', 'width', 'temperature', *positive):
+    for name in ('batch_size', 'ngpu', 'width', 'temperature', 'lr_decay_ratio', *positive):
         if not getattr(opt, name) > 0:
             raise UserError(f'--{name} must be positive, got {getattr(opt, name)}')
-    for name in ('epochs', 'nthread', 'lr', 'weight_decay', *not_negative):
+    for name in ('epochs', 'nthread', 'lr', 'weight_decay', 'beta', *not_negative):
         if not getattr(opt, name) >= 0:
             raise UserError(f'--{name} must not be negative, got {getattr(opt, name)}')
+    if not 0 <= opt.alpha <= 1:  # the KD term's weight; the cross-entropy's is 1 - alpha
+        raise UserError(f'--alpha must be between 0 and 1, got {opt.alpha}')
+    if not 0 <= opt.seed < 2 ** 32:  # numpy's seed range
+        raise UserError(f'--seed must be between 0 and 2**32 - 1, got {opt.seed}')
 
 
 # ---------------------------------------------------------------- files
@@ -161,7 +185,7 @@ def check_save(opt, default_name):
         path = os.path.join(opt.save, 'model.pt7')
         opt.resume = path if os.path.exists(path) else ''
     if not opt.save:
-        opt.save = os.path.dirname(opt.resume) if opt.resume else os.path.join('logs', default_name)
+        opt.save = (os.path.dirname(opt.resume) or '.') if opt.resume else os.path.join('logs', default_name)
     existing = [n for n in ('model.pt7', 'log.txt') if os.path.exists(os.path.join(opt.save, n))]
     if existing and not opt.resume:
         raise UserError(f'--save {opt.save} already holds a run ({existing[0]}); pass --resume '
@@ -238,7 +262,7 @@ class Signals:
     def handler(self, signum, frame):
         if self.name is not None:
             print(f'{self.prog}: second signal, exiting now', file=sys.stderr)
-            os._exit(130)
+            os._exit(128 + signum)
         self.name = signal.Signals(signum).name
 
     def fire(self, when):
@@ -318,12 +342,35 @@ class EpochWriter:
               f'{pct(stats["train_acc"])}, test loss {stats["test_loss"]:.4f} acc {pct(stats["test_acc"])} '
               f'({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
 
-    def restore_lost_line(self, state):
-        """A kill between the checkpoint and its log line: the line is written back from the checkpoint."""
-        if state and state.get('record') and os.path.exists(self.log_path):
-            logged = read_json_stats(self.log_path)
-            if not logged or logged[-1].get('epoch', 0) < state['epoch']:
-                append_log(self.log_path, state['record'])
+    def repair_log(self, state):
+        """Makes log.txt hold exactly the checkpoint's epochs, whatever instant a kill came at: a line
+        torn by a kill mid-write goes, and the checkpoint's own line comes back where a kill fell
+        between the checkpoint and its line (log.txt may not exist yet: epoch 1)."""
+        if not (state and state.get('record')):
+            return
+        text = ''
+        if os.path.exists(self.log_path):
+            with open(self.log_path) as fh:
+                text = fh.read()
+        lines = text.split('\n')[:-1]  # a last line without its newline was torn
+        kept = [line for line in lines if json_stats_epoch(line) is None or json_stats_epoch(line) < state['epoch']]
+        repaired = ''.join(line + '\n' for line in kept) + 'json_stats: ' + json.dumps(state['record']) + '\n'
+        if repaired != text:
+            tmp = self.log_path + '.tmp'
+            with open(tmp, 'w') as fh:
+                fh.write(repaired)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.log_path)
+
+
+def json_stats_epoch(line):
+    """The epoch of a log.txt line, or None for a line that is not a whole json_stats record."""
+    i = line.find('json_stats: ')
+    try:
+        return int(json.loads(line[i + len('json_stats: '):])['epoch']) if i >= 0 else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def fit(opt, run, prog):
@@ -345,7 +392,7 @@ def fit(opt, run, prog):
         if state:
             print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
         make_save(opt.save)
-        writer.restore_lost_line(state)
+        writer.repair_log(state)
         print(f'{run.description}: {writer.n_parameters:,} parameters; {run.num_classes} classes; device {run.device}'
               + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
     if state and state.get('rng'):  # last, after building and restoring drew their own numbers
@@ -363,11 +410,12 @@ def fit(opt, run, prog):
                       scaler_state=(state or {}).get('scaler'),
                       buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
     try:
-        stats = trainer.train(run.train_loader, run.test_loader, optimizer)
+        return trainer.train(run.train_loader, run.test_loader, optimizer)
     except Stop:
-        stats = None
         if lead:
             done = read_json_stats(writer.log_path)[-1]['epoch'] if os.path.exists(writer.log_path) else 0
-            print(f'{prog}: {signals.name or "signal"}: stopped mid-epoch; model.pt7 holds the last whole epoch '
-                  f'({done}); continue with --resume auto --save {opt.save}', file=sys.stderr)
-    return stats
+            kept = f'model.pt7 holds the last whole epoch ({done})' if done else 'no epoch had finished'
+            print(f'{prog}: {signals.name or "signal"}: stopped mid-epoch; {kept}; continue with '
+                  f'--resume auto --save {opt.save}', file=sys.stderr)
+        # a rank that got no signal itself stops with its peers, as if it had got SIGTERM
+        raise Stopped(signal.Signals[signals.name] if signals.name else signal.SIGTERM) from None

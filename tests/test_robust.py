@@ -74,12 +74,37 @@ def test_kill_9_at_chosen_steps_never_loses_the_run(tiny_data, tmp_path):
            [[r[k] for k in keys] for r in read_log(tmp_path / 'logs/whole')]
 
 
+@pytest.mark.parametrize('epoch', [1, 2])  # the first epoch (no log.txt yet) and the last
+def test_kill_between_checkpoint_and_log_line_at_the_edges(tiny_data, tmp_path, epoch):
+    args = [*SMALL, '--dataroot', tiny_data, '--epochs', 2]
+    run_cifar([*args, '--save', 'logs/whole'], tmp_path)
+    p = start_cifar([*args, '--save', 'logs/k'], tmp_path, AT_TEST_SIGNALS=f'ckpt{epoch}:KILL')
+    p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGKILL
+    assert len(read_log(tmp_path / 'logs/k')) == epoch - 1 if epoch > 1 else not (tmp_path / 'logs/k/log.txt').exists()
+    run_cifar([*args, '--save', 'logs/k', '--resume', 'auto'], tmp_path)
+    def same(r):  # everything but the clock and the folder
+        return {k: v for k, v in r.items() if k not in ('train_time', 'test_time', 'save', 'resume')}
+    assert [same(r) for r in read_log(tmp_path / 'logs/k')] == [same(r) for r in read_log(tmp_path / 'logs/whole')]
+
+
+def test_a_line_torn_by_a_kill_goes_and_the_checkpoint_line_comes_back(tiny_data, tmp_path):
+    args = [*SMALL, '--dataroot', tiny_data, '--epochs', 2, '--save', 'logs/t']
+    run_cifar([*args, '--epochs', 1], tmp_path)
+    log = tmp_path / 'logs/t/log.txt'
+    whole = log.read_text()
+    log.write_text(whole[:-1] + '\njson_stats: {"epoch": 2, "train_lo')  # a kill in the middle of epoch 2's write
+    run_cifar([*args, '--resume', 'auto'], tmp_path)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and lines[0] + '\n' == whole and [r['epoch'] for r in read_log(tmp_path / 'logs/t')] == [1, 2]
+
+
 @pytest.mark.parametrize('sig', ['TERM', 'INT'])
 def test_signal_stops_cleanly_and_resume_continues(tiny_data, tmp_path, sig):
     args = [*SMALL, '--dataroot', tiny_data, '--epochs', 3, '--save', 'logs/s']
     p = start_cifar(args, tmp_path, AT_TEST_SIGNALS=f'5:{sig}')  # mid-epoch 2
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
+    assert p.returncode == 128 + getattr(signal, f'SIG{sig}'), err  # 143 or 130: a shell script stops too
     assert err.strip().splitlines() == [f'cifar.py: SIG{sig}: stopped mid-epoch; model.pt7 holds the last whole '
                                         f'epoch (1); continue with --resume auto --save logs/s']
     assert torch.load(tmp_path / 'logs/s/model.pt7', weights_only=True)['epoch'] == 1
@@ -88,11 +113,22 @@ def test_signal_stops_cleanly_and_resume_continues(tiny_data, tmp_path, sig):
     assert [r['epoch'] for r in read_log(tmp_path / 'logs/s')] == [1, 2, 3]
 
 
+def test_signal_before_the_first_epoch_ends_says_so(tiny_data, tmp_path):
+    args = [*SMALL, '--dataroot', tiny_data, '--epochs', 2, '--save', 'logs/s0']
+    p = start_cifar(args, tmp_path, AT_TEST_SIGNALS='2:INT')  # mid-epoch 1
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip().splitlines() == [
+        'cifar.py: SIGINT: stopped mid-epoch; no epoch had finished; continue with --resume auto --save logs/s0']
+    assert not (tmp_path / 'logs/s0/model.pt7').exists() and not (tmp_path / 'logs/s0/log.txt').exists()
+    run_cifar([*args, '--resume', 'auto'], tmp_path)
+    assert [r['epoch'] for r in read_log(tmp_path / 'logs/s0')] == [1, 2]
+
+
 def test_second_signal_exits_at_once(tiny_data, tmp_path):
     p = start_cifar([*SMALL, '--dataroot', tiny_data, '--epochs', 3, '--save', 'logs/s2'], tmp_path,
                     AT_TEST_SIGNALS='5:TERM,5:TERM')
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130 and err.strip().splitlines() == ['cifar.py: second signal, exiting now']
+    assert p.returncode == 143 and err.strip().splitlines() == ['cifar.py: second signal, exiting now']
     assert torch.load(tmp_path / 'logs/s2/model.pt7', weights_only=True)['epoch'] == 1
 
 
