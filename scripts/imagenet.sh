@@ -101,7 +101,10 @@ execute() {  # execute CMD: print it; run it unless --dry-run; a failure stops h
   [ "$DRY" = 1 ] && return 0
   local status=0
   eval "$1" || status=$?
-  [ "$status" = 0 ] || exit "$status"
+  [ "$status" = 0 ] && return 0
+  # 130/143: a run stopped by Ctrl-C or SIGTERM, its last whole epoch saved; stop here too
+  [ "$status" -gt 128 ] && echo "imagenet.sh: interrupted (exit $status); run the same command again to resume: finished steps are skipped, the interrupted run continues" >&2
+  exit "$status"
 }
 
 export_teacher() {

@@ -59,7 +59,17 @@ run() {  # run NAME SEED FLAGS...: skip a finished run, resume an unfinished one
   [ -f "$dir/model.pt7" ] && resume="--resume auto"
   local cmd="$PYTHON cifar.py --dataroot $DATAROOT --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --seed $seed --save $dir${resume:+ $resume} $*${EXTRA:+ $EXTRA}"
   echo "$cmd"
-  [ "$DRY" = 1 ] || eval "$cmd"
+  [ "$DRY" = 1 ] && return 0
+  local status=0
+  eval "$cmd" || status=$?
+  [ "$status" = 0 ] && return 0
+  # 130/143: cifar.py was stopped by Ctrl-C or SIGTERM with its last whole epoch saved; stop here too
+  if [ "$status" -gt 128 ]; then
+    echo "table1.sh: interrupted in $dir (exit $status); run the same command again to resume: finished runs are skipped, $dir continues" >&2
+  else
+    echo "table1.sh: $dir failed (exit $status)" >&2
+  fi
+  exit "$status"
 }
 
 teachers=()

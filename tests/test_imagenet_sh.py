@@ -231,3 +231,16 @@ def test_bad_input_one_line(tmp_path, case):
         assert not [f for f in (tmp_path / 'logs').rglob('*') if f.is_file()]
     else:
         assert p.stdout == '' and not (tmp_path / 'logs').exists()
+
+
+def test_an_interrupted_run_stops_the_script_with_its_status(tmp_path):
+    """SIGTERM at the first training run's 1st step: imagenet.py exits 143, and the script stops there
+    with that status, says how to go on, and starts neither the AT run nor the evaluations."""
+    make_imagenet(tmp_path / 'data')
+    torch.save(random_torchvision('resnet34', num_classes=5).state_dict(), tmp_path / 'resnet34.pth')
+    p = imagenet_sh(cwd=tmp_path, IMAGENETPATH='data', TEACHER_WEIGHTS='resnet34.pth', LOGS='logs', EPOCHS='1',
+                    BATCH='5', NTHREAD='0', EXTRA='--no_progress', AT_TEST_SIGNALS='1:TERM')
+    assert p.returncode == 143, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith('imagenet.sh: interrupted (exit 143); run the same command again')
+    assert 'at_r18_r34' not in p.stdout and not (tmp_path / 'logs' / 'r18' / 'eval.txt').exists()
+    assert 'Traceback' not in p.stderr

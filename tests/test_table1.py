@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import OFFLINE_ENV, ROOT
 
 
 def table1(tmp_path, **env):
@@ -134,3 +134,19 @@ def test_summarize_bad_input_is_one_line(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith('summarize.py: error: '), p.stderr
         assert expected in lines[0]
+
+
+def test_an_interrupted_run_stops_the_script_with_its_status(tiny_data, tmp_path):
+    """SIGINT lands in the first run (the teacher, at its 2nd step): cifar.py exits 130, and table1.sh
+    stops there with that status and says how to go on, instead of going on to the students."""
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'table1.sh')], capture_output=True, text=True, timeout=300,
+                       env={**OFFLINE_ENV, 'LOGS': str(tmp_path / 'logs'), 'PYTHON': sys.executable, 'EPOCHS': '1',
+                            'ROWS': '16_1_16_2', 'METHODS': 'student', 'DATAROOT': str(tiny_data),
+                            'EXTRA': '--no_progress --batch_size 16 --nthread 0', 'AT_TEST_SIGNALS': '2:INT'})
+    assert p.returncode == 130, p.stderr
+    commands = [line for line in p.stdout.splitlines() if ' cifar.py ' in line and '--save' in line]
+    assert len(commands) == 1 and 'resnet_16_2_teacher' in commands[0]  # no student started
+    assert p.stderr.strip().splitlines()[-1] == (
+        f'table1.sh: interrupted in {tmp_path}/logs/resnet_16_2_teacher (exit 130); run the same command again '
+        f'to resume: finished runs are skipped, {tmp_path}/logs/resnet_16_2_teacher continues')
+    assert 'Traceback' not in p.stderr and not (tmp_path / 'logs' / 'resnet_16_1').exists()
