@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 import runs
-from data import DeviceLoader, data_loader, decode_all, image_size, open_cifar, rank_batch
+from data import DeviceLoader, check_classes, data_loader, decode_all, image_shape, one_size, open_cifar, rank_batch
 from distill import Distiller, factt_adapters
 from engine import AMP_DTYPES, PARAM_DTYPES, compiled, sgd
 from parallel import Dist, FunctionalNet, data_parallel, place_params, select_device
@@ -97,39 +97,48 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- data
 
-def torchvision_transform(pad, train):
-    """The 2017 per-image pipeline."""
+def torchvision_transform(pad, train, size=(32, 32)):
+    """The 2017 per-image pipeline: a random crop back to the images' own size."""
     import torchvision.transforms as T
     transform = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
     if train:
-        transform = T.Compose([T.RandomCrop(32, padding=int(pad), padding_mode='reflect'),
+        transform = T.Compose([T.RandomCrop(size, padding=int(pad), padding_mode='reflect'),
                                T.RandomHorizontalFlip(), transform])
     return transform
 
 
 def create_loaders(opt, device):
-    """(train loader, test loader, class count): the fast device-resident loader, or the 2017 one."""
-    faithful, dist = opt.loader == 'torchvision', Dist(device)
-    train_set, test_set = (dist.rank0_first(lambda: open_cifar(  # rank 0 downloads, if anyone must
-        opt.dataroot, opt.dataset, train, torchvision_transform(opt.randomcrop_pad, train) if faithful else None))
-        for train in (True, False))
+    """(train loader, test loader, class count, image (height, width)): the fast device-resident
+    loader, or the 2017 one. Any one image size trains (the networks pool globally); train and
+    test must share it and their class folders."""
+    faithful, dist, where = opt.loader == 'torchvision', Dist(device), f'--dataroot {opt.dataroot}'
+    train_set, test_set = (dist.rank0_first(lambda: open_cifar(opt.dataroot, opt.dataset, train))
+                           for train in (True, False))  # rank 0 downloads, if anyone must
     if len(train_set) == 0 or len(test_set) == 0:
-        raise UserError(f'--dataroot {opt.dataroot}: empty train or test set')
-    if len(train_set.classes) != len(test_set.classes):
-        raise UserError(f'--dataroot {opt.dataroot}: train has {len(train_set.classes)} classes, '
-                        f'test has {len(test_set.classes)}')
-    size = image_size(train_set)
-    if opt.randomcrop_pad >= size:
-        raise UserError(f'--randomcrop_pad {opt.randomcrop_pad:g} must be smaller than the images ({size} pixels)')
+        raise UserError(f'{where}: empty train or test set')
+    check_classes(train_set, test_set, where)
+    if faithful:
+        sizes = image_shape(train_set), image_shape(test_set)
+    else:
+        (train_x, train_y), (test_x, test_y) = decode_all(train_set), decode_all(test_set)
+        sizes = tuple(train_x.shape[-2:]), tuple(test_x.shape[-2:])
+    if sizes[0] != sizes[1]:
+        raise UserError(f'{where}: train images are {sizes[0][0]}x{sizes[0][1]} and test images '
+                        f'{sizes[1][0]}x{sizes[1][1]} (height x width); both need the same size')
+    size = one_size(set(sizes), where)
+    if opt.randomcrop_pad >= min(size):
+        raise UserError(f'--randomcrop_pad {opt.randomcrop_pad:g} must be smaller than the images ({min(size)} pixels)')
     batch = rank_batch(opt.batch_size, (len(train_set), len(test_set)), dist)
     if faithful:
+        train_set.transform = torchvision_transform(opt.randomcrop_pad, True, size)
+        test_set.transform = torchvision_transform(opt.randomcrop_pad, False)
         return (data_loader(train_set, True, batch, opt.nthread, opt.seed, device, dist),
-                data_loader(test_set, False, batch, opt.nthread, opt.seed, device, dist), len(train_set.classes))
+                data_loader(test_set, False, batch, opt.nthread, opt.seed, device, dist), len(train_set.classes), size)
     kw = dict(batch_size=batch, mean=MEAN, std=STD, device=device, channels_last=opt.channels_last,
               rank=dist.rank, world=dist.world)
     gen = torch.Generator(device).manual_seed(opt.seed)
-    return (DeviceLoader(*decode_all(train_set), train=True, pad=opt.randomcrop_pad, generator=gen, **kw),
-            DeviceLoader(*decode_all(test_set), train=False, **kw), len(train_set.classes))
+    return (DeviceLoader(train_x, train_y, train=True, pad=opt.randomcrop_pad, generator=gen, **kw),
+            DeviceLoader(test_x, test_y, train=False, **kw), len(train_set.classes), size)
 
 
 # ---------------------------------------------------------------- run
@@ -140,14 +149,14 @@ def build(opt):
     if opt.channels_last is None:
         opt.channels_last = int(CHANNELS_LAST[device.type])
     runs.seed_everything(opt.seed)
-    train_loader, test_loader, num_classes = create_loaders(opt, device)
+    train_loader, test_loader, num_classes, size = create_loaders(opt, device)
 
     params_s = cifar_model_params(opt.model, opt.depth, opt.width, num_classes)
     # KD and gradient AT compare class scores: they need the teacher's classes; attention maps know no classes
     f_t, params_t, info = load_teacher_run(opt.teacher_id, num_classes if opt.alpha or opt.grad_beta else None) \
         if opt.teacher_id else (None, {}, None)
     # F-ActT's 1x1 adapters train with the student, and are saved as adapter.*
-    adapters = factt_adapters(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, 32, 32)) \
+    adapters = factt_adapters(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, *size)) \
         if f_t and opt.factt_beta else {}
     dtype, amp = PARAM_DTYPES.get(opt.dtype, torch.float32), AMP_DTYPES.get(opt.dtype)
     for params, trained in ((params_s, True), (params_t, False), (adapters, True)):

@@ -65,6 +65,41 @@ def open_cifar(dataroot, dataset, train, transform=None):
             f'dataset (DIR/train/<class>/*.png, DIR/test/<class>/*.png)') from None
 
 
+def check_classes(train, test, where, names=('train', 'test')):
+    """Train and test must name the same classes in the same order: labels are indices into them."""
+    if train.classes == test.classes:
+        return
+    for i, (a, b) in enumerate(zip(train.classes, test.classes)):
+        if a != b:
+            raise UserError(f'{where}: class {i} is {a!r} in {names[0]}/ but {b!r} in {names[1]}/; '
+                            f'both need the same class folders')
+    more, fewer = (names, (train, test)) if len(train.classes) > len(test.classes) else (names[::-1], (test, train))
+    raise UserError(f'{where}: {more[0]}/ has a class {fewer[0].classes[len(fewer[1].classes)]!r} that {more[1]}/ '
+                    f'lacks; both need the same class folders')
+
+
+def one_size(sizes, where):
+    """The one (height, width) of a dataset's images, from a set of them; several is one line."""
+    if len(sizes) > 1:
+        shown = ', '.join(f'{h}x{w}' for h, w in sorted(sizes)[:3])
+        raise UserError(f'{where}: images of several sizes ({shown}{", ..." if len(sizes) > 3 else ""}, '
+                        f'height x width); every image needs the same size')
+    return next(iter(sizes))
+
+
+def image_shape(dataset):
+    """(height, width) of every image of a dataset, read from the headers alone; several is one line."""
+    if hasattr(dataset, 'data'):  # torchvision's CIFAR keeps (N, H, W, C) arrays
+        return tuple(np.asarray(dataset.data).shape[1:3])
+    from PIL import Image
+
+    def size(path):
+        with Image.open(path) as im:
+            return im.size[::-1]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL releases the GIL while it reads
+        return one_size(set(pool.map(size, [path for path, _ in dataset.samples])), dataset.root)
+
+
 def decode_all(dataset):
     """A dataset's images as one uint8 (N, C, H, W) tensor, and its labels."""
     if hasattr(dataset, 'data'):  # torchvision's CIFAR keeps (N, H, W, C) arrays
@@ -72,19 +107,9 @@ def decode_all(dataset):
     else:  # decode every file once; PIL releases the GIL, so threads help
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             arrays = list(pool.map(lambda s: np.asarray(dataset.loader(s[0])), dataset.samples))
-        shapes = sorted({a.shape for a in arrays})
-        if len(shapes) > 1:
-            raise UserError(f'images of several sizes {shapes[:2]} in {dataset.root}; '
-                            f'the fast loader needs one size: pass --loader torchvision')
+        one_size({a.shape[:2] for a in arrays}, dataset.root)
         images = np.stack(arrays)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), list(dataset.targets)
-
-
-def image_size(dataset):
-    """The shorter side of a dataset's first image, read without its transform."""
-    if hasattr(dataset, 'data'):
-        return min(np.asarray(dataset.data).shape[1:3])
-    return min(dataset.loader(dataset.samples[0][0]).size)
 
 
 # ---------------------------------------------------------------- loaders
@@ -118,11 +143,12 @@ def data_loader(dataset, train, batch, nthread, seed, device, dist):
 
 
 def crop_flip(padded, top, left, flip, size):
-    """Per-sample crops of `padded` (B,C,H,W) at (top, left), mirrored where `flip`: one gather."""
+    """Per-sample crops of `padded` (B,C,H,W) at (top, left), of `size` (an int, or (height, width)),
+    mirrored where `flip`: one gather."""
     b, c = padded.shape[:2]
-    ar = torch.arange(size, device=padded.device)
-    rows = (top[:, None] + ar)[:, None, :, None]
-    cols = left[:, None] + ar
+    height, width = (size, size) if isinstance(size, int) else size
+    rows = (top[:, None] + torch.arange(height, device=padded.device))[:, None, :, None]
+    cols = left[:, None] + torch.arange(width, device=padded.device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
     return padded[torch.arange(b, device=padded.device)[:, None, None, None],
                   torch.arange(c, device=padded.device)[None, :, None, None], rows, cols]
@@ -166,7 +192,7 @@ class DeviceLoader:
 
     def augment(self, x, n_global):
         """Crops and flips drawn for the `n_global` images of the global batch; this rank's share."""
-        size, share = x.shape[-1], slice(self.rank, None, self.world)
+        size, share = x.shape[-2:], slice(self.rank, None, self.world)
         if self.pad:
             x = F.pad(x, [self.pad] * 4, mode='reflect')
         g, dev = self.generator, x.device

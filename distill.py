@@ -1,6 +1,8 @@
 """The loss of a training step: a student alone, or taught by a teacher through AT, KD, F-ActT and
 gradient AT. A Distiller is a small torch.nn.Module returning (logits, dict of losses), so that
 DistributedDataParallel can carry the student with any trained adapters."""
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,9 +71,28 @@ class Distiller(nn.Module):
                 losses['grad_at_loss'] = grad_at_loss(j_s, j_t)
                 losses['loss'] = losses['loss'] + self.grad_beta / 2 * losses['grad_at_loss']
         if self.sym_beta:
-            losses['sym_loss'] = sym_loss(student, None, inputs, targets, True, j=j_s)
+            with spare_running_stats(self.student):
+                losses['sym_loss'] = sym_loss(student, None, inputs, targets, True, j=j_s)
             losses['loss'] = losses['loss'] + self.sym_beta / 2 * losses['sym_loss']
         return y_s, losses
+
+
+@contextmanager
+def spare_running_stats(module):
+    """Runs a training-mode pass whose batch-norm updates go to throwaway copies. The mirrored pass of
+    --sym_beta normalises with batch statistics like any training pass, but it is a second look at the
+    same batch: it must not move the running statistics a second time. (The originals are swapped
+    out, not restored in place: the double-backprop graph holds them and checks their versions.)"""
+    buffers = list(module.named_buffers())
+    for name, b in buffers:
+        owner, _, leaf = name.rpartition('.')
+        setattr(module.get_submodule(owner), leaf, b.clone())
+    try:
+        yield
+    finally:
+        for name, b in buffers:
+            owner, _, leaf = name.rpartition('.')
+            setattr(module.get_submodule(owner), leaf, b)
 
 
 def factt_adapters(f_s, params_s, f_t, params_t, shape):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 
 import runs
-from data import data_loader, image_folder, rank_batch
+from data import check_classes, data_loader, image_folder, rank_batch
 from distill import Distiller
 from engine import AMP_DTYPES, PARAM_DTYPES, compiled, evaluate, sgd
 from parallel import Dist, FunctionalNet, data_parallel, place_params, select_device
@@ -65,6 +65,8 @@ def build_parser():
 def parse_args(argv=None):
     opt = build_parser().parse_args(argv)
     runs.check_options(opt)
+    if int(64 * opt.width) < 1:
+        raise UserError(f'--width {opt.width} leaves a group with no channels')
     if opt.depth not in IMAGENET_BLOCKS:
         raise UserError(f'--depth must be one of {sorted(IMAGENET_BLOCKS)}, got {opt.depth}')
     try:
@@ -110,9 +112,8 @@ def build(opt):
     device = select_device(opt.device, opt.gpu_id, opt.ngpu)
     runs.seed_everything(opt.seed)
     train_loader, num_classes = create_loader(opt, 'train', device)
-    val_loader, val_classes = create_loader(opt, 'val', device)
-    if val_classes != num_classes:
-        raise UserError(f'--imagenetpath: train has {num_classes} classes, val has {val_classes}')
+    val_loader, _ = create_loader(opt, 'val', device)
+    check_classes(train_loader.dataset, val_loader.dataset, f'--imagenetpath {opt.imagenetpath}', ('train', 'val'))
     params_s = resnet_imagenet_params(opt.depth, opt.width, num_classes)
     f_t, params_t = load_teacher_export(opt.teacher_params) if opt.teacher_params else (None, {})
     if f_t and opt.alpha and params_t['fc.weight'].shape[0] != num_classes:  # attention maps know no classes

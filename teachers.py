@@ -54,7 +54,8 @@ def load_teacher_run(run_id, num_classes=None):
         expected = cifar_model_params(model, depth, width, run_classes)
     check_params(params, expected, f'teacher {folder}/model.pt7')
     return CIFAR_MODELS[model], {k: params[k].float() for k in expected}, dict(
-        name=cifar_model_name(model, depth, width), folder=folder, num_classes=run_classes)
+        name=cifar_model_name(model, depth, width), folder=folder, num_classes=run_classes,
+        dataset=info.get('dataset', 'CIFAR10'))
 
 
 def load_teacher_export(path):

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cifar import MEAN, STD  # noqa: E402
-from data import open_cifar  # noqa: E402
+from data import check_classes, open_cifar  # noqa: E402
 from runs import Parser, cli  # noqa: E402
 from teachers import load_teacher_export, load_teacher_run  # noqa: E402
 from utils import UserError, input_grad  # noqa: E402
@@ -31,20 +31,22 @@ PROG = 'visualize.py'
 
 
 def load_run(folder):
-    """A CIFAR run folder's network as (name, f, params): a distilled run gives its student."""
-    f, params, _ = load_teacher_run(folder)
-    return os.path.basename(os.path.normpath(folder)), f, params
+    """A CIFAR run folder's network as (name, f, params, info): a distilled run gives its student."""
+    f, params, info = load_teacher_run(folder)
+    return os.path.basename(os.path.normpath(folder)), f, params, info
 
 
-def cifar_images(dataroot, n):
-    """The first n test images (one per class in turn), as (uint8 HWC arrays, labels)."""
-    ds = open_cifar(dataroot, 'CIFAR10', False)
+def cifar_images(dataroot, dataset, n):
+    """The first n test images of the runs' dataset (one per class in turn), as (uint8 HWC arrays,
+    labels, the class count)."""
+    ds = open_cifar(dataroot, dataset, False)
+    check_classes(open_cifar(dataroot, dataset, True), ds, f'--dataroot {dataroot}')
     by_class = {}
     for i, label in enumerate(ds.targets):
         by_class.setdefault(label, []).append(i)
     order = [idx for group in zip(*by_class.values()) for idx in group][:n]
     images = [np.asarray(ds[i][0].convert('RGB')) for i in order]
-    return images, [ds.targets[i] for i in order]
+    return images, [ds.targets[i] for i in order], len(ds.classes)
 
 
 def normalise(images, mean, std):
@@ -101,6 +103,8 @@ def main(argv=None):
     p.add_argument('--kind', choices=['act', 'grad'], default='act')
     p.add_argument('--out', default='attention.png')
     args = p.parse_args(argv)
+    if args.n < 1:
+        raise UserError(f'-n must be at least 1, got {args.n}')
     if not args.inputs:
         raise UserError('name CIFAR run folders, or image files with --export')
     if args.export:
@@ -116,9 +120,16 @@ def main(argv=None):
         columns = [(os.path.basename(args.export), maps(f, params, x, None, args.kind))]
     else:
         runs = [load_run(folder) for folder in args.inputs]
-        images, labels = cifar_images(args.dataroot, args.n)
+        datasets = sorted({info['dataset'] for *_, info in runs})
+        if len(datasets) > 1:
+            raise UserError(f'the runs were trained on {" and ".join(datasets)}: show runs of one dataset at a time')
+        images, labels, classes = cifar_images(args.dataroot, datasets[0], args.n)
+        for name, _, _, info in runs:  # the gradient of the loss of an image's label needs the run's classes
+            if args.kind == 'grad' and info['num_classes'] != classes:
+                raise UserError(f'{name} has {info["num_classes"]} classes, --dataroot {args.dataroot} {classes}: '
+                                f'--kind grad needs the same classes; --kind act does not')
         x = normalise(images, MEAN, STD)
-        columns = [(name, maps(f, params, x, torch.tensor(labels), args.kind)) for name, f, params in runs]
+        columns = [(name, maps(f, params, x, torch.tensor(labels), args.kind)) for name, f, params, _ in runs]
     draw(images, columns, args.out, args.kind)
     print(f'{args.out}: {len(images)} images x {sum(len(c[1][0]) for c in columns)} maps')
 

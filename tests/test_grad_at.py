@@ -84,3 +84,22 @@ def test_cifar_with_grad_at_and_symmetry(tiny_data, tmp_path):
     p = run_cifar([*small, '--epochs', 1, '--save', 'logs/x', '--sym_beta', 1, '--dtype', 'bfloat16'], tmp_path,
                   check=False)
     assert p.returncode != 0 and 'full precision' in p.stderr
+
+
+@pytest.mark.parametrize('grad_beta', [0, 10])
+def test_the_mirrored_pass_leaves_the_running_statistics_alone(grad_beta):
+    """One --sym_beta step moves the batch-norm running statistics exactly as a step without it: the
+    mirrored pass is a second look at the same batch, not a second batch."""
+    from distill import Distiller
+    from parallel import FunctionalNet
+    x, t = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    stats = {}
+    for sym in (0, 1):
+        params = tiny_wrn(0)
+        utils.set_requires_grad_except_bn_(params)
+        student = FunctionalNet(wrn, params)
+        teacher = FunctionalNet(wrn, tiny_wrn(1)) if grad_beta else None
+        Distiller(student, teacher, grad_beta=grad_beta, sym_beta=sym)(x, t, True)[1]['loss'].backward()
+        stats[sym] = {k: v.clone() for k, v in student.params.items() if k.endswith(('running_mean', 'running_var'))}
+    assert stats[0] and all(not torch.equal(v, torch.zeros_like(v)) for k, v in stats[0].items() if 'mean' in k)
+    assert all(torch.equal(stats[0][k], stats[1][k]) for k in stats[0])
