@@ -46,22 +46,51 @@ def compile_errors():
 
 
 def compiled(f, enabled, prog):
-    """torch.compile(f), falling back to f, with one line, where compilation fails. Any other
-    error (out of memory, a bad input) is raised as it is."""
-    if not enabled:
-        return f
-    current = [torch.compile(f)]
+    """torch.compile(f), falling back to f where compilation fails; f itself when not enabled."""
+    return Compiled(f, prog) if enabled else f
 
-    def call(*args, **kwargs):
-        if current[0] is f:
-            return f(*args, **kwargs)
+
+class Compiled:
+    """torch.compile(f) that falls back to f, with one line, where compilation fails: in the forward
+    call here, or in the backward pass, which torch compiles lazily and whose errors come out of
+    loss.backward() (EagerOnCompileError retries the step then). Any other error (out of memory, a
+    bad input) is raised as it is."""
+
+    def __init__(self, f, prog):
+        self.f, self.prog, self.current = f, prog, torch.compile(f)
+
+    def __call__(self, *args, **kwargs):
+        if self.current is not self.f:
+            try:
+                return self.current(*args, **kwargs)
+            except compile_errors() as e:
+                self.fall_back(e)
+        return self.f(*args, **kwargs)
+
+    def fall_back(self, error):
+        if self.current is not self.f:
+            print(f'{self.prog}: --compile unavailable here ({type(error).__name__}); running eagerly', file=sys.stderr)
+            self.current = self.f
+
+
+class EagerOnCompileError:
+    """An optimizer whose step(closure) runs the step again eagerly where compiling failed in the
+    closure's backward pass: the compiled functions fall back, and the half-made gradients go."""
+
+    def __init__(self, optimizer, compiled):
+        self.optimizer, self.compiled = optimizer, compiled
+
+    def __getattr__(self, name):  # param_groups, zero_grad, state_dict, scaler, ...
+        return getattr(self.optimizer, name)
+
+    def step(self, closure):
         try:
-            return current[0](*args, **kwargs)
+            return self.optimizer.step(closure)
         except compile_errors() as e:
-            print(f'{prog}: --compile unavailable here ({type(e).__name__}); running eagerly', file=sys.stderr)
-            current[0] = f
-            return f(*args, **kwargs)
-    return call
+            for c in self.compiled:
+                c.fall_back(e)
+            self.optimizer.zero_grad()
+            return self.optimizer.step(closure)
 
 
 class GradScaled:
@@ -124,13 +153,20 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if AMP_DTYPES.get(dtype) == torch.float16 else None
         if self.scaler and scaler_state:
             self.scaler.load_state_dict(scaler_state)
-        self.make_optimizer = make_optimizer if not self.scaler else (
-            lambda lr: GradScaled(make_optimizer(lr), self.scaler))
+        self.compiled = [m.f for m in model.modules() if isinstance(getattr(m, 'f', None), Compiled)]
+        self.make_optimizer = lambda lr: self.wrap(make_optimizer(lr))
         self.pending = []  # (batch number, batch size, device vector: loss, errors at each k, AT losses, extras)
         self.losses, self.epoch, self.t0, self.last = None, start_epoch, 0, {}
         if self.dist.rank == 0 and slow_cpu_autocast(device, dtype):
             print(f'warning: this CPU has no native {dtype} kernels; --dtype {dtype} will train slower than float',
                   file=sys.stderr)
+
+    def wrap(self, optimizer):
+        """The optimizer the engine steps: through the GradScaler (fp16), and retried eagerly where
+        compiling the backward pass fails (--compile)."""
+        if self.scaler:
+            optimizer = GradScaled(optimizer, self.scaler)
+        return EagerOnCompileError(optimizer, self.compiled) if self.compiled else optimizer
 
     def meters(self, train):
         return [self.meter_loss, self.classacc, *(self.meters_at + list(self.meters_extra.values()) if train else [])]
@@ -138,8 +174,7 @@ class Trainer:
     def train(self, train_loader, test_loader, optimizer):
         """Runs epochs start_epoch+1 .. epochs from `optimizer`; returns the last epoch's stats."""
         self.train_loader, self.test_loader = train_loader, test_loader
-        if self.scaler:
-            optimizer = GradScaled(optimizer, self.scaler)
+        optimizer = self.wrap(optimizer)
         self.engine = tnt.engine.Engine()
         self.engine.hooks.update(on_sample=self.on_sample, on_forward=self.on_forward, on_start=self.on_start,
                                  on_update=self.on_update, on_start_epoch=self.on_start_epoch,

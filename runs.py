@@ -322,7 +322,10 @@ class EpochWriter:
     def __init__(self, opt, run, generator, signals):
         self.opt, self.run, self.generator, self.signals = opt, run, generator, signals
         self.log_path = os.path.join(opt.save, 'log.txt')
-        self.n_parameters = n_trained(run.params_s)
+        # log.txt's n_parameters is the 2017 count, of every tensor of the student's dict (batch-norm
+        # statistics too); the trained count is printed beside it
+        self.n_parameters = sum(v.numel() for v in run.params_s.values())
+        self.n_trained = n_trained(run.params_s)
 
     def __call__(self, stats, optimizer):
         opt = self.opt
@@ -393,7 +396,7 @@ def fit(opt, run, prog):
             print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
         make_save(opt.save)
         writer.repair_log(state)
-        print(f'{run.description}: {writer.n_parameters:,} parameters; {run.num_classes} classes; device {run.device}'
+        print(f'{run.description}: {writer.n_parameters:,} parameters ({writer.n_trained:,} trained); {run.num_classes} classes; device {run.device}'
               + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
     if state and state.get('rng'):  # last, after building and restoring drew their own numbers
         set_rng_state(state['rng'], generator)

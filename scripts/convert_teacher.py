@@ -21,20 +21,41 @@ from utils import UserError  # noqa: E402
 PROG = 'convert_teacher.py'
 
 
-def write_export(params, path):
-    if path.endswith('.hkl'):
-        import hickle
-        hickle.dump({k: v.numpy() for k, v in params.items()}, path, mode='w')
-    elif path.endswith(('.pth', '.pt')):
-        torch.save(dict(params), path)
-    else:
+def check_output(path):
+    """Every output is checked before the first is written: a bad one leaves nothing behind."""
+    if not path.endswith(('.pth', '.pt', '.hkl')):
         raise UserError(f'{path}: the output must end in .pth, .pt or .hkl')
+    folder = os.path.dirname(path) or '.'
+    if not os.path.isdir(folder):
+        raise UserError(f'{path}: no such folder {folder}')
+    if not os.access(folder, os.W_OK):
+        raise UserError(f'{path}: folder {folder} is not writable')
+    if os.path.isdir(path):
+        raise UserError(f'{path} is a folder')
+
+
+def write_export(params, path):
+    """Written whole or not at all: through a temporary file in the same folder."""
+    tmp = f'{path}.part{os.path.splitext(path)[1]}'
+    try:
+        if path.endswith('.hkl'):
+            import hickle
+            hickle.dump({k: v.numpy() for k, v in params.items()}, tmp, mode='w')
+        else:
+            torch.save(dict(params), tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f'cannot write {path}: {e.strerror or e}') from None
 
 
 def main(argv):
     if len(argv) < 2 or argv[0] in ('-h', '--help'):
         print(__doc__.strip())
         return 0 if argv and argv[0] in ('-h', '--help') else 2
+    for out in argv[1:]:
+        check_output(out)
     _, params = load_teacher_export(argv[0])
     for out in argv[1:]:
         write_export(params, out)

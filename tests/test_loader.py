@@ -9,6 +9,7 @@ from PIL import Image
 
 import data
 import engine
+import utils
 from cifar import MEAN, STD
 
 
@@ -111,3 +112,42 @@ def test_compiled_raises_what_is_not_a_compile_failure(monkeypatch, capsys, erro
     with pytest.raises(type(error)):
         engine.compiled(lambda x: x + 1, True, 'prog')(1)
     assert capsys.readouterr().err == ''
+
+
+def test_a_compile_error_in_the_backward_pass_falls_back_too(monkeypatch, capsys):
+    """torch compiles backward lazily: its error comes out of loss.backward() inside the engine's step.
+    The step is taken again eagerly, and the weights end as an eager run's."""
+    from torch._inductor.exc import InductorError
+    from data import DeviceLoader
+    from distill import Distiller
+    from parallel import FunctionalNet
+    from resnet import wrn, wrn_params
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise InductorError(RuntimeError('a kernel that does not build'), None)
+
+    def compile(f):
+        return lambda x, params, mode: (FailingBackward.apply(f(x, params, mode)[0]), f(x, params, mode)[1])
+    monkeypatch.setattr(torch, 'compile', compile)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 255, (24, 3, 8, 8), dtype=torch.uint8, generator=g), [i % 3 for i in range(24)]
+    weights = {}
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        params = wrn_params(10, 0.25, 3)
+        utils.set_requires_grad_except_bn_(params)
+        model = Distiller(FunctionalNet(engine.compiled(wrn, enabled, 'prog'), params))
+        loader = DeviceLoader(images, labels, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
+                              generator=torch.Generator().manual_seed(1))
+        make = engine.sgd(params, 5e-4, torch.device('cpu'), 'float')
+        engine.Trainer(model, make, torch.device('cpu'), epochs=1, progress=False).train(loader, None, make(0.1))
+        weights[enabled] = {k: v.detach().clone() for k, v in params.items() if utils.is_trained(k)}
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'prog: --compile unavailable here (InductorError); running eagerly']
+    assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])

@@ -14,6 +14,13 @@ def test_trainable_parameter_counts(depth, width, count):
     assert utils.n_trained(params) == count
 
 
+def test_the_2017_count_takes_the_batch_norm_statistics_too():
+    """log.txt's n_parameters as the 2017 code logged it for WRN-16-1 on CIFAR-10."""
+    with torch.device('meta'):
+        params = wrn_params(16, 1, 10)
+    assert sum(v.numel() for v in params.values()) == 175_994
+
+
 def test_names_match_the_2017_layout():
     params = wrn_params(16, 2, 10)
     nn_names = set(NNWideResNet(16, 2, 10).flat_state())
