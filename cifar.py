@@ -75,7 +75,7 @@ def build_parser():
 
 def parse_args(argv=None):
     opt = build_parser().parse_args(argv)
-    runs.check_options(opt, not_negative=['randomcrop_pad'])
+    runs.check_options(opt, not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
     if opt.model == 'wrn':
         try:
             wrn_depth_to_blocks(opt.depth)

@@ -20,16 +20,22 @@ REHEARSE=0 INSTALL= BUDGET=480 ONLY= ARCHIVE=.gpu_check/cifar10-jpg.tar.gz WHEEL
 while [ $# -gt 0 ]; do
   case "$1" in
     --rehearse) REHEARSE=1 ;;
-    --budget) BUDGET=$2; shift ;;
-    --only) ONLY=$2; shift ;;
-    --archive) ARCHIVE=$2; shift ;;
-    --wheelhouse) WHEELS=$2; shift ;;
+    --budget|--only|--archive|--wheelhouse)
+      [ $# -ge 2 ] || { echo "gpu_check.sh: error: $1 needs a value" >&2; exit 2; }
+      case "$1" in --budget) BUDGET=$2 ;; --only) ONLY=$2 ;; --archive) ARCHIVE=$2 ;; *) WHEELS=$2 ;; esac; shift ;;
     --keep-work) KEEP=--keep-work ;;
     --install) INSTALL=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
+done
+[[ "$BUDGET" =~ ^[0-9]+([.][0-9]+)?$ ]] && [ "${BUDGET%%.*}" -gt 0 ] ||
+  { echo "gpu_check.sh: error: --budget must be a positive number of seconds, got '$BUDGET'" >&2; exit 2; }
+CHECK_NAMES="a b c d e a_cuda_vs_cpu b_at_epoch c_benchmark d_resume e_imagenet"
+for c in ${ONLY//,/ }; do
+  [[ " $CHECK_NAMES " == *" $c "* ]] ||
+    { echo "gpu_check.sh: error: --only names checks a-e (or $CHECK_NAMES), got '$c'" >&2; exit 2; }
 done
 OUT=${OUT:-/tmp/gpu_check}
 PY=${PYTHON:-python3}

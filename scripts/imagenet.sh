@@ -60,6 +60,8 @@ if [ -z "${EPOCH_STEP:-}" ]; then
   for s in 30 60 90; do n=$(( (s * EPOCHS + 50) / 100 )); steps+=($(( n < 2 ? 2 : n ))); done
   EPOCH_STEP="[$(IFS=,; echo "${steps[*]}")]"
 fi
+[[ "$EPOCH_STEP" =~ ^\[\ *([1-9][0-9]*\ *(,\ *[1-9][0-9]*\ *)*)?\]$ ]] ||
+  die "EPOCH_STEP must be a JSON list of epochs from 1 on, like [30,60,90]; got '$EPOCH_STEP'"
 BATCH=${BATCH:-256}
 { is_int "$BATCH" && [ "$BATCH" -ge 1 ]; } || die "BATCH must be a whole number of at least 1, got '$BATCH'"
 BATCH=$((10#$BATCH))

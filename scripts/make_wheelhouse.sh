@@ -17,15 +17,18 @@ cd "$(dirname "$0")/.."
 WHEELS=.wheelhouse DATA_OUT=.gpu_check ARCHIVE=../shared/data/cifar10-jpg.tar.gz COPY_DATA=1
 while [ $# -gt 0 ]; do
   case "$1" in
-    --wheelhouse) WHEELS=$2; shift ;;
-    --data-out) DATA_OUT=$2; shift ;;
-    --archive) ARCHIVE=$2; shift ;;
+    --wheelhouse|--data-out|--archive)
+      [ $# -ge 2 ] || { echo "make_wheelhouse.sh: error: $1 needs a value" >&2; exit 2; }
+      case "$1" in --wheelhouse) WHEELS=$2 ;; --data-out) DATA_OUT=$2 ;; *) ARCHIVE=$2 ;; esac; shift ;;
     --no-data) COPY_DATA=0 ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "make_wheelhouse.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+if [ "$COPY_DATA" = 1 ] && [ ! -f "$ARCHIVE" ]; then  # before any fetching: say it at once
+  echo "make_wheelhouse.sh: error: --archive $ARCHIVE: no such file (or pass --no-data)" >&2; exit 2
+fi
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi

@@ -155,7 +155,10 @@ def main(argv=None):
         raise UserError(f'--epoch must be 1 or more, got {args.epoch}')
     runs = collect(args.logs, args.epoch)
     rows = table(runs, pairs)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    except OSError as e:
+        raise UserError(f'--out {args.out}: cannot make its folder: {e.strerror}') from None
     text = markdown(rows)
     with open(args.out + '.md', 'w') as fh:
         fh.write(text)

@@ -26,8 +26,10 @@ for a in "$@"; do
     *) echo "table1.sh: error: unknown argument $a (try --help)" >&2; exit 2 ;;
   esac
 done
+die() { echo "table1.sh: error: $*" >&2; exit 2; }
 DATAROOT=${DATAROOT:-.}
 EPOCHS=${EPOCHS:-200}
+[[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
 EPOCH_STEP=${EPOCH_STEP:-$(python3 -c "import sys; e=int(sys.argv[1]); print('[' + ','.join(str(max(2, round(s * e / 200))) for s in (60, 120, 160)) + ']')" "$EPOCHS")}
 SEEDS=${SEEDS:-0}
 TEACHER_SEEDS=${TEACHER_SEEDS:-0}
@@ -35,6 +37,15 @@ ROWS=${ROWS:-nin 16_1_16_2 16_1_40_1 16_2_40_2}
 METHODS=${METHODS:-student at factt kd atkd}
 BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}; FACTT_BETA=${FACTT_BETA:-1e+4}; GRAD_BETA=${GRAD_BETA:-1e+3}
 LOGS=${LOGS:-logs}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
+# every setting is checked before the first run starts, not when a later run first uses it
+[[ "$EPOCH_STEP" =~ ^\[\ *([1-9][0-9]*\ *(,\ *[1-9][0-9]*\ *)*)?\]$ ]] ||
+  die "EPOCH_STEP must be a JSON list of epochs from 1 on, like [60,120,160]; got '$EPOCH_STEP'"
+for s in $SEEDS $TEACHER_SEEDS; do [[ "$s" =~ ^[0-9]+$ ]] || die "SEEDS and TEACHER_SEEDS list whole numbers from 0 on, got '$s'"; done
+[ -n "${SEEDS// /}" ] && [ -n "${TEACHER_SEEDS// /}" ] || die "SEEDS and TEACHER_SEEDS must name at least one seed"
+for v in BETA ALPHA FACTT_BETA GRAD_BETA; do
+  [[ "${!v}" =~ ^[0-9]*[.]?[0-9]+([eE][+-]?[0-9]+)?$ ]] || die "$v must be a number from 0 on, got '${!v}'"
+done
+command -v "$PYTHON" > /dev/null || die "PYTHON=$PYTHON: command not found (activate the project's venv)"
 
 # name: model flags
 declare -A NET=(
@@ -63,15 +74,15 @@ run() {  # run NAME SEED FLAGS...: skip a finished run, resume an unfinished one
   local status=0
   eval "$cmd" || status=$?
   [ "$status" = 0 ] && return 0
-  # 130/143: cifar.py was stopped by Ctrl-C or SIGTERM with its last whole epoch saved; stop here too
-  if [ "$status" -gt 128 ]; then
-    echo "table1.sh: interrupted in $dir (exit $status); run the same command again to resume: finished runs are skipped, $dir continues" >&2
-  else
-    echo "table1.sh: $dir failed (exit $status)" >&2
-  fi
+  # 130/143: cifar.py was stopped by Ctrl-C or SIGTERM with its last whole epoch saved; stop here too.
+  # Any other failure: cifar.py has said why in its one line.
+  [ "$status" -gt 128 ] && echo "table1.sh: interrupted in $dir (exit $status); run the same command again to resume: finished runs are skipped, $dir continues" >&2
   exit "$status"
 }
 
+for m in $METHODS; do
+  [[ " student at factt kd atkd gradat " == *" $m "* ]] || die "unknown method $m (student at factt kd atkd gradat)"
+done
 teachers=()
 for row in $ROWS; do
   [ -n "${PAIR[$row]:-}" ] || { echo "table1.sh: error: unknown row $row (nin 16_1_16_2 16_1_40_1 16_2_40_2)" >&2; exit 2; }

@@ -1,0 +1,199 @@
+"""Every flag of every script, fed values of the wrong kind: one line on stderr, a non-zero exit, no
+traceback, and nothing left behind. The entry scripts' cases are generated from their parsers, so a
+new flag is tried as soon as it exists (a text flag must be given its bad values below)."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import cifar
+import imagenet
+import runs
+from conftest import OFFLINE_ENV, ROOT, make_class_folders
+
+sys.path.insert(0, str(ROOT / 'scripts'))
+import benchmark  # noqa: E402
+import convert_teacher  # noqa: E402
+import summarize  # noqa: E402
+import visualize  # noqa: E402
+
+MISSING, A_FILE, A_FOLDER, UNWRITABLE = '<missing>', '<file>', '<folder>', '/proc/at_no_such_dir/run'
+# numbers by type: every int and float flag refuses these (a flag whose choices are listed refuses 'x' and 99)
+BAD_NUMBERS = {int: ['-1', 'x', '1.5', 'nan'], float: ['-1', 'inf', 'nan', 'x']}
+ZERO_IS_BAD = {'depth', 'width', 'batch_size', 'ngpu', 'temperature', 'lr_decay_ratio'}
+# text flags: the bad values of each; a text flag missing here fails test_every_text_flag_has_bad_values
+BAD_TEXT = {
+    'dataset': ['MNIST'], 'dtype': ['int8'], 'dataroot': [MISSING, A_FILE], 'imagenetpath': [MISSING, A_FILE],
+    'teacher_id': [MISSING, A_FILE], 'teacher_params': [MISSING, A_FOLDER, A_FILE],
+    'epoch_step': ['x', '[0]', '[-1]', '[1.5]', '{}'], 'resume': [MISSING, A_FILE, A_FOLDER],
+    'save': [A_FILE, UNWRITABLE], 'device': ['tpu', 'cuda', 'cuda:x'], 'at_groups': ['x', '4', '1,1', ''],
+    'evaluate': [MISSING, A_FILE],
+    'gpu_id': [],  # CUDA_VISIBLE_DEVICES: a machine without GPUs has nothing to check it against
+}
+NOT_FLAGS = {'help', 'cuda', 'compile', 'no_progress'}  # switches take no value
+
+
+def cases(parser, prog):
+    for action in parser._actions:
+        name = action.dest
+        if name in NOT_FLAGS or isinstance(action, argparse._StoreTrueAction):
+            continue
+        flag = action.option_strings[0]
+        if action.choices:
+            values = ['x', '99']
+        elif action.type in BAD_NUMBERS:
+            values = BAD_NUMBERS[action.type] + (['0'] if name in ZERO_IS_BAD else [])
+        else:
+            values = BAD_TEXT.get(name, [None])
+        for v in values:
+            yield pytest.param(prog, flag, v, id=f'{prog}{flag}={v}')
+
+
+ENTRY = [*cases(cifar.build_parser(), 'cifar'), *cases(imagenet.build_parser(), 'imagenet')]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bad')
+    make_class_folders(root / 'cifar', classes=3, train_per_class=4, test_per_class=2)
+    make_class_folders(root / 'imagenet', classes=5, train_per_class=1, test_per_class=1)
+    os.rename(root / 'imagenet' / 'test', root / 'imagenet' / 'val')
+    (root / 'a_file').write_text('not what was asked for\n')
+    return root
+
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob('*'))
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """A script's process, in-process: its own folder, offline, signals and GPUs as they were."""
+    monkeypatch.chdir(tmp_path)
+    for k, v in OFFLINE_ENV.items():
+        if k.lower().endswith('proxy') or k in ('CUDA_VISIBLE_DEVICES', 'TORCH_HOME'):
+            monkeypatch.setenv(k, v)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield tmp_path
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def run_inprocess(main, argv, prog, capfd):
+    """(exit status, stderr lines) of `prog argv` as runs.cli runs it; a traceback fails the test."""
+    old, sys.argv = sys.argv, [prog, *argv]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runs.cli(main, prog)
+    finally:
+        sys.argv = old
+    out, err = capfd.readouterr()
+    return e.value.code, [line for line in err.splitlines() if line.strip()]
+
+
+def concrete(value, data, tmp_path):
+    return {MISSING: str(tmp_path / 'no' / 'such'), A_FILE: str(data / 'a_file'), A_FOLDER: str(data)}.get(value, value)
+
+
+def assert_one_line_refusal(code, err, before, sandbox, data, data_before, what):
+    assert code not in (0, None), f'{what}: accepted'
+    assert len(err) == 1 and 'Traceback' not in err[0] and err[0].split(':')[0].endswith(('.py', '.sh')), (what, err)
+    assert tree(sandbox) == before, f'{what}: left files behind'
+    assert tree(data) == data_before, f'{what}: changed the data folder'
+
+
+@pytest.mark.parametrize('prog,flag,value', ENTRY)
+def test_entry_script_flags(prog, flag, value, data, sandbox, capfd):
+    if value is None:
+        pytest.fail(f'{prog}.py {flag}: a text flag with no bad values in BAD_TEXT')
+    module = {'cifar': cifar, 'imagenet': imagenet}[prog]
+    base = (['--dataroot', str(data / 'cifar'), '--depth', '10'] if prog == 'cifar' else
+            ['--imagenetpath', str(data / 'imagenet'), '--width', '0.25', '--batch_size', '5'])
+    argv = [*base, '--epochs', '1', '--nthread', '0', '--save', 'logs/run', '--no_progress',
+            flag, concrete(value, data, sandbox)]
+    before, data_before = tree(sandbox), tree(data)
+    code, err = run_inprocess(module.main, argv, f'{prog}.py', capfd)
+    assert_one_line_refusal(code, err, before, sandbox, data, data_before, f'{prog}.py {flag} {value!r}')
+
+
+def test_every_text_flag_has_bad_values():
+    missing = [p.values[1] for p in ENTRY if p.values[2] is None]
+    assert not missing, f'text flags with no bad values in BAD_TEXT: {missing}'
+
+
+SCRIPTS = [  # (script, argv with {data}, {tmp} and {missing} filled in)
+    ('visualize', ['-n', '0', '{data}/cifar']), ('visualize', ['-n', 'x', '{data}/cifar']),
+    ('visualize', ['{missing}']), ('visualize', ['{data}/a_file']), ('visualize', ['--kind', 'x', 'r']),
+    ('visualize', ['--export', '{missing}', 'cat.jpg']), ('visualize', ['--export', '{data}/a_file', 'cat.jpg']),
+    ('visualize', []),
+    ('summarize', ['{missing}']), ('summarize', ['{data}/a_file']), ('summarize', ['{data}', '--epoch', '-1']),
+    ('summarize', ['{data}', '--epoch', 'x']), ('summarize', ['{data}', '--rows', 'nope']),
+    ('summarize', ['{data}', '--out', '/proc/at_no_such_dir/t']),
+    ('benchmark', ['--dataroot', '{missing}']), ('benchmark', ['--dataroot', '{data}/a_file']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--configs', 'x']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--steps', '0']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--steps', 'x']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--warmup', '-1']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--repeats', '-1']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--batch_size', '0']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--depth', '11']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--width', 'nan']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--width', '-1']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--teacher', 'x']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--nthread', '-1']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--device', 'tpu']),
+    ('benchmark', ['--dataroot', '{data}/cifar', '--cudnn_benchmark', '2']),
+    ('convert_teacher', ['{missing}', 'x.pth']), ('convert_teacher', ['{data}/a_file', 'x.pth']),
+    ('convert_teacher', ['{data}/a_file', 'x.txt']), ('convert_teacher', ['{data}/a_file', '{missing}/x.pth']),
+    ('convert_teacher', ['{data}/a_file', 'x.pth', '/proc/at_no_such_dir/x.hkl']),
+]
+
+
+@pytest.mark.parametrize('script,argv', SCRIPTS, ids=[f'{s}:{" ".join(a)}' for s, a in SCRIPTS])
+def test_python_script_flags(script, argv, data, sandbox, capfd):
+    argv = [a.format(data=data, missing=sandbox / 'no' / 'such') for a in argv]
+    module = {'visualize': visualize, 'summarize': summarize, 'benchmark': benchmark,
+              'convert_teacher': convert_teacher}[script]
+    before, data_before = tree(sandbox), tree(data)
+    if script == 'convert_teacher':  # its own main: a status, and UserError for cli to say
+        code, err = run_inprocess(lambda: sys.exit(convert_teacher.main(sys.argv[1:])), argv, module.PROG, capfd)
+    else:
+        code, err = run_inprocess(lambda: module.main(sys.argv[1:]), argv, module.PROG, capfd)
+    assert_one_line_refusal(code, err, before, sandbox, data, data_before, f'{script} {argv}')
+
+
+SHELL = [  # (script, arguments, environment)
+    ('table1.sh', ['--nope'], {}), ('table1.sh', [], {'EPOCHS': 'x'}), ('table1.sh', [], {'EPOCHS': '0'}),
+    ('table1.sh', [], {'EPOCHS': '-3'}), ('table1.sh', [], {'SEEDS': 'x'}), ('table1.sh', [], {'SEEDS': '-1'}),
+    ('table1.sh', [], {'TEACHER_SEEDS': 'x'}), ('table1.sh', [], {'ROWS': 'x'}), ('table1.sh', [], {'METHODS': 'x'}),
+    ('table1.sh', [], {'EPOCH_STEP': 'x'}), ('table1.sh', [], {'BETA': 'x'}), ('table1.sh', [], {'ALPHA': 'nan'}),
+    ('table1.sh', [], {'FACTT_BETA': '-1'}), ('table1.sh', [], {'GRAD_BETA': 'x'}),
+    ('table1.sh', [], {'PYTHON': 'no-such-python'}), ('table1.sh', [], {'DATAROOT': '{missing}'}),
+    ('table1.sh', [], {'LOGS': '{data}/a_file'}),
+    ('imagenet.sh', ['--nope'], {}), ('imagenet.sh', [], {'IMAGENETPATH': '{missing}'}),
+    ('imagenet.sh', [], {'EPOCHS': 'x'}), ('imagenet.sh', [], {'BATCH': '0'}), ('imagenet.sh', [], {'NTHREAD': 'x'}),
+    ('imagenet.sh', [], {'LAUNCH': 'x'}), ('imagenet.sh', [], {'BETA': 'x'}), ('imagenet.sh', [], {'EPOCH_STEP': 'x'}),
+    ('imagenet.sh', [], {'LOGS': '{data}/a_file'}), ('imagenet.sh', [], {'TEACHER_WEIGHTS': '{missing}'}),
+    ('gpu_check.sh', ['--nope'], {}), ('gpu_check.sh', ['--budget', 'x'], {}), ('gpu_check.sh', ['--only', 'z'], {}),
+    ('gpu_check.sh', ['--budget'], {}),
+    ('make_wheelhouse.sh', ['--nope'], {}), ('make_wheelhouse.sh', ['--archive', '{missing}'], {}),
+]
+
+
+@pytest.mark.parametrize('script,argv,env', SHELL, ids=[f'{s}:{" ".join(a)}:{e}' for s, a, e in SHELL])
+def test_shell_script_input(script, argv, env, data, tmp_path):
+    fill = dict(data=data, missing=tmp_path / 'no' / 'such')
+    env = {k: v.format(**fill) for k, v in env.items()}
+    if script == 'table1.sh':
+        env = {'DATAROOT': str(data / 'cifar'), 'EPOCHS': '1', 'ROWS': '16_1_16_2', 'METHODS': 'student', **env}
+    if script == 'imagenet.sh':
+        env = {'IMAGENETPATH': str(data / 'imagenet'), 'EPOCHS': '1', **env}
+    env = {'LOGS': str(tmp_path / 'logs'), 'PYTHON': sys.executable, **env}
+    before, data_before = tree(tmp_path), tree(data)
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / script), *[a.format(**fill) for a in argv]],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**OFFLINE_ENV, **env})
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert_one_line_refusal(p.returncode, err, before, tmp_path, data, data_before, f'{script} {argv} {env}')
