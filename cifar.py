@@ -22,7 +22,7 @@ PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
 STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
 DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}
-CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (README, Speed); CUDA: not measured yet
+CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (docs/speed.md); CUDA: not measured yet
 
 
 def build_parser():

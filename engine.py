@@ -27,7 +27,7 @@ def slow_cpu_autocast(device, dtype):
     """True where autocast to `dtype` would run on a CPU that has no native kernels for it.
 
     Without AVX-512 bf16/fp16 (e.g. an AVX2-only CPU), oneDNN emulates the low-precision
-    convolutions and a step runs several times slower than fp32 (README, Speed).
+    convolutions and a step runs several times slower than fp32 (docs/speed.md).
     """
     if device.type != 'cpu' or dtype not in AMP_DTYPES:
         return False
