@@ -3,7 +3,8 @@
 A run folder holds model.pt7 ({params, optimizer, epoch}, as in 2017, plus every RNG state and the
 epoch's log record) and log.txt (one `json_stats: {...}` line per finished epoch). Both are written
 so that a kill at any instant loses at most the epoch in progress, and a resumed run repeats the
-uninterrupted one.
+uninterrupted one. Beside them rank 0 writes run.json (provenance.py) and TensorBoard event files
+(board.py), which go on through kills and resumes the same way.
 """
 import argparse
 import json
