@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
+import board
 import runs
 from data import DeviceLoader, check_classes, data_loader, decode_all, image_shape, one_size, open_cifar, rank_batch
 from distill import Distiller, factt_adapters
@@ -21,13 +22,12 @@ PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
 STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
 DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}
-CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (README, Speed); CUDA: not measured yet
+CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (docs/speed.md); CUDA: not measured yet
 
 
 def build_parser():
     p = runs.Parser(prog=PROG, description='Wide ResNet training on CIFAR with attention transfer')
-    a = p.add_argument
-    # the 2017 flags: same names, types and defaults
+    a = p.add_argument_group(*runs.FLAGS_2017).add_argument
     a('--depth', default=16, type=int, help='WRN depth, 6n+4')
     a('--width', default=1, type=float, help='WRN widening factor k; for NIN, 1 is NIN-wide and 0.45 NIN-thin')
     a('--dataset', default='CIFAR10', type=str, help='CIFAR10 or CIFAR100')
@@ -51,7 +51,7 @@ def build_parser():
     a('--save', default='', type=str, help='run folder for model.pt7 and log.txt (default: logs/cifar_<time>)')
     a('--ngpu', default=1, type=int, help='GPUs to split each batch over')
     a('--gpu_id', default='0', type=str, help='CUDA_VISIBLE_DEVICES')
-    # new
+    a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
     a('--model', default='wrn', choices=list(CIFAR_MODELS), help='wrn: Wide ResNet; nin: Network-in-Network')
     a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
       help='1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per GPU; '
@@ -69,12 +69,16 @@ def build_parser():
     a('--channels_last', default=None, type=int, choices=[0, 1],
       help='channels_last memory format (default: where it measured faster for this device type)')
     a('--compile', action='store_true', help='torch.compile the student and teacher forward passes')
+    a('--tensorboard', default=None, type=int, choices=[0, 1],
+      help='TensorBoard event files in the run folder (default: 1 where the tensorboard package is installed)')
+    a('--tensorboard_every', default=50, type=int, help='steps between points of the running train loss')
     a('--no_progress', action='store_true', help='no tqdm bars')
     return p
 
 
 def parse_args(argv=None):
     opt = build_parser().parse_args(argv)
+    board.check_option(opt)
     runs.check_options(opt, not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
     if opt.model == 'wrn':
         try:

@@ -27,7 +27,7 @@ def slow_cpu_autocast(device, dtype):
     """True where autocast to `dtype` would run on a CPU that has no native kernels for it.
 
     Without AVX-512 bf16/fp16 (e.g. an AVX2-only CPU), oneDNN emulates the low-precision
-    convolutions and a step runs several times slower than fp32 (README, Speed).
+    convolutions and a step runs several times slower than fp32 (docs/speed.md).
     """
     if device.type != 'cpu' or dtype not in AMP_DTYPES:
         return False
@@ -124,6 +124,7 @@ class Trainer:
     `epoch_step` the lr is multiplied by `lr_decay_ratio` and the momentum restarts, as in 2017.
     on_epoch_start(epoch) runs first in each epoch (a beta schedule); on_epoch_end(stats, optimizer)
     saves and logs, with the 2017 fields in stats. should_stop() is asked after steps (a signal).
+    on_steps(epoch, [(batch, loss), ...]) gets the train losses as the meters do (a TensorBoard curve).
     Under torchrun, `dist` sums the meters over ranks, and rank 0's batch-norm `buffers` are
     broadcast before each test pass. The meters get every step's values but read them from the
     device only every `sync_every` steps and at the end of each pass, so that a GPU is not made
@@ -133,12 +134,14 @@ class Trainer:
 
     def __init__(self, model, make_optimizer, device, *, epochs, epoch_step=(), lr_decay_ratio=1.,
                  start_epoch=0, topk=(1,), n_at=0, dtype='float', progress=True, sync_every=None,
-                 dist=None, buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None, scaler_state=None):
+                 dist=None, buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None, scaler_state=None,
+                 on_steps=None):
         self.model, self.device, self.dtype = model, device, dtype
         self.epochs, self.epoch_step, self.start_epoch = epochs, epoch_step, start_epoch
         self.lr_decay_ratio = lr_decay_ratio
         self.progress, self.buffers = progress, list(buffers)
         self.on_epoch_start, self.on_epoch_end, self.should_stop = on_epoch_start, on_epoch_end, should_stop
+        self.on_steps = on_steps
         self.dist = dist or Dist(device)
         self.sync_every = sync_every or (1 if device.type == 'cpu' else 50)
         self.stop_every = self.sync_every if self.dist.world > 1 else 1  # under torchrun asking is a collective
@@ -225,6 +228,8 @@ class Trainer:
             self.classacc.n += size
             for m, v in zip(self.meters(state['train'])[2:], rest[len(self.classacc.topk):]):
                 m.add(v)
+        if self.on_steps and state['train']:
+            self.on_steps(self.epoch, [(batch, row[0]) for (batch, _, _), row in zip(pending, rows)])
         if self.progress and state['train']:
             state['iterator'].set_postfix(loss=f'{self.meter_loss.value()[0]:.3f}',
                                           acc=f'{self.classacc.value()[0]:.2f}', refresh=False)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
+import board
 import runs
 from data import check_classes, data_loader, image_folder, rank_batch
 from distill import Distiller
@@ -25,8 +26,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 def build_parser():
     p = runs.Parser(prog=PROG, description='ResNet training on ImageNet with attention transfer')
-    a = p.add_argument
-    # the 2017 flags: same names, types and defaults
+    a = p.add_argument_group(*runs.FLAGS_2017).add_argument
     a('--depth', default=18, type=int, help='18 or 34')
     a('--width', default=1, type=float)
     a('--imagenetpath', default='', type=str, help='folder with train/ and val/ in ImageFolder layout')
@@ -47,7 +47,7 @@ def build_parser():
     a('--save', default='', type=str)
     a('--ngpu', default=1, type=int)
     a('--gpu_id', default='0', type=str)
-    # new
+    a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
     a('--cuda', action='store_true', help="(cifar.py's 2017 flag, accepted here too; see --device)")
     a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
       help='1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per GPU; '
@@ -58,12 +58,16 @@ def build_parser():
     a('--seed', default=0, type=int)
     a('--device', default='', type=str)
     a('--compile', action='store_true')
+    a('--tensorboard', default=None, type=int, choices=[0, 1],
+      help='TensorBoard event files in the run folder (default: 1 where the tensorboard package is installed)')
+    a('--tensorboard_every', default=50, type=int, help='steps between points of the running train loss')
     a('--no_progress', action='store_true')
     return p
 
 
 def parse_args(argv=None):
     opt = build_parser().parse_args(argv)
+    board.check_option(opt)
     runs.check_options(opt)
     if int(64 * opt.width) < 1:
         raise UserError(f'--width {opt.width} leaves a group with no channels')

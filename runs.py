@@ -3,7 +3,8 @@
 A run folder holds model.pt7 ({params, optimizer, epoch}, as in 2017, plus every RNG state and the
 epoch's log record) and log.txt (one `json_stats: {...}` line per finished epoch). Both are written
 so that a kill at any instant loses at most the epoch in progress, and a resumed run repeats the
-uninterrupted one.
+uninterrupted one. Beside them rank 0 writes run.json (provenance.py) and TensorBoard event files
+(board.py), which go on through kills and resumes the same way.
 """
 import argparse
 import json
@@ -16,6 +17,8 @@ import sys
 import numpy as np
 import torch
 
+import provenance
+from board import Board
 from engine import AMP_DTYPES, PARAM_DTYPES, Stop, Trainer
 from parallel import Dist, distributed
 from utils import UserError, check_params, is_trained, n_trained
@@ -68,6 +71,11 @@ def cli(main, prog):
         print(f'\n{prog}: interrupted', file=sys.stderr)
         sys.exit(130)
     leave()
+
+
+# --help's two groups of flags: what a user of the 2017 scripts knows comes first
+FLAGS_2017 = ("2017 flags (same names, types and defaults as the paper's code)",)
+FLAGS_NEW = ('new in this project',)
 
 
 class Parser(argparse.ArgumentParser):
@@ -317,10 +325,12 @@ def restore(path, state, saved, optimizer):
 
 
 class EpochWriter:
-    """on_epoch_end of rank 0: model.pt7 first, then its log line, then one line on stdout."""
+    """on_epoch_end of rank 0: model.pt7 first, then its log line, then the epoch's TensorBoard points
+    (`board`, where there is one), then one line on stdout."""
 
     def __init__(self, opt, run, generator, signals):
         self.opt, self.run, self.generator, self.signals = opt, run, generator, signals
+        self.board = None
         self.log_path = os.path.join(opt.save, 'log.txt')
         # log.txt's n_parameters is the 2017 count, of every tensor of the student's dict (batch-norm
         # statistics too); the trained count is printed beside it
@@ -334,11 +344,15 @@ class EpochWriter:
                                         'n_parameters': self.n_parameters,
                                         **({'beta_now': self.run.distiller.beta} if self.run.beta_at else {})}))
         scaler = getattr(optimizer, 'scaler', None)  # fp16: the loss scale goes on where it was
+        if self.board:  # the epoch's per-step points reach the disk before model.pt7 says the epoch is done
+            self.board.flush()
         save_checkpoint(os.path.join(opt.save, 'model.pt7'), self.run.saved, optimizer, stats['epoch'],
                         rng=rng_state(self.generator), record=record,
                         **({'scaler': scaler.state_dict()} if scaler else {}))
         self.signals.fire(f'ckpt{stats["epoch"]}')
         append_log(self.log_path, record)
+        if self.board:
+            self.board.epoch(record, optimizer.param_groups[0]['lr'])
         def pct(acc):  # top-1, or top-1/top-5
             return '/'.join(f'{a:.2f}' for a in (acc if isinstance(acc, list) else [acc])) + '%'
         print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} acc '
@@ -396,6 +410,11 @@ def fit(opt, run, prog):
             print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
         make_save(opt.save)
         writer.repair_log(state)
+        provenance.record(opt.save, run.device, dist.world, epoch)
+        if opt.tensorboard:
+            writer.board = Board(opt.save, len(run.train_loader), (n_images(run.train_loader), n_images(run.test_loader)),
+                                 opt.tensorboard_every, epoch,
+                                 read_json_stats(writer.log_path) if os.path.exists(writer.log_path) else [])
         print(f'{run.description}: {writer.n_parameters:,} parameters ({writer.n_trained:,} trained); {run.num_classes} classes; device {run.device}'
               + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
     if state and state.get('rng'):  # last, after building and restoring drew their own numbers
@@ -410,7 +429,7 @@ def fit(opt, run, prog):
                       start_epoch=epoch, topk=run.topk, n_at=run.n_at, dtype=opt.dtype,
                       progress=lead and not opt.no_progress, dist=dist, on_epoch_start=run.beta_at,
                       on_epoch_end=writer if lead else None, should_stop=should_stop,
-                      scaler_state=(state or {}).get('scaler'),
+                      scaler_state=(state or {}).get('scaler'), on_steps=writer.board and writer.board.steps,
                       buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
     try:
         return trainer.train(run.train_loader, run.test_loader, optimizer)
@@ -422,3 +441,11 @@ def fit(opt, run, prog):
                   f'--resume auto --save {opt.save}', file=sys.stderr)
         # a rank that got no signal itself stops with its peers, as if it had got SIGTERM
         raise Stopped(signal.Signals[signals.name] if signals.name else signal.SIGTERM) from None
+    finally:
+        if writer.board:
+            writer.board.close()
+
+
+def n_images(loader):
+    """Images a pass over the loader sees, over all ranks."""
+    return len(loader.dataset) if hasattr(loader, 'dataset') else len(loader.labels)

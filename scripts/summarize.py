@@ -135,6 +135,23 @@ def plot(runs, out_dir, pairs=tuple(PAPER)):
     return written
 
 
+def provenance(logs, pairs):
+    """A Markdown table of where each shown run came from: its run.json's first session, and its resumes."""
+    import provenance as prov
+    lines = ['| run | commit | torch | device | sessions |', '|---|---|---|---|---|']
+    names = [run_name(p, c) for p in pairs for c in COLUMNS]
+    for folder in sorted(f for f in os.listdir(logs) if re.sub(r'_s\d+$', '', f) in names):
+        sessions = prov.read(os.path.join(logs, folder))
+        if not sessions:
+            lines.append(f'| {folder} | — | — | — | 0 |')
+            continue
+        s = sessions[0]
+        commit = s['git']['commit'][:10] + (' (dirty)' if s['git']['dirty'] is True else '')
+        devices = ', '.join(s['devices']) or f'{s["device"]} ({s["cpu"]["model"]})'
+        lines.append(f'| {folder} | {commit} | {s["torch"]} | {devices} x {s["processes"]} | {len(sessions)} |')
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv=None):
     p = Parser(prog=PROG, description=__doc__.split('\n')[0])
     p.add_argument('logs', help='folder of run folders')
@@ -142,6 +159,7 @@ def main(argv=None):
     p.add_argument('--plots', default=None, help='folder for learning-curve PNGs (default: beside --out)')
     p.add_argument('--epoch', type=int, default=None, help='read every run at this epoch, not at its end')
     p.add_argument('--rows', default=' '.join(ROWS), help='rows to show, as table1.sh names them (default: all)')
+    p.add_argument('--provenance', action='store_true', help="also list each run's commit, torch and devices (run.json)")
     args = p.parse_args(argv)
     unknown = [r for r in args.rows.split() if r not in ROWS]
     if unknown:
@@ -159,7 +177,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     except OSError as e:
         raise UserError(f'--out {args.out}: cannot make its folder: {e.strerror}') from None
-    text = markdown(rows)
+    text = markdown(rows) + ('
+' + provenance(args.logs, pairs) if args.provenance else '')
     with open(args.out + '.md', 'w') as fh:
         fh.write(text)
     with open(args.out + '.json', 'w') as fh:

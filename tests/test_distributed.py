@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import provenance
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log, run_cifar
 from test_train import nn_test_accuracy
 
@@ -31,6 +32,9 @@ def test_two_process_run(odd_data, tmp_path, loader):
     log = read_log(tmp_path / 'logs/ddp')
     assert [r['epoch'] for r in log] == [1, 2]  # written once, by rank 0
     assert p.stdout.count('==> epoch 1/2') == 1
+    # rank 0 alone writes the event file and run.json
+    assert len(list((tmp_path / 'logs/ddp').glob('events.out.tfevents.*'))) == 1
+    assert [s['processes'] for s in provenance.read(tmp_path / 'logs/ddp')] == [2]
     params = torch.load(tmp_path / 'logs/ddp/model.pt7', weights_only=True)['params']
     # test accuracy over all 21 images, as an independent evaluation of the saved weights gives it
     assert nn_test_accuracy(params, 10, 1, odd_data) == pytest.approx(log[-1]['test_acc'], abs=1e-6)
