@@ -177,8 +177,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     except OSError as e:
         raise UserError(f'--out {args.out}: cannot make its folder: {e.strerror}') from None
-    text = markdown(rows) + ('
-' + provenance(args.logs, pairs) if args.provenance else '')
+    text = markdown(rows) + ('\n' + provenance(args.logs, pairs) if args.provenance else '')
     with open(args.out + '.md', 'w') as fh:
         fh.write(text)
     with open(args.out + '.json', 'w') as fh:
