@@ -137,7 +137,8 @@ def create_loaders(opt, device):
     """(train loader, test loader, class count): the fast device-resident loader, or the 2017 one."""
     faithful, dist = opt.loader == 'torchvision', Dist(device)
     train_set, test_set = (dist.rank0_first(lambda: open_cifar(  # rank 0 downloads, if anyone must
-        opt.dataroot, opt.dataset, train, torchvision_transform(opt.randomcrop_pad, train, opt.pad_mode, opt.normalize) if faithful else None))
+        opt.dataroot, opt.dataset, train,
+        torchvision_transform(opt.randomcrop_pad, train, opt.pad_mode, opt.normalize) if faithful else None))
         for train in (True, False))
     if len(train_set) == 0 or len(test_set) == 0:
         raise UserError(f'--dataroot {opt.dataroot}: empty train or test set')
