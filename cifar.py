@@ -2,6 +2,7 @@
 
     python cifar.py --save logs/resnet_16_2_teacher --depth 16 --width 2
     python cifar.py --save logs/at_16_1_16_2 --teacher_id resnet_16_2_teacher --beta 1e+3
+    python cifar.py --preset crd --model resnet8x4 --teacher_id logs/cifar100/resnet32x4_teacher --beta 1e+3
 """
 import time
 from types import SimpleNamespace
@@ -14,14 +15,24 @@ from data import DeviceLoader, check_classes, data_loader, decode_all, image_sha
 from distill import Distiller, factt_adapters
 from engine import AMP_DTYPES, PARAM_DTYPES, compiled, sgd
 from parallel import Dist, FunctionalNet, data_parallel, place_params, select_device
-from resnet import CIFAR_MODELS, cifar_model_name, cifar_model_params, wrn_depth_to_blocks
+from resnet import CIFAR_MODELS, cifar_model_groups, cifar_model_name, cifar_model_params, wrn_depth_to_blocks
 from teachers import load_teacher_run
 from utils import UserError, beta_schedule
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
 STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
+# --normalize: the 2017 statistics (CIFAR-10's, used for both datasets then), or the CIFAR-100 ones
+# of RepDistiller's dataset/cifar100.py
+NORMALIZE = {'2017': (MEAN, STD), 'cifar100': ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761])}
+# --preset crd: the recipe of RepDistiller's train_student.py (docs/cifar100.md). Its lr is 0.05 x 0.1^k,
+# k the decay epochs (150, 180, 210) the current 1-based epoch exceeds: here, drops at the start of
+# 151, 181 and 211. Flags given on the command line override it.
+PRESETS = {'crd': dict(dataset='CIFAR100', epochs=240, batch_size=64, lr=0.05, weight_decay=5e-4,
+                       epoch_step='[151,181,211]', lr_decay_ratio=0.1, lr_restart_momentum=0,
+                       pad_mode='zeros', normalize='cifar100')}
 DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}
+PAD_MODES = {'reflect': 'reflect', 'zeros': 'constant'}  # --pad_mode: torchvision's names
 CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (docs/speed.md); CUDA: not measured yet
 
 
@@ -52,7 +63,18 @@ def build_parser():
     a('--ngpu', default=1, type=int, help='GPUs to split each batch over')
     a('--gpu_id', default='0', type=str, help='CUDA_VISIBLE_DEVICES')
     a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
-    a('--model', default='wrn', choices=list(CIFAR_MODELS), help='wrn: Wide ResNet; nin: Network-in-Network')
+    a('--model', default='wrn', choices=list(CIFAR_MODELS), metavar='MODEL',
+      help='wrn: Wide ResNet (--depth, --width); nin: Network-in-Network (--width); the CIFAR-100 benchmark\'s '
+           'resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 (named in full)')
+    a('--preset', default='none', choices=['none', 'crd'],
+      help='crd: the CIFAR-100 recipe of RepDistiller (240 epochs, batch 64, lr 0.05, x0.1 after 150, 180, 210, '
+           'momentum kept, zero padding, CIFAR-100 mean/std); flags given override it')
+    a('--lr_restart_momentum', default=1, type=int, choices=[0, 1],
+      help='1: a fresh optimizer at each lr step, so the momentum restarts (2017); 0: only the lr changes')
+    a('--pad_mode', default='reflect', choices=['reflect', 'zeros'],
+      help='padding before the random crop: reflect (2017) or zeros (torchvision RandomCrop\'s default)')
+    a('--normalize', default='2017', choices=list(NORMALIZE),
+      help='mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 statistics)')
     a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
       help='1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per GPU; '
            '0: beta on the whole batch (the default; without this flag, --ngpu > 1 notes the difference)')
@@ -77,7 +99,11 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    opt = build_parser().parse_args(argv)
+    p = build_parser()
+    preset = p.parse_known_args(argv)[0].preset
+    if preset != 'none':
+        p.set_defaults(**PRESETS[preset])
+    opt = p.parse_args(argv)
     board.check_option(opt)
     runs.check_options(opt, not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
     if opt.model == 'wrn':
@@ -101,12 +127,12 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- data
 
-def torchvision_transform(pad, train, size=(32, 32)):
+def torchvision_transform(pad, train, size=(32, 32), pad_mode='reflect', normalize='2017'):
     """The 2017 per-image pipeline: a random crop back to the images' own size."""
     import torchvision.transforms as T
-    transform = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    transform = T.Compose([T.ToTensor(), T.Normalize(*NORMALIZE[normalize])])
     if train:
-        transform = T.Compose([T.RandomCrop(size, padding=int(pad), padding_mode='reflect'),
+        transform = T.Compose([T.RandomCrop(size, padding=int(pad), padding_mode=PAD_MODES[pad_mode]),
                                T.RandomHorizontalFlip(), transform])
     return transform
 
@@ -134,14 +160,16 @@ def create_loaders(opt, device):
         raise UserError(f'--randomcrop_pad {opt.randomcrop_pad:g} must be smaller than the images ({min(size)} pixels)')
     batch = rank_batch(opt.batch_size, (len(train_set), len(test_set)), dist)
     if faithful:
-        train_set.transform = torchvision_transform(opt.randomcrop_pad, True, size)
-        test_set.transform = torchvision_transform(opt.randomcrop_pad, False)
+        train_set.transform = torchvision_transform(opt.randomcrop_pad, True, size, opt.pad_mode, opt.normalize)
+        test_set.transform = torchvision_transform(opt.randomcrop_pad, False, normalize=opt.normalize)
         return (data_loader(train_set, True, batch, opt.nthread, opt.seed, device, dist),
                 data_loader(test_set, False, batch, opt.nthread, opt.seed, device, dist), len(train_set.classes), size)
-    kw = dict(batch_size=batch, mean=MEAN, std=STD, device=device, channels_last=opt.channels_last,
+    mean, std = NORMALIZE[opt.normalize]
+    kw = dict(batch_size=batch, mean=mean, std=std, device=device, channels_last=opt.channels_last,
               rank=dist.rank, world=dist.world)
     gen = torch.Generator(device).manual_seed(opt.seed)
-    return (DeviceLoader(train_x, train_y, train=True, pad=opt.randomcrop_pad, generator=gen, **kw),
+    return (DeviceLoader(train_x, train_y, train=True, pad=opt.randomcrop_pad, pad_mode=opt.pad_mode,
+                         generator=gen, **kw),
             DeviceLoader(test_x, test_y, train=False, **kw), len(train_set.classes), size)
 
 
@@ -159,6 +187,10 @@ def build(opt):
     # KD and gradient AT compare class scores: they need the teacher's classes; attention maps know no classes
     f_t, params_t, info = load_teacher_run(opt.teacher_id, num_classes if opt.alpha or opt.grad_beta else None) \
         if opt.teacher_id else (None, {}, None)
+    n_groups = cifar_model_groups(opt.model)
+    if f_t and cifar_model_groups(info['model']) != n_groups:
+        raise UserError(f'teacher {info["name"]} has {cifar_model_groups(info["model"])} group outputs and student '
+                        f'{cifar_model_name(opt.model, opt.depth, opt.width)} {n_groups}: AT pairs them one to one')
     # F-ActT's 1x1 adapters train with the student, and are saved as adapter.*
     adapters = factt_adapters(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, *size)) \
         if f_t and opt.factt_beta else {}
@@ -177,7 +209,7 @@ def build(opt):
 
     return SimpleNamespace(
         device=device, train_loader=train_loader, test_loader=test_loader, num_classes=num_classes,
-        params_s=params_s, distiller=distiller, n_at=3 if f_t else 0, topk=(1,),
+        params_s=params_s, distiller=distiller, n_at=n_groups if f_t else 0, topk=(1,),
         beta_at=beta_at if opt.beta_decay != 'none' else None,
         make_optimizer=sgd({**params_s, **adapters}, opt.weight_decay, device, opt.dtype),
         description=f'student {cifar_model_name(opt.model, opt.depth, opt.width)}' + (

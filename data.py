@@ -158,7 +158,7 @@ class DeviceLoader:
     """A whole image dataset as one uint8 tensor on the training device, batched there.
 
     Training batches get what the torchvision pipeline gives one image at a time:
-    reflect-pad, a random crop back to full size and a random horizontal flip,
+    reflect-pad (or zero-pad), a random crop back to full size and a random horizontal flip,
     then scaling to [0,1] and normalisation, vectorised over the batch. The
     order is reshuffled every epoch from `generator`. It yields (inputs, targets)
     like a DataLoader, already on the device.
@@ -168,13 +168,14 @@ class DeviceLoader:
     stay in step (rank 0's state resumes them all) while each image gets its own augmentation.
     """
 
-    def __init__(self, images, labels, *, batch_size, mean, std, train, pad=4, device='cpu',
+    def __init__(self, images, labels, *, batch_size, mean, std, train, pad=4, pad_mode='reflect', device='cpu',
                  generator=None, channels_last=False, rank=0, world=1):
         device = torch.device(device)
         self.rank, self.world = rank, world
         self.images = images.to(device)  # (N, C, H, W) uint8
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
         self.batch_size, self.train, self.pad = batch_size, train, int(pad)
+        self.pad_mode = {'reflect': 'reflect', 'zeros': 'constant'}[pad_mode]
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.generator = generator
@@ -194,7 +195,7 @@ class DeviceLoader:
         """Crops and flips drawn for the `n_global` images of the global batch; this rank's share."""
         size, share = x.shape[-2:], slice(self.rank, None, self.world)
         if self.pad:
-            x = F.pad(x, [self.pad] * 4, mode='reflect')
+            x = F.pad(x, [self.pad] * 4, mode=self.pad_mode)  # constant: 0, a black pixel before normalising
         g, dev = self.generator, x.device
         top = torch.randint(0, 2 * self.pad + 1, (n_global,), device=dev, generator=g)[share]
         left = torch.randint(0, 2 * self.pad + 1, (n_global,), device=dev, generator=g)[share]

@@ -121,7 +121,8 @@ class Trainer:
 
     model(inputs, targets, mode) -> (logits, {'loss': total, 'at_losses': [...], other losses}),
     as distill.Distiller gives. make_optimizer(lr) builds a fresh optimizer: at an epoch in
-    `epoch_step` the lr is multiplied by `lr_decay_ratio` and the momentum restarts, as in 2017.
+    `epoch_step` the lr is multiplied by `lr_decay_ratio` and the momentum restarts, as in 2017
+    (restart_momentum=False: the optimizer is kept and only its lr changes, as RepDistiller does).
     on_epoch_start(epoch) runs first in each epoch (a beta schedule); on_epoch_end(stats, optimizer)
     saves and logs, with the 2017 fields in stats. should_stop() is asked after steps (a signal).
     on_steps(epoch, [(batch, loss), ...]) gets the train losses as the meters do (a TensorBoard curve).
@@ -135,10 +136,10 @@ class Trainer:
     def __init__(self, model, make_optimizer, device, *, epochs, epoch_step=(), lr_decay_ratio=1.,
                  start_epoch=0, topk=(1,), n_at=0, dtype='float', progress=True, sync_every=None,
                  dist=None, buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None, scaler_state=None,
-                 on_steps=None):
+                 on_steps=None, restart_momentum=True):
         self.model, self.device, self.dtype = model, device, dtype
         self.epochs, self.epoch_step, self.start_epoch = epochs, epoch_step, start_epoch
-        self.lr_decay_ratio = lr_decay_ratio
+        self.lr_decay_ratio, self.restart_momentum = lr_decay_ratio, restart_momentum
         self.progress, self.buffers = progress, list(buffers)
         self.on_epoch_start, self.on_epoch_end, self.should_stop = on_epoch_start, on_epoch_end, should_stop
         self.on_steps = on_steps
@@ -250,7 +251,11 @@ class Trainer:
         if hasattr(getattr(self.train_loader, 'sampler', None), 'set_epoch'):
             self.train_loader.sampler.set_epoch(epoch)  # DistributedSampler: a fresh, seeded order
         if epoch in self.epoch_step:
-            state['optimizer'] = self.make_optimizer(state['optimizer'].param_groups[0]['lr'] * self.lr_decay_ratio)
+            if self.restart_momentum:
+                state['optimizer'] = self.make_optimizer(state['optimizer'].param_groups[0]['lr'] * self.lr_decay_ratio)
+            else:
+                for group in state['optimizer'].param_groups:
+                    group['lr'] *= self.lr_decay_ratio
         for m in self.meters(True):
             m.reset()
         self.timer_train.reset()

@@ -9,6 +9,7 @@ loaded from disk needs no side information to run.
 import torch
 import torch.nn.functional as F
 
+import cifar_nets
 from utils import UserError, batch_norm, bn_params, conv_params, flatten, linear_params
 
 
@@ -121,15 +122,30 @@ def nin(input, params, mode, prefix=''):
     return F.adaptive_avg_pool2d(o, 1).flatten(1), tuple(groups)
 
 
-CIFAR_MODELS = {'wrn': wrn, 'nin': nin}
+# wrn and nin take --depth and --width; the CIFAR-100 benchmark's networks are named in full
+CIFAR_MODELS = {'wrn': wrn, 'nin': nin, **cifar_nets.MODELS}
 
 
 def cifar_model_params(model, depth, width, num_classes):
-    return wrn_params(depth, width, num_classes) if model == 'wrn' else nin_params(width, num_classes)
+    if model == 'wrn':
+        return wrn_params(depth, width, num_classes)
+    if model == 'nin':
+        return nin_params(width, num_classes)
+    return cifar_nets.model_params(model, num_classes)
 
 
 def cifar_model_name(model, depth, width):
-    return f'WRN-{depth}-{width:g}' if model == 'wrn' else f'NIN-{width:g}'
+    return {'wrn': f'WRN-{depth}-{width:g}', 'nin': f'NIN-{width:g}'}.get(model, model)
+
+
+def cifar_model_groups(model):
+    """How many group outputs the model returns: the count of AT terms."""
+    return 3 if model in ('wrn', 'nin') else cifar_nets.n_groups(model)
+
+
+def cifar_model_head(model):
+    """The key of the classifier's bias or weight, whose rows are the classes."""
+    return 'block2.conv2.bias' if model == 'nin' else 'fc.weight'
 
 
 # ---------------------------------------------------------------- ImageNet ResNets

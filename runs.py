@@ -430,6 +430,7 @@ def fit(opt, run, prog):
                       progress=lead and not opt.no_progress, dist=dist, on_epoch_start=run.beta_at,
                       on_epoch_end=writer if lead else None, should_stop=should_stop,
                       scaler_state=(state or {}).get('scaler'), on_steps=writer.board and writer.board.steps,
+                      restart_momentum=bool(getattr(opt, 'lr_restart_momentum', 1)),
                       buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
     try:
         return trainer.train(run.train_loader, run.test_loader, optimizer)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from resnet import (CIFAR_MODELS, cifar_model_name, cifar_model_params, expected_export_shapes,
+from resnet import (CIFAR_MODELS, cifar_model_head, cifar_model_name, cifar_model_params, expected_export_shapes,
                     fold_torchvision, folded_resnet, wrn_depth_to_blocks)
 from runs import load_checkpoint, read_json_stats, safe_load
 from utils import UserError, check_params
@@ -43,7 +43,7 @@ def load_teacher_run(run_id, num_classes=None):
     params = load_checkpoint(os.path.join(folder, 'model.pt7'))['params']
     if any(k.startswith('student.') for k in params):
         params = {k[len('student.'):]: v for k, v in params.items() if k.startswith('student.')}
-    head = 'fc.weight' if model == 'wrn' else 'block2.conv2.bias'  # the classifier's rows: the classes
+    head = cifar_model_head(model)
     if head not in params:
         raise UserError(f'teacher {folder}/model.pt7: missing tensor {head!r}')
     run_classes = params[head].shape[0]
@@ -54,7 +54,7 @@ def load_teacher_run(run_id, num_classes=None):
         expected = cifar_model_params(model, depth, width, run_classes)
     check_params(params, expected, f'teacher {folder}/model.pt7')
     return CIFAR_MODELS[model], {k: params[k].float() for k in expected}, dict(
-        name=cifar_model_name(model, depth, width), folder=folder, num_classes=run_classes,
+        name=cifar_model_name(model, depth, width), folder=folder, num_classes=run_classes, model=model,
         dataset=info.get('dataset', 'CIFAR10'))
 
 

@@ -16,6 +16,13 @@ the kernels it picked per process, whatever the flag says when they are reused.
     python scripts/benchmark.py --dataroot /tmp/cifar10-jpg
     python scripts/benchmark.py --dataroot /tmp/cifar10-jpg --configs faithful,fast,fast-bf16 --repeats 5
     python scripts/benchmark.py --dataroot /tmp/cifar10-jpg --configs fast,fast-cl,fast-nocl,fast-nobench --json out.json
+    python scripts/benchmark.py --dataroot /tmp/c100 --model resnet8x4 --teacher resnet32x4 --batch_size 64 \
+        --configs nn-loop,fast,fast-compile
+
+`nn-loop` is the same student and teacher built from torch.nn modules (tests/nn_cifar_nets.py,
+tests/nn_wrn.py) and trained in a plain PyTorch loop the way RepDistiller's train_student.py runs
+it: a torchvision DataLoader with per-image RandomCrop (zero padding), flip and Normalize, the
+teacher in eval mode under no_grad, cross-entropy + beta x AT, a loss.item() every step.
 """
 import gc
 import json
@@ -27,15 +34,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import cifar  # noqa: E402
 from engine import Trainer, autocast_for  # noqa: E402
-from resnet import wrn_depth_to_blocks, wrn_params  # noqa: E402
+from resnet import CIFAR_MODELS, cifar_model_name, cifar_model_params, wrn_depth_to_blocks  # noqa: E402
 from runs import Parser, cli  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import UserError, at_loss  # noqa: E402
 
 PROG = 'benchmark.py'
 
@@ -50,6 +59,7 @@ CONFIGS = {
     'fast-stepsync': [],  # the defaults, but the meters read the device after every step (the 2017 way)
     'fast-cl': ['--channels_last', '1'],  # with fast-nocl: both memory formats, whatever the device's default
     'fast-nobench': [],  # the defaults with torch.backends.cudnn.benchmark off, in a process of its own
+    'nn-loop': None,  # torch.nn modules in a plain loop, as RepDistiller trains (not through cifar.py)
 }
 SYNC_EVERY = {'fast-stepsync': 1}  # the Trainer's sync_every; others take its default
 # configs measured by a child process of this script: cuDNN caches the algorithm it chose for each
@@ -117,13 +127,72 @@ def resident_bytes(run, device_type='cuda'):
     return sum(storages.values())
 
 
-def make_teacher(folder, depth, width, num_classes):
+def make_teacher(folder, shape, num_classes):
     """A randomly initialised teacher run folder: speed does not depend on the weights."""
+    model, depth, width = shape
     os.makedirs(folder)
-    torch.save({'params': wrn_params(depth, width, num_classes), 'optimizer': {}, 'epoch': 0},
+    torch.save({'params': cifar_model_params(model, depth, width, num_classes), 'optimizer': {}, 'epoch': 0},
                os.path.join(folder, 'model.pt7'))
     with open(os.path.join(folder, 'log.txt'), 'w') as fh:
-        fh.write('json_stats: ' + json.dumps({'depth': depth, 'width': width}) + '\n')
+        fh.write('json_stats: ' + json.dumps({'model': model, 'depth': depth, 'width': width}) + '\n')
+
+
+def nn_module(shape, num_classes):
+    """The torch.nn build of (model, depth, width), from the tests' independent builds."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+    from cifar_nets import RESNETS, VGG_CFGS
+    from nn_cifar_nets import NNResNet, NNVGG
+    from nn_wrn import NNWideResNet
+    model, depth, width = shape
+    if model == 'wrn':
+        return NNWideResNet(depth, width, num_classes)
+    if model in RESNETS:
+        return NNResNet(*RESNETS[model], num_classes)
+    if model in VGG_CFGS:
+        return NNVGG(VGG_CFGS[model], num_classes)
+    raise UserError(f'nn-loop has no torch.nn build of {model}')
+
+
+class NNLoop:
+    """The student (and teacher) as torch.nn modules, trained by a plain loop: RepDistiller's way."""
+
+    def __init__(self, args, device):
+        from torch.utils.data import DataLoader
+        self.device, self.beta = device, 1e3
+        train_set, test_set = (cifar.open_cifar(args.dataroot, args.dataset, train, cifar.torchvision_transform(
+            4, train, 'zeros', 'cifar100')) for train in (True, False))
+        classes = len(train_set.classes)
+        self.train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=int(args.nthread),
+                                       pin_memory=device.type == 'cuda', drop_last=True)
+        self.test_loader = DataLoader(test_set, args.batch_size, num_workers=int(args.nthread))
+        self.student = nn_module(args.student_shape, classes).to(device)
+        self.teacher = args.teacher_shape and nn_module(args.teacher_shape, classes).to(device).eval()
+        self.optimizer = torch.optim.SGD(self.student.parameters(), 0.05, momentum=0.9, weight_decay=5e-4)
+
+    def train_rate(self, steps, warmup, batch_size):
+        timed = Timed(self.train_loader, warmup, steps, self.device)
+        self.student.train()
+        for x, y in timed:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            logits, g_s = self.student(x)
+            loss = F.cross_entropy(logits, y)
+            if self.teacher:
+                with torch.no_grad():
+                    _, g_t = self.teacher(x)
+                loss = loss + self.beta * sum(at_loss(a, b) for a, b in zip(g_s, g_t))
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            loss.item()  # that code's meters read the loss every step
+        return steps * batch_size / timed.seconds
+
+    def eval_rate(self, steps, warmup, batch_size):
+        timed = Timed(self.test_loader, warmup, steps, self.device)
+        self.student.eval()
+        with torch.no_grad():
+            for x, y in timed:
+                self.student(x.to(self.device))[0].argmax(1).eq(y.to(self.device)).sum().item()
+        return steps * batch_size / timed.seconds
 
 
 def train_rate(run, opt, steps, warmup, sync_every=None):
@@ -142,7 +211,10 @@ def eval_rate(run, opt, steps, warmup):
 
 
 def teacher_shape(text):
-    """--teacher DEPTH,WIDTH of a WRN, or '' for none."""
+    """--teacher DEPTH,WIDTH of a WRN, a model name (resnet32x4, vgg13, ...), or '' for none:
+    (model, depth, width)."""
+    if text in CIFAR_MODELS and text not in ('wrn', 'nin'):
+        return text, 16, 1.
     try:
         depth, width = text.split(',')
         depth, width = int(depth), float(width)
@@ -150,17 +222,22 @@ def teacher_shape(text):
         if width <= 0:
             raise ValueError
     except ValueError:
-        raise UserError(f'--teacher must be DEPTH,WIDTH of a WRN (depth 6n+4, width > 0), like 16,2; got {text!r}') from None
-    return depth, width
+        raise UserError(f'--teacher must be DEPTH,WIDTH of a WRN (depth 6n+4, width > 0), like 16,2, or a model '
+                        f'name like resnet32x4; got {text!r}') from None
+    return 'wrn', depth, width
 
 
 def parse_args(argv):
     p = Parser(prog=PROG, description=__doc__.split('\n')[0])
     p.add_argument('--dataroot', required=True)
+    p.add_argument('--dataset', default='CIFAR10', choices=['CIFAR10', 'CIFAR100'],
+                   help='for torchvision\'s files; a class-folder dataset is read whatever this says')
     p.add_argument('--configs', default='faithful,fast', help=f'comma list of {", ".join(CONFIGS)}')
+    p.add_argument('--model', default='wrn', choices=[m for m in CIFAR_MODELS if m != 'nin'], metavar='MODEL',
+                   help='student: wrn (--depth, --width) or a named network (resnet8x4, vgg8, ...)')
     p.add_argument('--depth', type=int, default=16)
     p.add_argument('--width', type=float, default=1)
-    p.add_argument('--teacher', default='16,2', help='teacher depth,width; "" for no teacher')
+    p.add_argument('--teacher', default='16,2', help='teacher depth,width of a WRN, or a model name; "" for no teacher')
     p.add_argument('--batch_size', type=int, default=128)
     p.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
     p.add_argument('--warmup', type=int, default=3)
@@ -184,6 +261,9 @@ def parse_args(argv):
         raise UserError(f'--warmup must not be negative, got {args.warmup}')
     args.names = names
     args.teacher_shape = teacher_shape(args.teacher) if args.teacher else None
+    args.student_shape = (args.model, args.depth, args.width)
+    args.student_name = cifar_model_name(*args.student_shape)
+    args.teacher_name = cifar_model_name(*args.teacher_shape) if args.teacher else ''
     return args
 
 
@@ -192,8 +272,8 @@ def own_process(args, name):
     config, extra = OWN_PROCESS[name]
     fd, out = tempfile.mkstemp(suffix='.json')
     os.close(fd)
-    argv = [sys.executable, os.path.abspath(__file__), '--dataroot', args.dataroot, '--configs', config,
-            '--depth', str(args.depth), '--width', str(args.width), '--teacher', args.teacher,
+    argv = [sys.executable, os.path.abspath(__file__), '--dataroot', args.dataroot, '--dataset', args.dataset, '--configs', config,
+            '--model', args.model, '--depth', str(args.depth), '--width', str(args.width), '--teacher', args.teacher,
             '--batch_size', str(args.batch_size), '--steps', str(args.steps), '--warmup', str(args.warmup),
             '--repeats', str(args.repeats), '--device', args.device, '--nthread', args.nthread, '--json', out, *extra]
     print(f'# {name}: measured by its own process ({config} with {" ".join(extra)})', flush=True)
@@ -214,27 +294,34 @@ def own_process(args, name):
 def measure(args, names):
     """Builds the configs in `names` in this process and times them in turn; {name: figures}."""
     tmp = tempfile.mkdtemp()
-    common = ['--dataroot', args.dataroot, '--depth', str(args.depth), '--width', str(args.width),
+    common = ['--dataroot', args.dataroot, '--dataset', args.dataset, '--model', args.model, '--depth', str(args.depth), '--width', str(args.width),
               '--batch_size', str(args.batch_size), '--no_progress', '--device', args.device, '--nthread', args.nthread]
     if args.teacher_shape:
         train_dir = os.path.join(args.dataroot, 'train')
         classes = len(os.listdir(train_dir)) if os.path.isdir(train_dir) else 10
-        make_teacher(os.path.join(tmp, 'teacher'), *args.teacher_shape, classes)
+        make_teacher(os.path.join(tmp, 'teacher'), args.teacher_shape, classes)
         common += ['--teacher_id', os.path.join(tmp, 'teacher'), '--beta', '1e+3']
 
     shared_decoding()
     runs = {}
     for name in names:
-        opt = cifar.parse_args(common + CONFIGS[name])
         t = time.perf_counter()
+        if CONFIGS[name] is None:
+            device = cifar.select_device(args.device, '0', 1)
+            runs[name] = (NNLoop(args, device), SimpleNamespace(device=device))
+            print(f'# {name}: built in {time.perf_counter() - t:.1f}s (torch.nn modules, torchvision DataLoader)',
+                  flush=True)
+            continue
+        opt = cifar.parse_args(common + CONFIGS[name])
         runs[name] = (cifar.build(opt), opt)
         print(f'# {name}: built in {time.perf_counter() - t:.1f}s'
               + (' (data decoding included)' if len(runs) == 1 else ' (decoded data shared)'), flush=True)
     device = runs[names[0]][0].device
+    built = [n for n in names if CONFIGS[n] is not None]
     cuda = device.type == 'cuda'
     if cuda and args.cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
-    resident = {n: resident_bytes(runs[n][0]) for n in names} if cuda else {}
+    resident = {n: resident_bytes(runs[n][0]) if n in built else 0 for n in names} if cuda else {}
     figures = {n: {'train_img_s': [], 'eval_img_s': [], 'peak_mib': None} for n in names}
     for r in range(args.repeats):
         for name in names:
@@ -243,8 +330,12 @@ def measure(args, names):
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            train = train_rate(run, opt, args.steps, args.warmup, SYNC_EVERY.get(name))
-            evals = eval_rate(run, opt, args.steps, args.warmup)
+            if name in built:
+                train = train_rate(run, opt, args.steps, args.warmup, SYNC_EVERY.get(name))
+                evals = eval_rate(run, opt, args.steps, args.warmup)
+            else:
+                train = run.train_rate(args.steps, args.warmup, args.batch_size)
+                evals = run.eval_rate(args.steps, args.warmup, args.batch_size)
             f = figures[name]
             f['train_img_s'].append(train)
             f['eval_img_s'].append(evals)
@@ -275,9 +366,9 @@ def main(argv=None):
         where = torch.cuda.get_device_name() if cuda else \
             f'CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
 
-    teacher = f'WRN-{args.teacher.replace(",", "-")} teacher, AT' if args.teacher else 'no teacher'
+    teacher = f'{args.teacher_name} teacher, AT' if args.teacher else 'no teacher'
     peak = cuda
-    print(f'\nWRN-{args.depth}-{args.width:g} student, {teacher}, batch {args.batch_size}; {where}; '
+    print(f'\n{args.student_name} student, {teacher}, batch {args.batch_size}; {where}; '
           f'torch {torch.__version__}; medians of {args.repeats} x {args.steps} steps')
     if peak:
         print("peak MiB: each config's own, the most allocated during its steps above what was allocated "
@@ -297,7 +388,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, 'w') as fh:
             json.dump({'where': where, 'torch': torch.__version__, 'device': 'cuda' if cuda else 'cpu',
-                       'student': f'WRN-{args.depth}-{args.width:g}', 'teacher': args.teacher,
+                       'student': args.student_name, 'teacher': args.teacher_name,
                        'batch_size': args.batch_size, 'steps': args.steps, 'warmup': args.warmup,
                        'repeats': args.repeats, 'cudnn_benchmark': args.cudnn_benchmark,
                        'peak_definition': 'own steps above prior allocation + own dataset and weights (MiB); None on CPU',

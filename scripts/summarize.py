@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""Rebuilds the paper's CIFAR-10 Table 1 from run folders, beside the paper's figures.
+"""Rebuilds the paper's CIFAR-10 Table 1, or the CIFAR-100 table of RepDistiller, from run folders,
+beside the published figures.
 
     python scripts/summarize.py logs/ [--out docs/results/table1] [--plots docs/results] [--epoch N]
                                       [--rows '16_1_16_2 nin']
+    python scripts/summarize.py logs/cifar100 --table cifar100 --out docs/results/cifar100
 
-Runs are found by the names scripts/table1.sh gives them (resnet_16_2_teacher, at_16_1_16_2,
-kd_16_1_16_2_s1, ...): a cell is the median final test error over its seeds, with the number of
-seeds. Only finished runs count; a cell without one shows as missing. --epoch N reads every run
-at epoch N instead (runs that reached it), to compare runs of different lengths at a common point.
-Gradient-based AT runs (gradat_*, not in the paper's table) get a column of their own when present.
+Runs are found by the names scripts/table1.sh and scripts/cifar100.sh give them (resnet_16_2_teacher,
+at_16_1_16_2, kd_resnet56_20_s1, ...). Each cell is reported twice, in separate columns, never mixed:
+the last epoch's figure (the honest one) and the best epoch's (what RepDistiller's code keeps and its
+table reports), each as the median and the mean +- sample std over the seeds, with the seed count.
+Table 1 is in test error %, the CIFAR-100 table in top-1 accuracy %. Only finished runs count; a cell
+without one shows as missing. --epoch N reads every run at epoch N instead (runs that reached it; the
+best epoch then among 1..N), to compare runs of different lengths at a common point. Gradient-based AT
+runs (gradat_*, not in the paper's table) get rows of their own when present.
 Writes TABLE.md, TABLE.csv and TABLE.json, and a learning-curve PNG per pair.
 """
 import csv
@@ -23,32 +28,73 @@ from runs import Parser, cli, read_json_stats  # noqa: E402
 from utils import UserError  # noqa: E402
 
 PROG = 'summarize.py'
-COLUMNS = ['student', 'at', 'factt', 'kd', 'atkd', 'gradat', 'teacher']
-HEADERS = ['student', 'AT', 'F-ActT', 'KD', 'AT+KD', 'grad-AT', 'teacher']
-OPTIONAL = {'gradat'}  # columns the paper's Table 1 lacks: shown only where runs exist
+
+
+class Table:
+    """One published table: its methods, figures and run names. `metric` is 'error' (lower is
+    better) or 'accuracy'; PAPER maps pair -> (student label, teacher label, figures by method)."""
+
+    def __init__(self, name, metric, methods, headers, paper, student, teacher, rows, optional=()):
+        self.name, self.metric, self.methods, self.headers = name, metric, methods, dict(zip(methods, headers))
+        self.paper, self.student, self.teacher, self.rows, self.optional = paper, student, teacher, rows, set(optional)
+
+    def run_name(self, pair, method):
+        if method == 'student':
+            return self.student[pair]
+        if method == 'teacher':
+            return self.teacher[pair]
+        return f'{method}_{pair}'
+
+    def value(self, record):
+        """A log record's figure: top-1 test error or accuracy, %."""
+        acc = record['test_acc']
+        acc = acc[0] if isinstance(acc, list) else acc
+        return 100 - acc if self.metric == 'error' else acc
+
+    def best(self, values):
+        return min(values) if self.metric == 'error' else max(values)
+
+
 # The paper's Table 1, test errors (%). One table, so that a correction is one edit.
 # None: the paper gives no CIFAR figure for gradient-based AT with these pairs.
-PAPER = {
+TABLE1_PAPER = {
     'nin_thin_nin_wide': ('NIN-thin, 0.2M', 'NIN-wide, 1M', [9.38, 8.93, 9.05, 8.55, 8.33, None, 7.28]),
     '16_1_16_2': ('WRN-16-1, 0.2M', 'WRN-16-2, 0.7M', [8.77, 7.93, 8.51, 7.41, 7.51, None, 6.31]),
     '16_1_40_1': ('WRN-16-1, 0.2M', 'WRN-40-1, 0.6M', [8.77, 8.25, 8.62, 8.39, 8.01, None, 6.58]),
     '16_2_40_2': ('WRN-16-2, 0.7M', 'WRN-40-2, 2.2M', [6.31, 5.85, 6.24, 6.08, 5.71, None, 5.23]),
 }
-STUDENT = {'nin_thin_nin_wide': 'nin_thin', '16_1_16_2': 'resnet_16_1', '16_1_40_1': 'resnet_16_1',
-           '16_2_40_2': 'resnet_16_2'}
-TEACHER = {'nin_thin_nin_wide': 'nin_wide_teacher', '16_1_16_2': 'resnet_16_2_teacher',
-           '16_1_40_1': 'resnet_40_1_teacher', '16_2_40_2': 'resnet_40_2_teacher'}
+TABLE1 = Table(
+    'table1', 'error', ['student', 'at', 'factt', 'kd', 'atkd', 'gradat', 'teacher'],
+    ['student', 'AT', 'F-ActT', 'KD', 'AT+KD', 'grad-AT', 'teacher'],
+    {pair: (s, t, dict(zip(['student', 'at', 'factt', 'kd', 'atkd', 'gradat', 'teacher'], figures)))
+     for pair, (s, t, figures) in TABLE1_PAPER.items()},
+    student={'nin_thin_nin_wide': 'nin_thin', '16_1_16_2': 'resnet_16_1', '16_1_40_1': 'resnet_16_1',
+             '16_2_40_2': 'resnet_16_2'},
+    teacher={'nin_thin_nin_wide': 'nin_wide_teacher', '16_1_16_2': 'resnet_16_2_teacher',
+             '16_1_40_1': 'resnet_40_1_teacher', '16_2_40_2': 'resnet_40_2_teacher'},
+    rows={pair.split('_')[0] if pair.startswith('nin') else pair: pair for pair in TABLE1_PAPER},  # table1.sh's
+    optional=['gradat'])  # columns the paper's Table 1 lacks: shown only where runs exist
 
+# RepDistiller's CIFAR-100 table (Tian et al., ICLR 2020, Table 1), top-1 accuracy (%): teacher,
+# student, AT, KD, as the issue transcribes them. Its figures are best-epoch accuracies, mean over runs.
+CIFAR100_PAPER = {
+    'wrn_40_2_16_2': ('WRN-16-2', 'WRN-40-2', [75.61, 73.26, 74.08, 74.92]),
+    'wrn_40_2_40_1': ('WRN-40-1', 'WRN-40-2', [75.61, 71.98, 72.77, 73.54]),
+    'resnet56_20': ('resnet20', 'resnet56', [72.34, 69.06, 70.55, 70.66]),
+    'resnet110_20': ('resnet20', 'resnet110', [74.31, 69.06, 70.22, 70.67]),
+    'resnet110_32': ('resnet32', 'resnet110', [74.31, 71.14, 72.31, 73.08]),
+    'resnet32x4_8x4': ('resnet8x4', 'resnet32x4', [79.42, 72.50, 73.44, 73.33]),
+    'vgg13_8': ('vgg8', 'vgg13', [74.64, 70.36, 71.43, 72.98]),
+}
+CIFAR100_NETS = {'WRN-16-2': 'wrn_16_2', 'WRN-40-1': 'wrn_40_1', 'WRN-40-2': 'wrn_40_2'}  # cifar100.sh's run names
+CIFAR100 = Table(
+    'cifar100', 'accuracy', ['teacher', 'student', 'at', 'kd'], ['teacher', 'student', 'AT', 'KD'],
+    {pair: (s, t, dict(zip(['teacher', 'student', 'at', 'kd'], figures))) for pair, (s, t, figures) in CIFAR100_PAPER.items()},
+    student={pair: CIFAR100_NETS.get(s, s) for pair, (s, _, _) in CIFAR100_PAPER.items()},
+    teacher={pair: CIFAR100_NETS.get(t, t) + '_teacher' for pair, (_, t, _) in CIFAR100_PAPER.items()},
+    rows={pair: pair for pair in CIFAR100_PAPER})
 
-ROWS = {pair.split('_')[0] if pair.startswith('nin') else pair: pair for pair in PAPER}  # table1.sh's row names
-
-
-def run_name(pair, column):
-    if column == 'student':
-        return STUDENT[pair]
-    if column == 'teacher':
-        return TEACHER[pair]
-    return f'{column}_{pair}'
+TABLES = {'table1': TABLE1, 'cifar100': CIFAR100}
 
 
 def collect(logs, epoch=None):
@@ -70,62 +116,79 @@ def collect(logs, epoch=None):
     return runs
 
 
-def error(records):
-    acc = records[-1]['test_acc']
-    return 100 - (acc[0] if isinstance(acc, list) else acc)
+def summary(values):
+    """{'median', 'mean', 'std'} over the seeds' figures (std: the sample's, None under 2 seeds)."""
+    if not values:
+        return {'median': None, 'mean': None, 'std': None}
+    return {'median': statistics.median(values), 'mean': statistics.fmean(values),
+            'std': statistics.stdev(values) if len(values) > 1 else None}
 
 
-def table(runs, pairs=tuple(PAPER)):
+def table(runs, pairs=None, tab=TABLE1):
     rows = []
-    for pair in pairs:
-        student, teacher, paper = PAPER[pair]
-        for column, theirs in zip(COLUMNS, paper):
-            seeds = runs.get(run_name(pair, column), [])
-            errors = [error(r) for r in seeds]
-            ours = statistics.median(errors) if errors else None
-            rows.append(dict(pair=pair, student=student, teacher=teacher, method=column, ours=ours,
-                             seeds=len(errors), spread=[min(errors), max(errors)] if errors else None,
-                             paper=theirs, diff=None if ours is None or theirs is None else ours - theirs))
+    for pair in pairs or list(tab.paper):
+        student, teacher, paper = tab.paper[pair]
+        for method in tab.methods:
+            seeds = runs.get(tab.run_name(pair, method), [])
+            last = [tab.value(r[-1]) for r in seeds]
+            best = [tab.best([tab.value(x) for x in r]) for r in seeds]
+            ls, bs, theirs = summary(last), summary(best), paper.get(method)
+            rows.append(dict(pair=pair, student=student, teacher=teacher, method=method, metric=tab.metric,
+                             seeds=len(seeds), paper=theirs, ours=ls['median'],
+                             diff=None if ls['median'] is None or theirs is None else ls['median'] - theirs,
+                             spread=[min(last), max(last)] if last else None,
+                             last=ls, best=bs,
+                             best_diff=None if bs['median'] is None or theirs is None else bs['median'] - theirs))
     return rows
 
 
-def cell(r):
-    paper = 'n/a' if r['paper'] is None else f'{r["paper"]:.2f}'
-    if r['ours'] is None:
-        return f'— ({paper})'
-    diff = '' if r['diff'] is None else f', {r["diff"]:+.2f}'
-    spread = f' [{r["spread"][0]:.2f}–{r["spread"][1]:.2f}]' if r['seeds'] > 1 else ''
-    return f'{r["ours"]:.2f} ({paper}{diff}) n={r["seeds"]}{spread}'
+def fmt(x):
+    return '—' if x is None else f'{x:.2f}'
 
 
-def markdown(rows):
-    shown = [(c, h) for c, h in zip(COLUMNS, HEADERS)
-             if c not in OPTIONAL or any(r['method'] == c and r['seeds'] for r in rows)]
-    lines = ['| student | teacher | ' + ' | '.join(h for _, h in shown) + ' |', '|---|---|' + '---|' * len(shown)]
-    for pair in dict.fromkeys(r['pair'] for r in rows):
-        student, teacher, _ = PAPER[pair]
-        cells = [cell(next(r for r in rows if r['pair'] == pair and r['method'] == c)) for c, _ in shown]
-        lines.append(f'| {student} | {teacher} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines) + ('\n\nEach cell: our median test error % (the paper\'s, our difference), '
-                               'the number of seeds and [lowest–highest]; — : no finished run; n/a: not in the paper.\n')
+def mean_std(s):
+    if s['mean'] is None:
+        return '—'
+    return f'{s["mean"]:.2f} ± ' + ('—' if s['std'] is None else f'{s["std"]:.2f}')
 
 
-def plot(runs, out_dir, pairs=tuple(PAPER)):
+def markdown(rows, tab=TABLE1):
+    """One line a (pair, method): the published figure, then the last epoch's and the best epoch's
+    figures in columns of their own."""
+    what = 'test error %' if tab.metric == 'error' else 'top-1 accuracy %'
+    lines = [f'| student | teacher | method | paper | last: median | last: mean ± std | best: median | '
+             f'best: mean ± std | seeds |', '|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        if r['method'] in tab.optional and not any(q['method'] == r['method'] and q['seeds'] for q in rows):
+            continue
+        paper = 'n/a' if r['paper'] is None else f'{r["paper"]:.2f}'
+        lines.append(f'| {r["student"]} | {r["teacher"]} | {tab.headers[r["method"]]} | {paper} | '
+                     f'{fmt(r["last"]["median"])} | {mean_std(r["last"])} | {fmt(r["best"]["median"])} | '
+                     f'{mean_std(r["best"])} | {r["seeds"]} |')
+    return '\n'.join(lines) + (
+        f'\n\nFigures: {what}. last: the final epoch of each run; best: the best epoch of each run '
+        '(as RepDistiller\'s code reports); each as the median and the mean ± sample std over the seeds '
+        '(std — under 2 seeds). — : no finished run; n/a: not in the published table.\n')
+
+
+def plot(runs, out_dir, pairs, tab):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     written = []
     for pair in pairs:
-        student, teacher, _ = PAPER[pair]
-        curves = [(h, runs[run_name(pair, c)]) for c, h in zip(COLUMNS, HEADERS) if run_name(pair, c) in runs]
+        student, teacher, _ = tab.paper[pair]
+        curves = [(m, runs[tab.run_name(pair, m)]) for m in tab.methods if tab.run_name(pair, m) in runs]
         if not curves:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-        for label, seeds in curves:
+        for method, seeds in curves:
             for i, records in enumerate(seeds):
-                ax.plot([r['epoch'] for r in records], [error([r]) for r in records],
-                        color=f'C{HEADERS.index(label)}', alpha=0.8, marker='o', markersize=3, label=label if i == 0 else None)
-        ax.set(xlabel='epoch', ylabel='test error %', title=f'{student} <- {teacher}')
+                ax.plot([r['epoch'] for r in records], [tab.value(r) for r in records],
+                        color=f'C{tab.methods.index(method)}', alpha=0.8, marker='o', markersize=3,
+                        label=tab.headers[method] if i == 0 else None)
+        ax.set(xlabel='epoch', ylabel='test error %' if tab.metric == 'error' else 'top-1 accuracy %',
+               title=f'{student} <- {teacher}')
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, f'curves_{pair}.png')
@@ -135,11 +198,11 @@ def plot(runs, out_dir, pairs=tuple(PAPER)):
     return written
 
 
-def provenance(logs, pairs):
+def provenance(logs, pairs, tab):
     """A Markdown table of where each shown run came from: its run.json's first session, and its resumes."""
     import provenance as prov
     lines = ['| run | commit | torch | device | sessions |', '|---|---|---|---|---|']
-    names = [run_name(p, c) for p in pairs for c in COLUMNS]
+    names = [tab.run_name(p, m) for p in pairs for m in ('teacher', *tab.methods)]
     for folder in sorted(f for f in os.listdir(logs) if re.sub(r'_s\d+$', '', f) in names):
         sessions = prov.read(os.path.join(logs, folder))
         if not sessions:
@@ -152,43 +215,57 @@ def provenance(logs, pairs):
     return '\n'.join(lines) + '\n'
 
 
+def flat_csv_row(r):
+    out = {k: v for k, v in r.items() if k not in ('last', 'best', 'spread')}
+    out['spread'] = '' if r['spread'] is None else '%.2f-%.2f' % tuple(r['spread'])
+    for which in ('last', 'best'):
+        out.update({f'{which}_{k}': v for k, v in r[which].items()})
+    return out
+
+
 def main(argv=None):
     p = Parser(prog=PROG, description=__doc__.split('\n')[0])
     p.add_argument('logs', help='folder of run folders')
-    p.add_argument('--out', default='table1', help='path prefix for .md, .csv and .json')
+    p.add_argument('--table', default='table1', choices=list(TABLES),
+                   help='table1: the paper\'s CIFAR-10 Table 1 (table1.sh); cifar100: RepDistiller\'s (cifar100.sh)')
+    p.add_argument('--out', default=None, help='path prefix for .md, .csv and .json (default: the --table name)')
     p.add_argument('--plots', default=None, help='folder for learning-curve PNGs (default: beside --out)')
     p.add_argument('--epoch', type=int, default=None, help='read every run at this epoch, not at its end')
-    p.add_argument('--rows', default=' '.join(ROWS), help='rows to show, as table1.sh names them (default: all)')
+    p.add_argument('--rows', default=None, help='rows to show, as table1.sh or cifar100.sh names them (default: all)')
     p.add_argument('--provenance', action='store_true', help="also list each run's commit, torch and devices (run.json)")
     args = p.parse_args(argv)
-    unknown = [r for r in args.rows.split() if r not in ROWS]
+    tab = TABLES[args.table]
+    names = ' '.join(tab.rows) if args.rows is None else args.rows
+    unknown = [r for r in names.split() if r not in tab.rows]
     if unknown:
-        raise UserError(f'unknown row {unknown[0]!r} (rows: {" ".join(ROWS)})')
-    pairs = [ROWS[r] for r in args.rows.split()]
+        raise UserError(f'unknown row {unknown[0]!r} (rows: {" ".join(tab.rows)})')
+    pairs = [tab.rows[r] for r in names.split()]
     if not pairs:
-        raise UserError(f'--rows names no row (rows: {" ".join(ROWS)})')
+        raise UserError(f'--rows names no row (rows: {" ".join(tab.rows)})')
     if not os.path.isdir(args.logs):
         raise UserError(f'no such folder: {args.logs}')
     if args.epoch is not None and args.epoch < 1:
         raise UserError(f'--epoch must be 1 or more, got {args.epoch}')
+    out = args.out or args.table
     runs = collect(args.logs, args.epoch)
-    rows = table(runs, pairs)
+    rows = table(runs, pairs, tab)
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except OSError as e:
-        raise UserError(f'--out {args.out}: cannot make its folder: {e.strerror}') from None
-    text = markdown(rows) + ('\n' + provenance(args.logs, pairs) if args.provenance else '')
-    with open(args.out + '.md', 'w') as fh:
+        raise UserError(f'--out {out}: cannot make its folder: {e.strerror}') from None
+    text = markdown(rows, tab) + ('\n' + provenance(args.logs, pairs, tab) if args.provenance else '')
+    with open(out + '.md', 'w') as fh:
         fh.write(text)
-    with open(args.out + '.json', 'w') as fh:
+    with open(out + '.json', 'w') as fh:
         json.dump(rows, fh, indent=1)
-    with open(args.out + '.csv', 'w', newline='') as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    with open(out + '.csv', 'w', newline='') as fh:
+        flat = [flat_csv_row(r) for r in rows]
+        w = csv.DictWriter(fh, fieldnames=list(flat[0]))
         w.writeheader()
-        w.writerows({**r, 'spread': '' if r['spread'] is None else '%.2f-%.2f' % tuple(r['spread'])} for r in rows)
-    plots = plot(runs, args.plots or os.path.dirname(os.path.abspath(args.out)), pairs)
+        w.writerows(flat)
+    plots = plot(runs, args.plots or os.path.dirname(os.path.abspath(out)), pairs, tab)
     print(text)
-    print(f'wrote {args.out}.md, .csv, .json' + (f' and {len(plots)} plot(s)' if plots else ''))
+    print(f'wrote {out}.md, .csv, .json' + (f' and {len(plots)} plot(s)' if plots else ''))
 
 
 if __name__ == '__main__':

@@ -40,7 +40,7 @@ def test_benchmark_refuses_an_unknown_config(tiny_data):
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         "benchmark.py: error: unknown config 'warp'; choose from " + ', '.join(
             ['faithful', 'fast', 'fast-bf16', 'fast-half', 'fast-compile', 'fast-nocl', 'fast-grad', 'fast-stepsync',
-             'fast-cl', 'fast-nobench'])]
+             'fast-cl', 'fast-nobench', 'nn-loop'])]
 
 
 def test_benchmark_measures_both_memory_formats_and_cudnn_benchmark_off(tiny_data, tmp_path):
@@ -78,3 +78,22 @@ def test_benchmark_counts_each_configs_own_resident_bytes():
                           distiller=net)
     assert benchmark.resident_bytes(run, 'cpu') == 4 * 3 * 8 * 8 + 4 * 8 + 6 * 4
     assert benchmark.resident_bytes(run) == 0  # nothing of it on a GPU
+
+
+def test_benchmark_nn_loop_beside_the_functional_path(tmp_path):
+    """The CIFAR-100 pair resnet32x4 -> resnet8x4, as torch.nn modules in a plain loop and through cifar.py,
+    side by side in one run (tiny images, one step: this checks the wiring, not the speed)."""
+    from conftest import make_class_folders
+    data = make_class_folders(tmp_path / 'c100', classes=4, train_per_class=2, test_per_class=2)
+    out = tmp_path / 'bench.json'
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--dataroot', str(data),
+                        '--configs', 'nn-loop,fast', '--model', 'resnet8x4', '--teacher', 'resnet32x4', '--batch_size', '4',
+                        '--steps', '1', '--warmup', '0', '--repeats', '1', '--nthread', '0', '--json', str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stderr
+    rows = re.findall(r'^\| (\S+) \| [\d.]+ \| ([\d.]+)x \|', p.stdout, re.M)
+    assert rows[0] == ('nn-loop', '1.00') and [r[0] for r in rows] == ['nn-loop', 'fast'], p.stdout
+    assert 'resnet8x4 student, resnet32x4 teacher, AT, batch 4' in p.stdout
+    report = json.loads(out.read_text())
+    assert (report['student'], report['teacher']) == ('resnet8x4', 'resnet32x4')

@@ -64,7 +64,7 @@ def fake_run(logs, name, errors, epochs=2):
 
 def test_summarize_medians_missing_cells_and_plots(tmp_path):
     logs = tmp_path / 'logs'
-    fake_run(logs, 'resnet_16_2_teacher', [9, 6.0])
+    fake_run(logs, 'resnet_16_2_teacher', [5.5, 6.0])  # its best epoch is not its last
     for i, err in enumerate([8.0, 7.0, 9.5]):
         fake_run(logs, 'at_16_1_16_2' + (f'_s{i}' if i else ''), [12, err])
     fake_run(logs, 'kd_16_1_16_2', [12])  # unfinished (1 of 2 epochs): not counted
@@ -76,11 +76,15 @@ def test_summarize_medians_missing_cells_and_plots(tmp_path):
     at = cell['16_1_16_2', 'at']
     assert at['ours'] == pytest.approx(8.0) and at['seeds'] == 3 and at['diff'] == pytest.approx(8.0 - 7.93)
     assert at['spread'] == [7.0, 9.5]
-    assert cell['16_1_16_2', 'teacher']['ours'] == pytest.approx(6.0)
+    assert cell['16_1_16_2', 'teacher']['ours'] == pytest.approx(6.0) == cell['16_1_16_2', 'teacher']['last']['median']
+    assert cell['16_1_16_2', 'teacher']['best'] == {'median': 5.5, 'mean': 5.5, 'std': None}
+    assert at['last']['mean'] == pytest.approx(24.5 / 3) and at['last']['std'] == pytest.approx((19 / 12) ** 0.5)
     assert cell['16_1_16_2', 'kd']['ours'] is None and cell['16_1_16_2', 'kd']['seeds'] == 0
     assert cell['16_2_40_2', 'teacher']['paper'] == 5.23
     md = (tmp_path / 'out' / 't1.md').read_text()
-    assert '| WRN-16-1, 0.2M | WRN-16-2, 0.7M | — (8.77) | 8.00 (7.93, +0.07) n=3 [7.00–9.50] | — (8.51) | — (7.41)' in md
+    assert '| WRN-16-1, 0.2M | WRN-16-2, 0.7M | AT | 7.93 | 8.00 | 8.17 ± 1.26 | 8.00 | 8.17 ± 1.26 | 3 |' in md
+    assert '| WRN-16-1, 0.2M | WRN-16-2, 0.7M | teacher | 6.31 | 6.00 | 6.00 ± — | 5.50 | 5.50 ± — | 1 |' in md
+    assert '| WRN-16-1, 0.2M | WRN-16-2, 0.7M | KD | 7.41 | — | — | — | — | 0 |' in md
     assert 'grad-AT' not in md  # not a Table 1 column: shown only where such runs exist
     assert (tmp_path / 'out' / 't1.csv').read_text().count('\n') == 1 + 4 * 7
     assert (tmp_path / 'out' / 'curves_16_1_16_2.png').stat().st_size > 1000
@@ -107,10 +111,11 @@ def test_summarize_at_an_epoch_with_grad_at_column(tmp_path):
     assert cell['16_1_16_2', 'student']['ours'] == pytest.approx(45) and cell['16_1_16_2', 'student']['seeds'] == 3
     assert cell['16_1_16_2', 'gradat']['ours'] == pytest.approx(38) and cell['16_1_16_2', 'gradat']['paper'] is None
     assert cell['16_1_16_2', 'at']['ours'] == pytest.approx(44)
-    assert '| student | AT | F-ActT | KD | AT+KD | grad-AT | teacher |' in md and '38.00 (n/a) n=3 [35.00–41.00]' in md
-    assert md.count('| WRN-16-1, 0.2M | WRN-16-2') == 1 and 'NIN' in md
+    assert '| WRN-16-1, 0.2M | WRN-16-2, 0.7M | grad-AT | n/a | 38.00 | 38.00 ± 3.00 | 38.00 | 38.00 ± 3.00 | 3 |' in md
+    assert md.count('| WRN-16-1, 0.2M | WRN-16-2') == 7 and 'NIN' in md  # grad-AT rows: shown where runs exist
     cell, md = summarize('--rows', '16_1_16_2 nin')
-    assert [line.split(' | ')[0] for line in md.splitlines()[2:4]] == ['| WRN-16-1, 0.2M', '| NIN-thin, 0.2M']
+    firsts = [line.split(' | ')[0] for line in md.splitlines()[2:] if line.startswith('| ')]
+    assert list(dict.fromkeys(firsts)) == ['| WRN-16-1, 0.2M', '| NIN-thin, 0.2M']
     cell, md = summarize()  # final epochs: the baseline at epoch 2; the unfinished AT run is missing
     assert cell['16_1_16_2', 'student']['ours'] == pytest.approx(30)
     assert cell['16_1_16_2', 'at']['ours'] is None

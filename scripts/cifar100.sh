@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The CIFAR-100 table of RepDistiller (CRD, ICLR 2020), its AT and KD rows for the 7 pairs within one
+# network family: the teachers, the students alone, then AT and KD for each pair, every run under
+# cifar.py --preset crd (docs/cifar100.md). Finished runs are skipped, unfinished ones resumed; the
+# first run that does not finish (an error, or a signal: exit 130/143) stops the script.
+#
+#   scripts/cifar100.sh [--dry-run]
+#
+# Environment (defaults in brackets):
+#   DATAROOT [.]          CIFAR-100 (torchvision files, downloaded when missing, or a class-folder copy)
+#   EPOCHS [240]          a short schedule scales EPOCH_STEP with it
+#   EPOCH_STEP [the preset's [151,181,211], i.e. lr x 0.1 after epochs 150, 180, 210, scaled by
+#                         EPOCHS/240, never below 2]
+#   SEEDS [0]             student seeds ("0 1 2"); TEACHER_SEEDS [0]: students learn from the first
+#   ROWS [wrn_40_2_16_2 wrn_40_2_40_1 resnet56_20 resnet110_20 resnet110_32 resnet32x4_8x4 vgg13_8]
+#   METHODS [student at kd]   (teachers always run)
+#   BETA [1e+3] ALPHA [0.9]   AT weight on every group output; KD weight (T = 4, cross-entropy 0.1)
+#   LOGS [logs/cifar100]  PYTHON [python]  EXTRA ['']    EXTRA is added to every cifar.py command
+#
+# Then: python scripts/summarize.py logs/cifar100 --table cifar100 --out docs/results/cifar100
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+for a in "$@"; do
+  case "$a" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
+    *) echo "cifar100.sh: error: unknown argument $a (try --help)" >&2; exit 2 ;;
+  esac
+done
+DATAROOT=${DATAROOT:-.}
+EPOCHS=${EPOCHS:-240}
+[[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || { echo "cifar100.sh: error: EPOCHS must be a positive integer, got '$EPOCHS'" >&2; exit 2; }
+EPOCH_STEP=${EPOCH_STEP:-$(python3 -c "import sys; e=int(sys.argv[1]); print('[' + ','.join(str(max(2, round(s * e / 240) + 1)) for s in (150, 180, 210)) + ']')" "$EPOCHS")}
+SEEDS=${SEEDS:-0}
+TEACHER_SEEDS=${TEACHER_SEEDS:-0}
+ALL_ROWS="wrn_40_2_16_2 wrn_40_2_40_1 resnet56_20 resnet110_20 resnet110_32 resnet32x4_8x4 vgg13_8"
+ROWS=${ROWS:-$ALL_ROWS}
+METHODS=${METHODS:-student at kd}
+BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}
+LOGS=${LOGS:-logs/cifar100}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
+
+# name: model flags
+declare -A NET=(
+  [wrn_40_2]="--depth 40 --width 2" [wrn_16_2]="--depth 16 --width 2" [wrn_40_1]="--depth 40 --width 1"
+  [resnet56]="--model resnet56" [resnet110]="--model resnet110" [resnet20]="--model resnet20"
+  [resnet32]="--model resnet32" [resnet32x4]="--model resnet32x4" [resnet8x4]="--model resnet8x4"
+  [vgg13]="--model vgg13" [vgg8]="--model vgg8"
+)
+# row: student teacher
+declare -A PAIR=( [wrn_40_2_16_2]="wrn_16_2 wrn_40_2" [wrn_40_2_40_1]="wrn_40_1 wrn_40_2"
+                  [resnet56_20]="resnet20 resnet56" [resnet110_20]="resnet20 resnet110"
+                  [resnet110_32]="resnet32 resnet110" [resnet32x4_8x4]="resnet8x4 resnet32x4"
+                  [vgg13_8]="vgg8 vgg13" )
+# AT on every group output with cross-entropy and no KD; KD with T = 4: 0.9 KL + 0.1 cross-entropy
+declare -A METHOD=( [at]="--beta $BETA" [kd]="--alpha $ALPHA --temperature 4" )
+
+suffix() { [ "$1" = 0 ] && echo "" || echo "_s$1"; }
+
+run() {  # run NAME SEED FLAGS...: skip a finished run, resume an unfinished one, stop on a failed one
+  local name=$1 seed=$2; shift 2
+  local dir="$LOGS/$name" resume=""
+  if [ -f "$dir/log.txt" ] && [ "$(tail -n 1 "$dir/log.txt" | sed -n 's/.*"epoch": \([0-9]*\).*/\1/p')" = "$EPOCHS" ]; then
+    echo "# done: $dir"; return 0
+  fi
+  [ -f "$dir/model.pt7" ] && resume="--resume auto"
+  local cmd="$PYTHON cifar.py --preset crd --dataroot $DATAROOT --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --seed $seed --save $dir${resume:+ $resume} $*${EXTRA:+ $EXTRA}"
+  echo "$cmd"
+  [ "$DRY" = 1 ] && return 0
+  local rc=0
+  eval "$cmd" || rc=$?
+  if [ "$rc" != 0 ]; then
+    echo "cifar100.sh: stopped: $dir exited with $rc; run the same command again to go on (finished runs are skipped, this one resumes with --resume auto)" >&2
+    exit "$rc"
+  fi
+}
+
+for m in $METHODS; do
+  [ "$m" = student ] || [ -n "${METHOD[$m]:-}" ] || { echo "cifar100.sh: error: unknown method $m (student at kd)" >&2; exit 2; }
+done
+teachers=()
+for row in $ROWS; do
+  [ -n "${PAIR[$row]:-}" ] || { echo "cifar100.sh: error: unknown row $row ($ALL_ROWS)" >&2; exit 2; }
+  t=${PAIR[$row]#* }; [[ " ${teachers[*]} " == *" $t "* ]] || teachers+=("$t")
+done
+T0=${TEACHER_SEEDS%% *}
+# cifar.py finds a bare --teacher_id under logs/; elsewhere the student is given the folder itself
+TDIR=$( [ "$LOGS" = logs ] && echo "" || echo "$LOGS/" )
+for t in "${teachers[@]}"; do
+  for s in $TEACHER_SEEDS; do run "${t}_teacher$(suffix "$s")" "$s" "${NET[$t]}"; done
+done
+baselines=()
+for row in $ROWS; do
+  st=${PAIR[$row]% *}; [[ " ${baselines[*]} " == *" $st "* ]] || baselines+=("$st")
+done
+for s in $SEEDS; do
+  if [[ " $METHODS " == *" student "* ]]; then
+    for st in "${baselines[@]}"; do run "$st$(suffix "$s")" "$s" "${NET[$st]}"; done
+  fi
+  for row in $ROWS; do
+    read -r st t <<< "${PAIR[$row]}"
+    for m in $METHODS; do
+      [ "$m" = student ] && continue
+      run "${m}_${row}$(suffix "$s")" "$s" "${NET[$st]} --teacher_id $TDIR${t}_teacher$(suffix "$T0") ${METHOD[$m]}"
+    done
+  done
+done

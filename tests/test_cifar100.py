@@ -1,0 +1,163 @@
+"""The CIFAR-100 benchmark's protocol: the crd preset, the lr steps with and without a momentum
+restart, zero padding, the KD normalisation of RepDistiller's DistillKL, and scripts/cifar100.sh."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cifar
+from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log
+from data import DeviceLoader
+from engine import Trainer
+from utils import UserError, kd_loss
+
+
+def distill_kl(y_s, y_t, T):
+    """RepDistiller's DistillKL, written out: KL(p_t || p_s) summed over batch and classes, times T^2,
+    divided by the batch size."""
+    p_s, p_t = F.softmax(y_s / T, dim=1), F.softmax(y_t / T, dim=1)
+    return (p_t * (p_t.log() - p_s.log())).sum() * T ** 2 / y_s.shape[0]
+
+
+def test_kd_at_alpha_0_9_equals_distill_kl_weighted_0_9_with_cross_entropy_0_1():
+    torch.manual_seed(0)
+    y_s, y_t = torch.randn(6, 100, dtype=torch.float64) * 3, torch.randn(6, 100, dtype=torch.float64) * 3
+    labels = torch.randint(0, 100, (6,))
+    theirs = 0.9 * distill_kl(y_s, y_t, 4) + 0.1 * F.cross_entropy(y_s, labels)
+    torch.testing.assert_close(kd_loss(y_s, y_t, labels, 4, 0.9), theirs, rtol=1e-12, atol=1e-12)
+    assert distill_kl(y_s, y_t, 4) > 1  # a KL term of weight, not one divided by the classes too
+
+
+def test_preset_crd_sets_the_recipe_and_leaves_the_2017_defaults_alone():
+    opt = cifar.parse_args(['--preset', 'crd'])
+    assert (opt.dataset, opt.epochs, opt.batch_size, opt.lr, opt.weight_decay, opt.lr_decay_ratio) == \
+        ('CIFAR100', 240, 64, 0.05, 5e-4, 0.1)
+    # that code drops the lr in the epochs after 150, 180 and 210 (1-based): here, at the start of 151, 181, 211
+    assert [s - 1 for s in json.loads(opt.epoch_step)] == [150, 180, 210]
+    assert (opt.lr_restart_momentum, opt.pad_mode, opt.normalize) == (0, 'zeros', 'cifar100')
+    assert cifar.NORMALIZE['cifar100'] == ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761])
+    mine = cifar.parse_args(['--preset', 'crd', '--lr', '0.01', '--lr_restart_momentum', '1'])
+    assert (mine.lr, mine.lr_restart_momentum, mine.batch_size) == (0.01, 1, 64)  # flags given win
+    d = cifar.parse_args([])
+    assert (d.dataset, d.epochs, d.batch_size, d.lr, d.weight_decay, d.epoch_step, d.lr_decay_ratio) == \
+        ('CIFAR10', 200, 128, 0.1, 0.0005, '[60,120,160]', 0.2)
+    assert (d.lr_restart_momentum, d.pad_mode, d.normalize, d.preset) == (1, 'reflect', '2017', 'none')
+
+
+@pytest.mark.parametrize('restart', [True, False])
+def test_lr_steps_restart_or_keep_the_momentum(restart):
+    """One step an epoch, lr steps at epochs 2 and 4: the lr follows RepDistiller's rule for decay
+    epochs [1, 3] either way; the momentum buffer restarts only with restart_momentum."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, requires_grad=True)
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+
+    def model(inputs, targets, mode):
+        y = inputs @ w
+        return y, {'loss': F.cross_entropy(y, targets)}
+
+    def make(lr):
+        return torch.optim.SGD([w], lr, momentum=0.9)
+
+    seen = []
+    Trainer(model, make, torch.device('cpu'), epochs=4, epoch_step=[2, 4], lr_decay_ratio=0.1, progress=False,
+            restart_momentum=restart,
+            on_epoch_end=lambda stats, opt: seen.append((opt.param_groups[0]['lr'], w.grad.clone(),
+                                                         opt.state[w]['momentum_buffer'].clone()))
+            ).train([(x, t)], None, make(0.05))
+    assert [lr for lr, _, _ in seen] == pytest.approx([0.05 * 0.1 ** sum(e > s for s in (1, 3)) for e in (1, 2, 3, 4)])
+    for (_, _, before), (_, grad, buf), epoch in zip(seen, seen[1:], (2, 3, 4)):
+        fresh = restart and epoch in (2, 4)
+        torch.testing.assert_close(buf, grad if fresh else 0.9 * before + grad)
+
+
+@pytest.mark.parametrize('mode,values', [('zeros', {-1.0, 1.0}), ('reflect', {1.0})])
+def test_zero_padding_pads_black_pixels(mode, values):
+    white = torch.full((64, 3, 8, 8), 255, dtype=torch.uint8)
+    loader = DeviceLoader(white, [0] * 64, batch_size=64, mean=[0.5] * 3, std=[0.5] * 3, train=True, pad=2,
+                          pad_mode=mode, generator=torch.Generator().manual_seed(0))
+    x, _ = next(iter(loader))
+    assert set(x.unique().tolist()) == values  # 0 -> (0 - 0.5) / 0.5 = -1; 255 -> 1
+
+
+def cifar100_sh(*args, **env):
+    return subprocess.run(['bash', str(ROOT / 'scripts' / 'cifar100.sh'), *args], capture_output=True, text=True,
+                          env={**OFFLINE_ENV, **env}, timeout=600)
+
+
+def saves(lines):
+    return [line.split('--save ')[1].split()[0].rsplit('/', 1)[1] for line in lines if '--save' in line]
+
+
+def test_dry_run_lists_every_run(tmp_path):
+    p = cifar100_sh('--dry-run', LOGS=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    rows = ['wrn_40_2_16_2', 'wrn_40_2_40_1', 'resnet56_20', 'resnet110_20', 'resnet110_32', 'resnet32x4_8x4', 'vgg13_8']
+    assert saves(lines) == (
+        ['wrn_40_2_teacher', 'resnet56_teacher', 'resnet110_teacher', 'resnet32x4_teacher', 'vgg13_teacher',
+         'wrn_16_2', 'wrn_40_1', 'resnet20', 'resnet32', 'resnet8x4', 'vgg8']
+        + [f'{m}_{r}' for r in rows for m in ('at', 'kd')])
+    assert all(line.startswith("python cifar.py --preset crd --dataroot . --epochs 240 --epoch_step '[151,181,211]'")
+               for line in lines)
+    assert lines[-1].endswith(f'--model vgg8 --teacher_id {tmp_path}/vgg13_teacher --alpha 0.9 --temperature 4')
+    assert lines[-2].endswith(f'--model vgg8 --teacher_id {tmp_path}/vgg13_teacher --beta 1e+3')
+    short = cifar100_sh('--dry-run', LOGS=str(tmp_path), EPOCHS='24', SEEDS='0 1', ROWS='resnet32x4_8x4',
+                        METHODS='at').stdout.splitlines()
+    assert saves(short) == ['resnet32x4_teacher', 'at_resnet32x4_8x4', 'at_resnet32x4_8x4_s1']
+    assert "--epochs 24 --epoch_step '[16,19,22]'" in short[0] and '--seed 1' in short[-1]
+    for env, message in (({'ROWS': 'resnet56'}, 'unknown row resnet56'), ({'METHODS': 'fitnet'}, 'unknown method fitnet'),
+                         ({'EPOCHS': 'x'}, 'EPOCHS must be a positive integer')):
+        p = cifar100_sh('--dry-run', **env)
+        assert p.returncode == 2 and p.stderr.count('\n') == 1 and message in p.stderr
+
+
+def test_stops_at_the_first_run_that_does_not_finish(tmp_path):
+    """A run stopped by a signal exits 143: the script stops there and says how to go on."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\nexit 143\n')
+    fake.chmod(0o755)
+    p = cifar100_sh(LOGS=str(tmp_path / 'logs'), PYTHON=str(fake), ROWS='vgg13_8')
+    assert p.returncode == 143
+    assert (tmp_path / 'calls').read_text().count('\n') == 1  # no run after the interrupted one
+    assert p.stderr.strip() == (f'cifar100.sh: stopped: {tmp_path}/logs/vgg13_teacher exited with 143; run the same '
+                                'command again to go on (finished runs are skipped, this one resumes with --resume auto)')
+
+
+def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
+    """resnet56 -> resnet20 with AT for 1 epoch on a tiny 100-class folder (the teacher, then the student);
+    a second call finds both done; the table has their cells and shows the others missing."""
+    data = make_class_folders(tmp_path / 'c100', classes=100, train_per_class=1, test_per_class=1)
+    env = dict(LOGS=str(tmp_path / 'logs'), DATAROOT=str(data), EPOCHS='1', ROWS='resnet56_20', METHODS='at',
+               PYTHON=sys.executable, EXTRA='--no_progress --nthread 0', OMP_NUM_THREADS='1')
+    p = cifar100_sh(**env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    logs = tmp_path / 'logs'
+    at = read_log(logs / 'at_resnet56_20')[0]
+    assert (at['preset'], at['model'], at['num_classes'], at['lr_restart_momentum'], at['batch_size']) == \
+        ('crd', 'resnet20', 100, 0, 64)
+    assert len(at['at_losses']) == 3 and at['beta'] == 1000 and at['alpha'] == 0
+    assert read_log(logs / 'resnet56_teacher')[0]['n_parameters'] == 861_620
+    again = cifar100_sh(**env)
+    assert again.returncode == 0 and again.stdout.splitlines() == [
+        f'# done: {logs}/{n}' for n in ('resnet56_teacher', 'at_resnet56_20')]
+
+    sys.path.insert(0, str(ROOT / 'scripts'))
+    import summarize
+    summarize.main([str(logs), '--table', 'cifar100', '--out', str(tmp_path / 'out' / 'c100')])
+    rows = {(r['pair'], r['method']): r for r in json.loads((tmp_path / 'out' / 'c100.json').read_text())}
+    assert rows['resnet56_20', 'at']['last']['median'] == pytest.approx(at['test_acc'])
+    assert rows['resnet56_20', 'at']['paper'] == 70.55 and rows['resnet56_20', 'at']['seeds'] == 1
+    assert rows['resnet56_20', 'teacher']['seeds'] == 1 and rows['resnet110_20', 'teacher']['seeds'] == 0
+    md = (tmp_path / 'out' / 'c100.md').read_text()
+    assert '| vgg8 | vgg13 | KD | 72.98 | — | — | — | — | 0 |' in md and 'top-1 accuracy %' in md
+
+    # a teacher with another count of group outputs cannot be paired by AT
+    monkeypatch.chdir(tmp_path)
+    opt = cifar.parse_args(['--preset', 'crd', '--model', 'vgg8', '--dataroot', str(data), '--device', 'cpu',
+                            '--teacher_id', str(logs / 'resnet56_teacher'), '--beta', '1e+3'])
+    with pytest.raises(UserError, match='^teacher resnet56 has 3 group outputs and student vgg8 4: AT pairs them one to one$'):
+        cifar.build(opt)
