@@ -157,7 +157,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if AMP_DTYPES.get(dtype) == torch.float16 else None
         if self.scaler and scaler_state:
             self.scaler.load_state_dict(scaler_state)
-        self.compiled = [m.f for m in model.modules() if isinstance(getattr(m, 'f', None), Compiled)]
+        modules = model.modules() if isinstance(model, torch.nn.Module) else ()  # a plain function has none
+        self.compiled = [m.f for m in modules if isinstance(getattr(m, 'f', None), Compiled)]
         self.make_optimizer = lambda lr: self.wrap(make_optimizer(lr))
         self.pending = []  # (batch number, batch size, device vector: loss, errors at each k, AT losses, extras)
         self.losses, self.epoch, self.t0, self.last = None, start_epoch, 0, {}

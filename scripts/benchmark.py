@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import cifar  # noqa: E402
+from data import check_classes  # noqa: E402
 from engine import Trainer, autocast_for  # noqa: E402
 from resnet import CIFAR_MODELS, cifar_model_name, cifar_model_params, wrn_depth_to_blocks  # noqa: E402
 from runs import Parser, cli  # noqa: E402
@@ -160,7 +161,8 @@ class NNLoop:
         from torch.utils.data import DataLoader
         self.device, self.beta = device, 1e3
         train_set, test_set = (cifar.open_cifar(args.dataroot, args.dataset, train, cifar.torchvision_transform(
-            4, train, 'zeros', 'cifar100')) for train in (True, False))
+            4, train, pad_mode='zeros', normalize='cifar100')) for train in (True, False))
+        check_classes(train_set, test_set, f'--dataroot {args.dataroot}')
         classes = len(train_set.classes)
         self.train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=int(args.nthread),
                                        pin_memory=device.type == 'cuda', drop_last=True)

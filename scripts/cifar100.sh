@@ -28,9 +28,11 @@ for a in "$@"; do
     *) echo "cifar100.sh: error: unknown argument $a (try --help)" >&2; exit 2 ;;
   esac
 done
+PROG=cifar100.sh CIFAR_FLAGS="--preset crd"
+. scripts/grid.sh
 DATAROOT=${DATAROOT:-.}
 EPOCHS=${EPOCHS:-240}
-[[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || { echo "cifar100.sh: error: EPOCHS must be a positive integer, got '$EPOCHS'" >&2; exit 2; }
+[[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
 EPOCH_STEP=${EPOCH_STEP:-$(python3 -c "import sys; e=int(sys.argv[1]); print('[' + ','.join(str(max(2, round(s * e / 240) + 1)) for s in (150, 180, 210)) + ']')" "$EPOCHS")}
 SEEDS=${SEEDS:-0}
 TEACHER_SEEDS=${TEACHER_SEEDS:-0}
@@ -39,6 +41,7 @@ ROWS=${ROWS:-$ALL_ROWS}
 METHODS=${METHODS:-student at kd}
 BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}
 LOGS=${LOGS:-logs/cifar100}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
+check_settings BETA ALPHA
 
 # name: model flags
 declare -A NET=(
@@ -54,26 +57,6 @@ declare -A PAIR=( [wrn_40_2_16_2]="wrn_16_2 wrn_40_2" [wrn_40_2_40_1]="wrn_40_1 
                   [vgg13_8]="vgg8 vgg13" )
 # AT on every group output with cross-entropy and no KD; KD with T = 4: 0.9 KL + 0.1 cross-entropy
 declare -A METHOD=( [at]="--beta $BETA" [kd]="--alpha $ALPHA --temperature 4" )
-
-suffix() { [ "$1" = 0 ] && echo "" || echo "_s$1"; }
-
-run() {  # run NAME SEED FLAGS...: skip a finished run, resume an unfinished one, stop on a failed one
-  local name=$1 seed=$2; shift 2
-  local dir="$LOGS/$name" resume=""
-  if [ -f "$dir/log.txt" ] && [ "$(tail -n 1 "$dir/log.txt" | sed -n 's/.*"epoch": \([0-9]*\).*/\1/p')" = "$EPOCHS" ]; then
-    echo "# done: $dir"; return 0
-  fi
-  [ -f "$dir/model.pt7" ] && resume="--resume auto"
-  local cmd="$PYTHON cifar.py --preset crd --dataroot $DATAROOT --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --seed $seed --save $dir${resume:+ $resume} $*${EXTRA:+ $EXTRA}"
-  echo "$cmd"
-  [ "$DRY" = 1 ] && return 0
-  local rc=0
-  eval "$cmd" || rc=$?
-  if [ "$rc" != 0 ]; then
-    echo "cifar100.sh: stopped: $dir exited with $rc; run the same command again to go on (finished runs are skipped, this one resumes with --resume auto)" >&2
-    exit "$rc"
-  fi
-}
 
 for m in $METHODS; do
   [ "$m" = student ] || [ -n "${METHOD[$m]:-}" ] || { echo "cifar100.sh: error: unknown method $m (student at kd)" >&2; exit 2; }

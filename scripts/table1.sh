@@ -26,7 +26,8 @@ for a in "$@"; do
     *) echo "table1.sh: error: unknown argument $a (try --help)" >&2; exit 2 ;;
   esac
 done
-die() { echo "table1.sh: error: $*" >&2; exit 2; }
+PROG=table1.sh CIFAR_FLAGS=
+. scripts/grid.sh
 DATAROOT=${DATAROOT:-.}
 EPOCHS=${EPOCHS:-200}
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
@@ -37,15 +38,7 @@ ROWS=${ROWS:-nin 16_1_16_2 16_1_40_1 16_2_40_2}
 METHODS=${METHODS:-student at factt kd atkd}
 BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}; FACTT_BETA=${FACTT_BETA:-1e+4}; GRAD_BETA=${GRAD_BETA:-1e+3}
 LOGS=${LOGS:-logs}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
-# every setting is checked before the first run starts, not when a later run first uses it
-[[ "$EPOCH_STEP" =~ ^\[\ *([1-9][0-9]*\ *(,\ *[1-9][0-9]*\ *)*)?\]$ ]] ||
-  die "EPOCH_STEP must be a JSON list of epochs from 1 on, like [60,120,160]; got '$EPOCH_STEP'"
-for s in $SEEDS $TEACHER_SEEDS; do [[ "$s" =~ ^[0-9]+$ ]] || die "SEEDS and TEACHER_SEEDS list whole numbers from 0 on, got '$s'"; done
-[ -n "${SEEDS// /}" ] && [ -n "${TEACHER_SEEDS// /}" ] || die "SEEDS and TEACHER_SEEDS must name at least one seed"
-for v in BETA ALPHA FACTT_BETA GRAD_BETA; do
-  [[ "${!v}" =~ ^[0-9]*[.]?[0-9]+([eE][+-]?[0-9]+)?$ ]] || die "$v must be a number from 0 on, got '${!v}'"
-done
-command -v "$PYTHON" > /dev/null || die "PYTHON=$PYTHON: command not found (activate the project's venv)"
+check_settings BETA ALPHA FACTT_BETA GRAD_BETA
 
 # name: model flags
 declare -A NET=(
@@ -58,27 +51,6 @@ declare -A PAIR=( [nin]="nin_thin nin_wide" [16_1_16_2]="resnet_16_1 resnet_16_2
                   [16_1_40_1]="resnet_16_1 resnet_40_1" [16_2_40_2]="resnet_16_2 resnet_40_2" )
 declare -A METHOD=( [at]="--beta $BETA" [factt]="--factt_beta $FACTT_BETA" [kd]="--alpha $ALPHA"
                     [atkd]="--beta $BETA --alpha $ALPHA --beta_decay step" [gradat]="--grad_beta $GRAD_BETA" )
-
-suffix() { [ "$1" = 0 ] && echo "" || echo "_s$1"; }
-
-run() {  # run NAME SEED FLAGS...: skip a finished run, resume an unfinished one
-  local name=$1 seed=$2; shift 2
-  local dir="$LOGS/$name" resume=""
-  if [ -f "$dir/log.txt" ] && [ "$(tail -n 1 "$dir/log.txt" | sed -n 's/.*"epoch": \([0-9]*\).*/\1/p')" = "$EPOCHS" ]; then
-    echo "# done: $dir"; return 0
-  fi
-  [ -f "$dir/model.pt7" ] && resume="--resume auto"
-  local cmd="$PYTHON cifar.py --dataroot $DATAROOT --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --seed $seed --save $dir${resume:+ $resume} $*${EXTRA:+ $EXTRA}"
-  echo "$cmd"
-  [ "$DRY" = 1 ] && return 0
-  local status=0
-  eval "$cmd" || status=$?
-  [ "$status" = 0 ] && return 0
-  # 130/143: cifar.py was stopped by Ctrl-C or SIGTERM with its last whole epoch saved; stop here too.
-  # Any other failure: cifar.py has said why in its one line.
-  [ "$status" -gt 128 ] && echo "table1.sh: interrupted in $dir (exit $status); run the same command again to resume: finished runs are skipped, $dir continues" >&2
-  exit "$status"
-}
 
 for m in $METHODS; do
   [[ " student at factt kd atkd gradat " == *" $m "* ]] || die "unknown method $m (student at factt kd atkd gradat)"

@@ -173,6 +173,10 @@ SHELL = [  # (script, arguments, environment)
     ('table1.sh', [], {'FACTT_BETA': '-1'}), ('table1.sh', [], {'GRAD_BETA': 'x'}),
     ('table1.sh', [], {'PYTHON': 'no-such-python'}), ('table1.sh', [], {'DATAROOT': '{missing}'}),
     ('table1.sh', [], {'LOGS': '{data}/a_file'}),
+    ('cifar100.sh', ['--nope'], {}), ('cifar100.sh', [], {'EPOCHS': 'x'}), ('cifar100.sh', [], {'SEEDS': '1 x'}),
+    ('cifar100.sh', [], {'ROWS': 'x'}), ('cifar100.sh', [], {'METHODS': 'factt'}), ('cifar100.sh', [], {'BETA': '-1'}),
+    ('cifar100.sh', [], {'ALPHA': 'x'}), ('cifar100.sh', [], {'EPOCH_STEP': '[0]'}),
+    ('cifar100.sh', [], {'PYTHON': 'no-such-python'}),
     ('imagenet.sh', ['--nope'], {}), ('imagenet.sh', [], {'IMAGENETPATH': '{missing}'}),
     ('imagenet.sh', [], {'EPOCHS': 'x'}), ('imagenet.sh', [], {'BATCH': '0'}), ('imagenet.sh', [], {'NTHREAD': 'x'}),
     ('imagenet.sh', [], {'LAUNCH': 'x'}), ('imagenet.sh', [], {'BETA': 'x'}), ('imagenet.sh', [], {'EPOCH_STEP': 'x'}),
@@ -189,6 +193,8 @@ def test_shell_script_input(script, argv, env, data, tmp_path):
     env = {k: v.format(**fill) for k, v in env.items()}
     if script == 'table1.sh':
         env = {'DATAROOT': str(data / 'cifar'), 'EPOCHS': '1', 'ROWS': '16_1_16_2', 'METHODS': 'student', **env}
+    if script == 'cifar100.sh':
+        env = {'DATAROOT': str(data / 'cifar'), 'EPOCHS': '1', 'ROWS': 'resnet56_20', 'METHODS': 'student', **env}
     if script == 'imagenet.sh':
         env = {'IMAGENETPATH': str(data / 'imagenet'), 'EPOCHS': '1', **env}
     env = {'LOGS': str(tmp_path / 'logs'), 'PYTHON': sys.executable, **env}

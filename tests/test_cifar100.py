@@ -110,7 +110,7 @@ def test_dry_run_lists_every_run(tmp_path):
     assert saves(short) == ['resnet32x4_teacher', 'at_resnet32x4_8x4', 'at_resnet32x4_8x4_s1']
     assert "--epochs 24 --epoch_step '[16,19,22]'" in short[0] and '--seed 1' in short[-1]
     for env, message in (({'ROWS': 'resnet56'}, 'unknown row resnet56'), ({'METHODS': 'fitnet'}, 'unknown method fitnet'),
-                         ({'EPOCHS': 'x'}, 'EPOCHS must be a positive integer')):
+                         ({'EPOCHS': 'x'}, 'EPOCHS must be a positive whole number')):
         p = cifar100_sh('--dry-run', **env)
         assert p.returncode == 2 and p.stderr.count('\n') == 1 and message in p.stderr
 
@@ -123,8 +123,9 @@ def test_stops_at_the_first_run_that_does_not_finish(tmp_path):
     p = cifar100_sh(LOGS=str(tmp_path / 'logs'), PYTHON=str(fake), ROWS='vgg13_8')
     assert p.returncode == 143
     assert (tmp_path / 'calls').read_text().count('\n') == 1  # no run after the interrupted one
-    assert p.stderr.strip() == (f'cifar100.sh: stopped: {tmp_path}/logs/vgg13_teacher exited with 143; run the same '
-                                'command again to go on (finished runs are skipped, this one resumes with --resume auto)')
+    d = f'{tmp_path}/logs/vgg13_teacher'
+    assert p.stderr.strip() == (f'cifar100.sh: interrupted in {d} (exit 143); run the same command again to resume: '
+                                f'finished runs are skipped, {d} continues')
 
 
 def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
@@ -140,7 +141,9 @@ def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
     assert (at['preset'], at['model'], at['num_classes'], at['lr_restart_momentum'], at['batch_size']) == \
         ('crd', 'resnet20', 100, 0, 64)
     assert len(at['at_losses']) == 3 and at['beta'] == 1000 and at['alpha'] == 0
-    assert read_log(logs / 'resnet56_teacher')[0]['n_parameters'] == 861_620
+    # the 2017 count: 861,620 trained, and the running mean and variance of 16 + 18x16 + 18x32 + 32 + 18x64 + 64
+    # = 2,128 batch-norm channels
+    assert read_log(logs / 'resnet56_teacher')[0]['n_parameters'] == 861_620 + 2 * 2_128
     again = cifar100_sh(**env)
     assert again.returncode == 0 and again.stdout.splitlines() == [
         f'# done: {logs}/{n}' for n in ('resnet56_teacher', 'at_resnet56_20')]
