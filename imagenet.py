@@ -12,7 +12,8 @@ import torch
 
 import board
 import runs
-from data import check_classes, data_loader, image_folder, rank_batch
+import imagenet_data
+from data import check_classes, image_folder, rank_batch
 from distill import Distiller
 from engine import AMP_DTYPES, PARAM_DTYPES, compiled, evaluate, sgd
 from parallel import Dist, FunctionalNet, data_parallel, place_params, select_device
@@ -21,7 +22,6 @@ from teachers import load_teacher_export
 from utils import UserError, check_params
 
 PROG = 'imagenet.py'
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def build_parser():
@@ -31,7 +31,8 @@ def build_parser():
     a('--width', default=1, type=float)
     a('--imagenetpath', default='', type=str, help='folder with train/ and val/ in ImageFolder layout')
     a('--dtype', default='float', type=str, help='float, double, or half / bfloat16 (autocast)')
-    a('--nthread', default=4, type=int)
+    a('--nthread', default=None, type=int,
+      help='loader workers per process (2017: 4; default: the CPUs this process may use / processes per machine)')
     a('--teacher_params', default='', type=str,
       help='teacher export: .pth, .hkl, or torchvision:resnet34[:local_state_dict.pth]')
     a('--batch_size', default=256, type=int)
@@ -62,11 +63,17 @@ def build_parser():
       help='TensorBoard event files in the run folder (default: 1 where the tensorboard package is installed)')
     a('--tensorboard_every', default=50, type=int, help='steps between points of the running train loss')
     a('--no_progress', action='store_true')
+    a('--decoder', default='pil', choices=imagenet_data.DECODERS,
+      help='pil: the 2017 pixels; torchvision: torchvision.io decode and a uint8 resize (faster, at most 1 level off); '
+           'nvjpeg: decode on the GPU')
+    a('--channels_last', default=1, type=int, choices=[0, 1], help='channels_last memory format for inputs and weights')
     return p
 
 
 def parse_args(argv=None):
     opt = build_parser().parse_args(argv)
+    if opt.nthread is None:  # log.txt records the count chosen
+        opt.nthread = imagenet_data.default_workers()
     board.check_option(opt)
     runs.check_options(opt)
     if int(64 * opt.width) < 1:
@@ -89,27 +96,26 @@ def parse_args(argv=None):
 
 
 def open_split(opt, split):
-    import torchvision.transforms as T
+    """The ImageFolder of train/ or val/, without transforms: imagenet_data makes the views."""
     folder = os.path.join(opt.imagenetpath, split)
     if not os.path.isdir(folder):
         raise UserError(f'--imagenetpath {opt.imagenetpath} has no {split}/ folder')
-    if split == 'train':
-        transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
-                               T.Normalize(MEAN, STD)])
-    else:
-        transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])
-    dataset = image_folder(folder, transform)
+    dataset = image_folder(folder)
     if len(dataset.classes) < 5:  # top-5 error, as in 2017
         raise UserError(f'--imagenetpath: {split}/ has {len(dataset.classes)} classes; top-5 error needs at least 5')
     return dataset
 
 
 def create_loader(opt, split, device):
-    """A loader of this rank's share of train/ or val/, and the split's class count."""
+    """A loader of this rank's share of train/ or val/ (normalised float batches on the device), and
+    the split's class count."""
+    if opt.decoder == 'nvjpeg' and device.type != 'cuda':
+        raise UserError(f'--decoder nvjpeg decodes on a CUDA GPU; the device is {device.type} (use pil or torchvision)')
     dataset = open_split(opt, split)
     dist = Dist(device)
     batch = rank_batch(opt.batch_size, [len(dataset)], dist)
-    return data_loader(dataset, split == 'train', batch, opt.nthread, opt.seed, device, dist), len(dataset.classes)
+    return imagenet_data.image_loader(dataset, split == 'train', batch, opt.nthread, opt.seed, device, dist,
+                                      opt.decoder, bool(opt.channels_last)), len(dataset.classes)
 
 
 def build(opt):
@@ -124,8 +130,8 @@ def build(opt):
         raise UserError(f'teacher {opt.teacher_params} has {params_t["fc.weight"].shape[0]} classes, the dataset '
                         f'{num_classes}: KD (--alpha) compares class scores; AT alone (--alpha 0) would do')
     dtype, amp = PARAM_DTYPES.get(opt.dtype, torch.float32), AMP_DTYPES.get(opt.dtype)
-    place_params(params_s, device, dtype, False, trained=True)
-    place_params(params_t, device, dtype, False, trained=False)
+    place_params(params_s, device, dtype, opt.channels_last, trained=True)
+    place_params(params_t, device, dtype, opt.channels_last, trained=False)
     student = FunctionalNet(compiled(resnet_imagenet, opt.compile, PROG), params_s, amp)
     teacher = f_t and FunctionalNet(compiled(f_t, opt.compile, PROG), params_t, amp)
     distiller = Distiller(data_parallel(student, opt.ngpu), teacher and data_parallel(teacher, opt.ngpu),
