@@ -23,6 +23,13 @@ the kernels it picked per process, whatever the flag says when they are reused.
 tests/nn_wrn.py) and trained in a plain PyTorch loop the way RepDistiller's train_student.py runs
 it: a torchvision DataLoader with per-image RandomCrop (zero padding), flip and Normalize, the
 teacher in eval mode under no_grad, cross-entropy + beta x AT, a loss.item() every step.
+
+`--pipeline imagenet` measures imagenet.py's input pipeline alone, on 500x375 JPEGs it generates:
+img/s of the 2017 pipeline (ImageFolder with the 2017 transforms, fp32 batches) and of
+imagenet_data's (uint8 views, normalised by the device) with each CPU decoder, at 1, 2 and all
+workers, in turn (A B C A B C ...), after warm-up batches; the workers' start-up is reported apart.
+
+    python scripts/benchmark.py --pipeline imagenet --batch_size 32 --steps 10 --repeats 5
 """
 import gc
 import json
@@ -231,7 +238,9 @@ def teacher_shape(text):
 
 def parse_args(argv):
     p = Parser(prog=PROG, description=__doc__.split('\n')[0])
-    p.add_argument('--dataroot', required=True)
+    p.add_argument('--dataroot', default='', help='CIFAR data (not with --pipeline)')
+    p.add_argument('--pipeline', default='', choices=['imagenet'], help="only the input pipeline: imagenet.py's")
+    p.add_argument('--images', type=int, default=64, help='--pipeline: JPEGs to generate (the loaders cycle them)')
     p.add_argument('--dataset', default='CIFAR10', choices=['CIFAR10', 'CIFAR100'],
                    help='for torchvision\'s files; a class-folder dataset is read whatever this says')
     p.add_argument('--configs', default='faithful,fast', help=f'comma list of {", ".join(CONFIGS)}')
@@ -250,6 +259,10 @@ def parse_args(argv):
                    help='torch.backends.cudnn.benchmark for every config (default: on, as cifar.py sets it on a GPU)')
     p.add_argument('--json', default='', help='also write the figures to this file')
     args = p.parse_args(argv)
+    if not args.dataroot and not args.pipeline:
+        raise UserError('pass --dataroot DIR (CIFAR data), or --pipeline imagenet')
+    if args.images <= 0:
+        raise UserError(f'--images must be positive, got {args.images}')
     names = args.configs.split(',')
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -354,8 +367,152 @@ def measure(args, names):
     return figures, where, cuda
 
 
+def cpu_flags():
+    """The CPU's vector extensions that matter here, as lscpu lists them."""
+    try:
+        with open('/proc/cpuinfo') as fh:
+            flags = set(next(line for line in fh if line.startswith('flags')).split(':')[1].split())
+    except (OSError, StopIteration):
+        return 'unknown'
+    return ' '.join(sorted(flags & {'avx2', 'avx512_bf16', 'amx_bf16'})) or 'none of avx2, avx512_bf16, amx_bf16'
+
+
+def cpu_model():
+    try:
+        with open('/proc/cpuinfo') as fh:
+            return next(line for line in fh if line.startswith('model name')).split(':')[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def make_jpegs(root, n, seed=0):
+    """n 500x375 JPEGs of smooth noise (photograph-like to the decoder, unlike white noise) in 2 classes."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = os.path.join(root, f'class{i % 2}')
+        os.makedirs(d, exist_ok=True)
+        img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+        img = np.asarray(img).astype(np.int16) + rng.integers(-20, 20, (375, 500, 3))
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f'{i:05d}.JPEG'), quality=90)
+
+
+def pixel_difference(folder, decoder):
+    """Max and mean |decoder's train view - the 2017 view| in uint8 levels, over the folder's images
+    with the same boxes."""
+    import imagenet_data as D
+    pil, other = D.Images(folder, True, 'pil'), D.Images(folder, True, decoder)
+    d = torch.cat([(pil[i, 1][0].int() - other[i, 1][0].int()).abs().flatten() for i in range(len(pil))]).float()
+    return d.max().item(), d.mean().item()
+
+
+def pipeline_loader(name, folder, batch, workers, device):
+    """imagenet.py's train loader: the 2017 one, or imagenet_data's with decoder `name`."""
+    import imagenet_data as D
+    if name == '2017':
+        import torchvision.transforms as T
+        from torchvision.datasets.folder import default_loader
+        transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                               T.Normalize(D.MEAN, D.STD)])
+        dataset = SimpleNamespace(samples=folder.samples)
+        images = type('Images2017', (torch.utils.data.Dataset,), {
+            '__len__': lambda self: len(dataset.samples),
+            '__getitem__': lambda self, i: (transform(default_loader(dataset.samples[i][0])), dataset.samples[i][1])})()
+        return torch.utils.data.DataLoader(images, batch, shuffle=True, num_workers=workers,
+                                           pin_memory=device.type == 'cuda')
+    feed = D.image_loader(folder, True, batch, workers, 0, device, SimpleNamespace(rank=0, world=1), name)
+    # on a GPU, through to normalised batches there; on the CPU, the uint8 batches the workers send
+    # (normalising, a device's work, is timed apart: here it would take a core from the workers)
+    return feed if device.type == 'cuda' else feed.loader
+
+
+def cpu_normalize_ms(batch, repeats=5):
+    """Milliseconds to normalise a uint8 batch on the CPU, as imagenet_data.Feed does when training there."""
+    import imagenet_data as D
+    x = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        D.normalize(x)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def time_pipeline(loader, warmup, steps, device):
+    """(seconds to the first batch: the workers' start-up, img/s over `steps` batches after `warmup` more)."""
+    t0 = time.perf_counter()
+    it = iter(loader)
+    x, _ = next(it)
+    start = time.perf_counter() - t0
+    for _ in range(warmup):
+        next(it)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        x, _ = next(it)
+        n += len(x)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return start, n / (time.perf_counter() - t0)
+
+
+def pipeline_main(args):
+    import imagenet_data as D
+    from data import image_folder
+    device = cifar.select_device(args.device, '0', 1)
+    decoders = ['pil', 'torchvision'] + (['nvjpeg'] if device.type == 'cuda' else [])
+    names = ['2017'] + decoders
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    counts = sorted({min(1, cpus), min(2, cpus), cpus})
+    batches = (args.warmup + args.steps + 1) * args.batch_size
+    with tempfile.TemporaryDirectory() as root:
+        make_jpegs(root, args.images)
+        folder = image_folder(root)
+        differences = {d: pixel_difference(folder, d) for d in decoders if d not in ('pil', 'nvjpeg')}
+        # one pass of a loader covers a measurement: no epoch ends (and no restart) inside one
+        folder.samples = folder.samples * -(-batches // len(folder.samples))
+        folder.targets = [t for _, t in folder.samples]
+        figures = {(w, n): {'img_s': [], 'startup_s': []} for w in counts for n in names}
+        for r in range(args.repeats):
+            for w in counts:
+                for n in names:
+                    start, rate = time_pipeline(pipeline_loader(n, folder, args.batch_size, w, device), args.warmup,
+                                                args.steps, device)
+                    figures[w, n]['img_s'].append(rate)
+                    figures[w, n]['startup_s'].append(start)
+                    print(f'# repeat {r + 1}: {w} workers: {n}: {rate:.1f} img/s, start-up {start:.2f}s', flush=True)
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU {cpu_model()}'
+    print(f'\nImageNet input pipeline alone, train views of 500x375 JPEGs, batch {args.batch_size}; {where}, '
+          f'{cpus} CPUs, flags {cpu_flags()}; torch {torch.__version__}; medians of {args.repeats} x {args.steps} '
+          f'batches after {args.warmup}')
+    print('pixels against the 2017 transforms (uint8 levels, same boxes): pil 0 (equal); '
+          + '; '.join(f'{d} max {m:.0f}, mean {a:.3f}' for d, (m, a) in differences.items()))
+    if device.type == 'cpu':
+        print(f'the new pipelines are timed to their uint8 batches; normalising one on the CPU (training there) '
+              f'takes {cpu_normalize_ms(args.batch_size):.1f} ms in the main process ({torch.get_num_threads()} threads)')
+    print('| workers | pipeline | img/s | ratio | start-up s |')
+    print('|---|---|---|---|---|')
+    for w in counts:
+        base = statistics.median(figures[w, '2017']['img_s'])
+        for n in names:
+            f = figures[w, n]
+            f['img_s_median'], f['startup_s_median'] = statistics.median(f['img_s']), statistics.median(f['startup_s'])
+            f['ratio'] = f['img_s_median'] / base
+            print(f"| {w} | {n} | {f['img_s_median']:.1f} | {f['ratio']:.2f}x | {f['startup_s_median']:.2f} |")
+    if args.json:
+        with open(args.json, 'w') as fh:
+            json.dump({'where': where, 'cpu_flags': cpu_flags(), 'torch': torch.__version__, 'batch_size': args.batch_size,
+                       'steps': args.steps, 'warmup': args.warmup, 'repeats': args.repeats,
+                       'pixel_difference': {d: {'max': m, 'mean': a} for d, (m, a) in differences.items()},
+                       'pipelines': {f'{w} workers {n}': f for (w, n), f in figures.items()}}, fh, indent=1)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.pipeline:
+        return pipeline_main(args)
     names = args.names
     here = [n for n in names if n not in OWN_PROCESS]
     figures, where, cuda = measure(args, here) if here else ({}, None, None)

@@ -13,7 +13,8 @@
 #   EPOCH_STEP [the 2017 [30,60,90], scaled by EPOCHS/100, never below 2: the lr drops at
 #                            the start of each listed epoch, so 1 would skip the full lr]
 #   BATCH [256]              the global batch, whatever LAUNCH
-#   NTHREAD [4]              data loader workers per process
+#   NTHREAD ['']             data loader workers per process (default: imagenet.py's, the CPUs
+#                            each process may use; 2017: 4)
 #   BETA [2e+3]              AT weight. The 2017 command (--ngpu 2 --beta 1e+3) summed one AT loss
 #                            per GPU, so it weighed the batch-mean AT loss by 2e+3; here --beta
 #                            weighs the mean over the whole batch whatever the device count.
@@ -65,9 +66,11 @@ fi
 BATCH=${BATCH:-256}
 { is_int "$BATCH" && [ "$BATCH" -ge 1 ]; } || die "BATCH must be a whole number of at least 1, got '$BATCH'"
 BATCH=$((10#$BATCH))
-NTHREAD=${NTHREAD:-4}
-is_int "$NTHREAD" || die "NTHREAD must be a whole number, got '$NTHREAD'"
-NTHREAD=$((10#$NTHREAD))
+NTHREAD=${NTHREAD:-}
+if [ -n "$NTHREAD" ]; then
+  is_int "$NTHREAD" || die "NTHREAD must be a whole number, got '$NTHREAD'"
+  NTHREAD=" --nthread $((10#$NTHREAD))"
+fi
 BETA=${BETA:-2e+3}
 [[ "$BETA" =~ ^[+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$ ]] || die "BETA must be a number like 2e+3, got '$BETA'"
 TEACHER_WEIGHTS=$(from_caller "${TEACHER_WEIGHTS:-}")
@@ -136,7 +139,7 @@ evaluate() {  # evaluate OUT NEWER_THAN FLAGS: the evaluation's output kept in O
   if [ -f "$out" ] && [ ! "$source" -nt "$out" ] && grep -q 'top-1 error' "$out"; then
     echo "# skip: $out is done: $(grep 'top-1 error' "$out" | tail -n 1)"; return 0
   fi
-  execute "$EVAL $flags --batch_size $BATCH --nthread $NTHREAD${EXTRA:+ $EXTRA} | tee $(q "$out.part") && mv $(q "$out.part") $(q "$out")"
+  execute "$EVAL $flags --batch_size $BATCH$NTHREAD${EXTRA:+ $EXTRA} | tee $(q "$out.part") && mv $(q "$out.part") $(q "$out")"
 }
 
 logged_epochs() { if [ -f "$1/log.txt" ]; then grep -c '^json_stats: ' "$1/log.txt" || true; else echo 0; fi; }
@@ -148,7 +151,7 @@ train() {  # train DIR FLAGS: skip a finished run, resume an unfinished one
     echo "# skip: $dir is done ($done of $EPOCHS epochs logged)"; return 0
   fi
   [ -f "$dir/model.pt7" ] && resume=" --resume auto"
-  execute "$TRAIN --imagenetpath $(q "$IMAGENETPATH") --depth 18 --width 1$flags --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --batch_size $BATCH --nthread $NTHREAD$GPUS --save $(q "$dir")$resume${EXTRA:+ $EXTRA}"
+  execute "$TRAIN --imagenetpath $(q "$IMAGENETPATH") --depth 18 --width 1$flags --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --batch_size $BATCH$NTHREAD$GPUS --save $(q "$dir")$resume${EXTRA:+ $EXTRA}"
 }
 
 export_teacher

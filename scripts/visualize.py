@@ -108,15 +108,14 @@ def main(argv=None):
     if not args.inputs:
         raise UserError('name CIFAR run folders, or image files with --export')
     if args.export:
-        from PIL import Image
-        import torchvision.transforms as T
+        import imagenet_data
         f, params = load_teacher_export(args.export)
-        crop = T.Compose([T.Resize(256), T.CenterCrop(224)])
-        try:
-            images = [np.asarray(crop(Image.open(path).convert('RGB'))) for path in args.inputs]
+        try:  # imagenet.py's val view: Resize(256), CenterCrop(224), normalised as its loader does
+            views = [imagenet_data.pil_view(imagenet_data.open_rgb(path), None) for path in args.inputs]
         except OSError as e:
             raise UserError(f'cannot read image: {e}') from None
-        x = normalise(images, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        images = [v.numpy() for v in views]
+        x = imagenet_data.normalize(torch.stack(views).permute(0, 3, 1, 2), channels_last=False)
         columns = [(os.path.basename(args.export), maps(f, params, x, None, args.kind))]
     else:
         runs = [load_run(folder) for folder in args.inputs]

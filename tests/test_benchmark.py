@@ -97,3 +97,27 @@ def test_benchmark_nn_loop_beside_the_functional_path(tmp_path):
     assert 'resnet8x4 student, resnet32x4 teacher, AT, batch 4' in p.stdout
     report = json.loads(out.read_text())
     assert (report['student'], report['teacher']) == ('resnet8x4', 'resnet32x4')
+
+
+def test_benchmark_pipeline_mode_times_the_2017_and_new_pipelines(tmp_path):
+    """--pipeline imagenet: a row per worker count and pipeline, the 2017 one the base of each count,
+    the pixel differences of the torchvision decoder and the CPU flags (one tiny repeat: the wiring)."""
+    out = tmp_path / 'pipe.json'
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--pipeline', 'imagenet', '--images', '4',
+                        '--batch_size', '2', '--steps', '1', '--warmup', '0', '--repeats', '1', '--json', str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
+    assert p.returncode == 0, p.stderr
+    rows = re.findall(r'^\| (\d+) \| (\S+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) \|$', p.stdout, re.M)
+    counts = sorted({1, min(2, len(os.sched_getaffinity(0))), len(os.sched_getaffinity(0))})
+    assert [(int(w), n) for w, n, *_ in rows] == [(w, n) for w in counts for n in ('2017', 'pil', 'torchvision')]
+    assert all(r[3] == '1.00' for r in rows if r[1] == '2017') and all(float(r[2]) > 0 for r in rows)
+    assert re.search(r'torchvision max [01], mean 0\.\d+', p.stdout) and ', flags ' in p.stdout
+    report = json.loads(out.read_text())
+    assert report['pixel_difference']['torchvision']['max'] <= 1
+    assert len(report['pipelines']) == 3 * len(counts)
+
+
+def test_benchmark_needs_dataroot_or_pipeline():
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py')], capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        'benchmark.py: error: pass --dataroot DIR (CIFAR data), or --pipeline imagenet']

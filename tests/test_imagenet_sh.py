@@ -55,7 +55,7 @@ def test_dry_run_lists_every_step(tmp_path):
     assert len(lines) == 7, lines  # export, its evaluation, 2 runs, 2 evaluations, the table
     assert lines[0].startswith(f'{PY} scripts/convert_teacher.py torchvision:resnet34 ') and lines[0].endswith(f' {export}')
     assert lines[1].startswith(f'{PY} imagenet.py --imagenetpath {data} --evaluate {export} --batch_size 256')
-    train = "--epochs 100 --epoch_step '[30,60,90]' --batch_size 256 --nthread 4"
+    train = "--epochs 100 --epoch_step '[30,60,90]' --batch_size 256"  # NTHREAD unset: imagenet.py's default
     assert lines[2] == f'{PY} imagenet.py --imagenetpath {data} --depth 18 --width 1 {train} --save {logs / "r18"}'
     assert lines[3] == (f'{PY} imagenet.py --imagenetpath {data} --depth 18 --width 1 --teacher_params {export} '
                         f'--beta 2e+3 {train} --save {logs / "at_r18_r34"}')
