@@ -149,6 +149,24 @@ def decode_batch(files, boxes, device, train):
     return torch.stack([tensor_view(x, box if train else None) for x, box in zip(images, boxes.tolist())])
 
 
+def decoder_difference(folder, decoder, device='cpu', seed=0, epoch=1):
+    """{'train': (max, mean), 'val': (max, mean)}: |decoder's views - the 2017 (pil) views| in uint8
+    levels over an ImageFolder's images, with the same boxes; nvjpeg decodes on `device`."""
+    out = {}
+    for train in (True, False):
+        keys = [(i, epoch) if train else i for i in range(len(folder.samples))]
+        ref = torch.stack([Images(folder, train, 'pil', seed)[k][0] for k in keys]).permute(0, 3, 1, 2)
+        other = Images(folder, train, decoder, seed)
+        if decoder == 'nvjpeg':
+            (files, boxes), _ = collate_files([other[k] for k in keys])
+            got = decode_batch(files, boxes, torch.device(device), train).cpu()
+        else:
+            got = torch.stack([other[k][0] for k in keys]).permute(0, 3, 1, 2)
+        d = (ref.int() - got.int()).abs().float()
+        out['train' if train else 'val'] = (d.max().item(), d.mean().item())
+    return out
+
+
 class EpochSampler:
     """A sampler's indices as (index, epoch) keys, so that workers seed each image's augmentation
     from (seed, epoch, index); the training loop sets the epoch."""

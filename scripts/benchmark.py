@@ -398,15 +398,6 @@ def make_jpegs(root, n, seed=0):
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f'{i:05d}.JPEG'), quality=90)
 
 
-def pixel_difference(folder, decoder):
-    """Max and mean |decoder's train view - the 2017 view| in uint8 levels, over the folder's images
-    with the same boxes."""
-    import imagenet_data as D
-    pil, other = D.Images(folder, True, 'pil'), D.Images(folder, True, decoder)
-    d = torch.cat([(pil[i, 1][0].int() - other[i, 1][0].int()).abs().flatten() for i in range(len(pil))]).float()
-    return d.max().item(), d.mean().item()
-
-
 def pipeline_loader(name, folder, batch, workers, device):
     """imagenet.py's train loader: the 2017 one, or imagenet_data's with decoder `name`."""
     import imagenet_data as D
@@ -470,7 +461,7 @@ def pipeline_main(args):
     with tempfile.TemporaryDirectory() as root:
         make_jpegs(root, args.images)
         folder = image_folder(root)
-        differences = {d: pixel_difference(folder, d) for d in decoders if d not in ('pil', 'nvjpeg')}
+        differences = {d: D.decoder_difference(folder, d, device) for d in decoders if d != 'pil'}
         # one pass of a loader covers a measurement: no epoch ends (and no restart) inside one
         folder.samples = folder.samples * -(-batches // len(folder.samples))
         folder.targets = [t for _, t in folder.samples]
@@ -488,7 +479,8 @@ def pipeline_main(args):
           f'{cpus} CPUs, flags {cpu_flags()}; torch {torch.__version__}; medians of {args.repeats} x {args.steps} '
           f'batches after {args.warmup}')
     print('pixels against the 2017 transforms (uint8 levels, same boxes): pil 0 (equal); '
-          + '; '.join(f'{d} max {m:.0f}, mean {a:.3f}' for d, (m, a) in differences.items()))
+          + '; '.join(f'{d} train max {t[0]:.0f}, mean {t[1]:.3f}, val max {v[0]:.0f}, mean {v[1]:.3f}'
+                      for d, (t, v) in ((d, (f['train'], f['val'])) for d, f in differences.items())))
     if device.type == 'cpu':
         print(f'the new pipelines are timed to their uint8 batches; normalising one on the CPU (training there) '
               f'takes {cpu_normalize_ms(args.batch_size):.1f} ms in the main process ({torch.get_num_threads()} threads)')
@@ -505,7 +497,8 @@ def pipeline_main(args):
         with open(args.json, 'w') as fh:
             json.dump({'where': where, 'cpu_flags': cpu_flags(), 'torch': torch.__version__, 'batch_size': args.batch_size,
                        'steps': args.steps, 'warmup': args.warmup, 'repeats': args.repeats,
-                       'pixel_difference': {d: {'max': m, 'mean': a} for d, (m, a) in differences.items()},
+                       'pixel_difference': {d: {split: {'max': m, 'mean': a} for split, (m, a) in f.items()}
+                                            for d, f in differences.items()},
                        'pipelines': {f'{w} workers {n}': f for (w, n), f in figures.items()}}, fh, indent=1)
 
 

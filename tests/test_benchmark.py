@@ -111,9 +111,10 @@ def test_benchmark_pipeline_mode_times_the_2017_and_new_pipelines(tmp_path):
     counts = sorted({1, min(2, len(os.sched_getaffinity(0))), len(os.sched_getaffinity(0))})
     assert [(int(w), n) for w, n, *_ in rows] == [(w, n) for w in counts for n in ('2017', 'pil', 'torchvision')]
     assert all(r[3] == '1.00' for r in rows if r[1] == '2017') and all(float(r[2]) > 0 for r in rows)
-    assert re.search(r'torchvision max [01], mean 0\.\d+', p.stdout) and ', flags ' in p.stdout
+    assert re.search(r'torchvision train max [01], mean 0\.\d+, val max [01], mean 0\.\d+', p.stdout)
+    assert ', flags ' in p.stdout
     report = json.loads(out.read_text())
-    assert report['pixel_difference']['torchvision']['max'] <= 1
+    assert report['pixel_difference']['torchvision']['train']['max'] <= 1
     assert len(report['pipelines']) == 3 * len(counts)
 
 

@@ -86,6 +86,14 @@ def test_device_decoding_equals_the_torchvision_decoder(folder, train):
     assert labels.tolist() == [tv[k][1] for k in keys]
 
 
+@pytest.mark.parametrize('decoder', ['torchvision', 'nvjpeg'])
+def test_decoder_difference_reports_levels_off_the_2017_views(folder, decoder):
+    """What the device check reports for nvjpeg on a GPU; on the CPU both decoders are libjpeg-turbo."""
+    diff = D.decoder_difference(folder, decoder, 'cpu')
+    assert set(diff) == {'train', 'val'} and all(m <= 1 and 0 < a < 0.2 for m, a in diff.values())
+    assert D.decoder_difference(folder, 'pil') == {'train': (0, 0), 'val': (0, 0)}
+
+
 def test_per_image_seeds_draw_the_2017_distribution():
     """One stream per (seed, epoch, index) against the 2017 single stream: boxes and flips alike
     (two-sample Kolmogorov-Smirnov distances under 0.05, the 0.1 % level for 3000 draws each)."""
