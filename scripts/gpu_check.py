@@ -557,13 +557,8 @@ def worker_a(argv, result):
     from distill import Distiller
     from parallel import FunctionalNet, place_params
     from resnet import wrn, wrn_params
-    torch.backends.cuda.matmul.allow_tf32 = False  # the brief's flags, and torch >= 2.9's own
-    torch.backends.cudnn.allow_tf32 = False
-    precision = {}
-    for name, obj in (('matmul', torch.backends.cuda.matmul), ('conv', getattr(torch.backends.cudnn, 'conv', None))):
-        if hasattr(obj, 'fp32_precision'):
-            obj.fp32_precision = 'ieee'
-            precision[name] = obj.fp32_precision
+    from compat import set_fp32_ieee
+    precision = set_fp32_ieee()  # TF32 off, on every torch (compat.py)
     device = torch.device(a.device)
 
     test = open_cifar(a.dataroot, 'CIFAR10', False)
@@ -615,7 +610,7 @@ def worker_a(argv, result):
         if dev[k].numel() == 1:
             compare[k]['value'] = dev[k].item()
     json.dump({'device': str(device), 'batch': n, 'student': 'WRN-16-1', 'teacher': 'WRN-16-2', 'seed': 0,
-               'beta': 1e3, 'tf32': False, 'fp32_precision': precision,
+               'beta': 1e3, 'tf32': False, 'precision_set': precision,
                'cudnn_benchmark': torch.backends.cudnn.benchmark, 'cpu_seconds': round(t1 - t0, 2), 'device_seconds': round(t2 - t1, 2),
                'tolerance': f'rel = max|{device.type} - cpu| / max|cpu| (fp32 both) <= rtol: '
                             f'{RTOL_DEFAULT:g} for logits and losses, {RTOL["grads"]:g} for the gradients',
