@@ -145,7 +145,7 @@ def environment():
            'cpu': cpu_info(), 'packages': {}}
     from importlib import metadata
     for name in ('torch', 'torchvision', 'numpy', 'pillow', 'h5py', 'tqdm', 'triton', 'torchnet', 'visdom', 'hickle',
-                 'six', 'websocket-client', 'jsonpatch', 'tornado'):
+                 'six', 'websocket-client', 'jsonpatch', 'tornado', 'tensorboard'):
         try:
             env['packages'][name] = metadata.version(name)
         except metadata.PackageNotFoundError:

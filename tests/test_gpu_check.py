@@ -168,3 +168,21 @@ def test_no_wheels_or_no_archive_stops_at_once_with_the_json(tmp_path, case):
     report = json.loads((out / 'gpu_check.json').read_text())
     assert report['status'] == 'failed' and report['error'] == reason and report['order'] == CHECKS
     assert all(report[c]['status'] == 'not run' for c in CHECKS)
+
+
+def test_decoded_cifar_is_trusted_by_place_and_other_sitecustomize_still_runs(tmp_path):
+    """scripts/gpu_check_site: files in GPU_CHECK_DECODED pass torchvision's md5 check, others do not;
+    a sitecustomize it hides on PYTHONPATH still runs."""
+    (tmp_path / 'decoded').mkdir()
+    (tmp_path / 'decoded' / 'data_batch_1').write_bytes(b'not the original bytes')
+    (tmp_path / 'outside').write_bytes(b'not the original bytes')
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'sitecustomize.py').write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    code = ('import torchvision.datasets.cifar as c; '
+            f"print(c.check_integrity({str(tmp_path / 'decoded' / 'data_batch_1')!r}, '0' * 32), "
+            f"c.check_integrity({str(tmp_path / 'outside')!r}, '0' * 32))")
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
+                       env={**OFFLINE_ENV, 'GPU_CHECK_DECODED': str(tmp_path / 'decoded'),
+                            'PYTHONPATH': f"{ROOT / 'scripts' / 'gpu_check_site'}{os.pathsep}{tmp_path / 'other'}"})
+    assert p.returncode == 0 and p.stdout.split() == ['True', 'False'], p.stderr
+    assert (tmp_path / 'ran').exists()
