@@ -3,8 +3,8 @@
 Users train where a CUDA build of torch is already installed, often an older one than requirements.txt
 pins. FLOOR is the oldest torch (and its torchvision) the code runs on: 2.4, the first release whose
 torch.compile runs on Python 3.12, and one that has every unguarded API the code calls
-(torch.amp.GradScaler(device) came in 2.3, SGD's fused= by then). Anything newer goes through a function here;
-tests/test_compat.py fails where a name in POST_FLOOR appears anywhere else in the code.
+(torch.amp.GradScaler(device) came in 2.3, SGD's fused= by then). Anything newer goes through a
+function here; tests/test_compat.py fails where a name in POST_FLOOR appears anywhere else in the code.
 
 `python compat.py requirements FILE` prints FILE for install.sh: where the installed torch is at or
 above the floor, torch (and torchvision) are pinned to what is installed, so pip keeps a CUDA build.

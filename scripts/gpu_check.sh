@@ -54,7 +54,9 @@ INSTALL=${INSTALL:-$((1 - REHEARSE))}
 # a run that cannot work says why in the JSON at once, rather than spending the call
 stop() {
   say "stopped: $1"
-  "$PY" scripts/gpu_check.py stop --out "$OUT" --reason "$1" --mode "$([ "$REHEARSE" = 1 ] && echo rehearsal || echo device)"
+  local mode=device
+  [ "$REHEARSE" = 0 ] || mode=rehearsal
+  "$PY" scripts/gpu_check.py stop --out "$OUT" --reason "$1" --mode "$mode"
   exit 1
 }
 if [ "$INSTALL" = 1 ] && ! compgen -G "$WHEELS/*.whl" > /dev/null; then

@@ -106,7 +106,8 @@ def test_no_post_floor_api_outside_compat():
              for name, (since, guard) in compat.POST_FLOOR.items() if re.search(rf'\b{name}\b', line)]
     assert found == []
     for since, guard in compat.POST_FLOOR.values():
-        assert compat.version_tuple(since) > compat.version_tuple(compat.FLOOR['torch']) and callable(getattr(compat, guard))
+        assert compat.version_tuple(since) > compat.version_tuple(compat.FLOOR['torch'])
+        assert callable(getattr(compat, guard))
 
 
 def test_the_floor_is_declared_where_users_read():
