@@ -2,12 +2,14 @@
 (autocast, with a GradScaler for fp16) and torch.compile."""
 import math
 import sys
+import types
 from contextlib import nullcontext
 
 import torch
 import torchnet as tnt
 from tqdm import tqdm
 
+from compat import compile_errors
 from parallel import Dist
 from utils import UserError
 
@@ -38,11 +40,15 @@ def slow_cpu_autocast(device, dtype):
         return False
 
 
-def compile_errors():
-    """The exceptions that mean torch.compile itself failed (no compiler, an unsupported op, ...)."""
-    from torch._dynamo.exc import TorchDynamoException
-    from torch._inductor import exc
-    return (TorchDynamoException, exc.InductorError, exc.CppCompileError, exc.InvalidCxxCompiler)
+def own_code(f):
+    """f with a copy of its code object. Dynamo keeps its compiled graphs per code object: a student
+    and a teacher of one architecture (both `wrn`) would share one cache, recompile against each
+    other's guards and run into its size limit; with their own code each has its own."""
+    if not isinstance(f, types.FunctionType):
+        return f
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+    return g
 
 
 def compiled(f, enabled, prog):
@@ -53,11 +59,12 @@ def compiled(f, enabled, prog):
 class Compiled:
     """torch.compile(f) that falls back to f, with one line, where compilation fails: in the forward
     call here, or in the backward pass, which torch compiles lazily and whose errors come out of
-    loss.backward() (EagerOnCompileError retries the step then). Any other error (out of memory, a
+    loss.backward() (EagerOnCompileError retries the step then). Shapes are static: a last, smaller
+    batch compiles once more, and the full batches keep kernels made for their size. Any other error (out of memory, a
     bad input) is raised as it is."""
 
     def __init__(self, f, prog):
-        self.f, self.prog, self.current = f, prog, torch.compile(f)
+        self.f, self.prog, self.current = f, prog, torch.compile(own_code(f), dynamic=False)
 
     def __call__(self, *args, **kwargs):
         if self.current is not self.f:

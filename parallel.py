@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torchnet as tnt
 
+from compat import ddp_no_buffer_sync, sync_buffers_once
 from utils import UserError, set_requires_grad_except_bn_
 
 
@@ -187,8 +188,10 @@ def distributed(model, device):
     rank 0's before each), and a frozen teacher is sent once."""
     if not torch.distributed.is_initialized():
         return model
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == 'cuda' else None, forward_sync_buffers=False)
+    kw = ddp_no_buffer_sync()  # its keyword changed in torch 2.13 (compat.py)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None, **kw)
+    sync_buffers_once(model, kw)
+    return ddp
 
 
 def place_params(params, device, dtype, channels_last, trained):

@@ -5,16 +5,22 @@ with tiny sizes), each in processes of its own with a time budget, into one JSON
     python scripts/gpu_check.py run --out OUT --dataroot DIR/cifar10-jpg [--rehearse] [--budget 480]
     python scripts/gpu_check.py tiny-cifar DIR          # the rehearsal's class-folder CIFAR
 
-The checks, in this order:
+The checks, in this order: correctness first, speed last, so that a run cut short by its budget
+loses figures, not verdicts.
   a_cuda_vs_cpu  one batch of real images through WRN-16-1 <- WRN-16-2 (random init, fixed seed) on the
-                 GPU and on the CPU in fp32 with TF32 off: logits, losses, the 3 AT losses, gradients
-  b_at_epoch     one AT epoch of cifar.py on the whole dataset: fp32, --dtype bfloat16, and bfloat16
-                 with --compile; train/test seconds, accuracy, peak GPU memory
-  c_benchmark    scripts/benchmark.py: channels_last on/off, fp16 + GradScaler, bf16, compile,
-                 cudnn.benchmark off
+                 GPU and on the CPU in fp32 with TF32 off: logits, losses, the 3 AT losses, gradients,
+                 and one step of gradient-based AT (its loss and gradients, double backprop)
   d_resume       a tiny run: 1 epoch, then --resume auto to 2; the log and the checkpoint's lr
   e_imagenet     imagenet.py, ResNet-18 <- a ResNet-34 export folded by convert_teacher.py, bfloat16,
                  a few steps on a generated ImageFolder of 500x375 JPEGs
+  b_at_epoch     one AT epoch of cifar.py on the whole dataset: fp32 (TF32 convolutions, torch's
+                 default, and so labelled), bf16 + channels_last, and that with --compile; batch 200,
+                 which divides both splits, so compiling sees one shape; train/test seconds, accuracy,
+                 peak GPU memory
+  c_benchmark    scripts/benchmark.py: channels_last on/off, fp16 + GradScaler, bf16, compile,
+                 cudnn.benchmark off
+Before them, the CIFAR JPEGs are decoded once, in parallel, into torchvision's CIFAR-10 batch files,
+which every later process reads (decoding 60,000 JPEGs per process cost each of them seconds).
 Only the standard library is imported at the top: the workers (this file, called as
 `worker ...`) import torch and the project.
 """
@@ -37,14 +43,18 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = 'gpu_check'
-CHECKS = ['a_cuda_vs_cpu', 'b_at_epoch', 'c_benchmark', 'd_resume', 'e_imagenet']
-# seconds each check may take at most, and the least left for it to start at all
-BUDGETS = {'a_cuda_vs_cpu': 60, 'b_at_epoch': 270, 'c_benchmark': 180, 'd_resume': 75, 'e_imagenet': 90}
-MIN_START = {'a_cuda_vs_cpu': 20, 'b_at_epoch': 45, 'c_benchmark': 60, 'd_resume': 30, 'e_imagenet': 40}
-B_RUNS = [('fp32', [], 70), ('bf16', ['--dtype', 'bfloat16'], 70), ('bf16_compile', ['--dtype', 'bfloat16', '--compile'], 150)]
+CHECKS = ['a_cuda_vs_cpu', 'd_resume', 'e_imagenet', 'b_at_epoch', 'c_benchmark']
+# seconds each check may take at most, and the least left for it to start at all. They sum to 420 of
+# the default 480 s: the rest is for the install, the unpack, the probe and the decode (SETUP_S).
+BUDGETS = {'a_cuda_vs_cpu': 50, 'd_resume': 55, 'e_imagenet': 75, 'b_at_epoch': 150, 'c_benchmark': 90}
+MIN_START = {'a_cuda_vs_cpu': 20, 'd_resume': 30, 'e_imagenet': 40, 'b_at_epoch': 45, 'c_benchmark': 45}
+SETUP_S = {'env': 45, 'decode': 60}  # the environment probe's and the decode's caps
+# (name, flags, cap): an epoch is 250 steps, seconds on an H200; compiling takes most of the third
+B_RUNS = [('fp32', [], 30), ('bf16_cl', ['--dtype', 'bfloat16', '--channels_last', '1'], 25),
+          ('bf16_cl_compile', ['--dtype', 'bfloat16', '--channels_last', '1', '--compile'], 95)]
 BENCH_CONFIGS = 'fast,fast-cl,fast-nocl,fast-half,fast-bf16,fast-compile,fast-nobench'
 # check a: rel = max|device - cpu| / max|cpu|, both fp32 with TF32 off
-RTOL = {'grads': 1e-3}
+RTOL = {'grads': 1e-3, 'grad_at_step_grads': 1e-3, 'grad_at_loss': 1e-3}
 RTOL_DEFAULT = 1e-4
 
 
@@ -131,12 +141,12 @@ def cpu_info():
 
 
 def environment():
-    """Versions, the GPU and the CPU. Initialises CUDA in this process (a context, no more)."""
+    """Versions, the GPU and the CPU; run in a worker of its own (it initialises CUDA, which can hang)."""
     env = {'python': sys.version.split()[0], 'executable': sys.executable, 'platform': platform.platform(),
            'cpu': cpu_info(), 'packages': {}}
     from importlib import metadata
     for name in ('torch', 'torchvision', 'numpy', 'pillow', 'h5py', 'tqdm', 'triton', 'torchnet', 'visdom', 'hickle',
-                 'six', 'websocket-client', 'jsonpatch', 'tornado'):
+                 'six', 'websocket-client', 'jsonpatch', 'tornado', 'tensorboard'):
         try:
             env['packages'][name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -148,6 +158,9 @@ def environment():
         env['cudnn'] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         env['cuda_available'] = torch.cuda.is_available()
         env['threads'] = torch.get_num_threads()
+        sys.path.insert(0, ROOT)
+        from compat import FLOOR, tf32_state
+        env['torch_floor'], env['tf32_default'] = FLOOR['torch'], tf32_state()
         try:
             env['cpu']['mkldnn_bf16'] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
@@ -173,8 +186,7 @@ def environment():
     env['imports'] = {}
     for name in ('torchnet', 'visdom', 'hickle'):  # what the carried wheels bring
         try:
-            importlib.import_module(name)
-            env['imports'][name] = 'ok'
+            env['imports'][name] = f'ok: {importlib.import_module(name).__file__}'
         except Exception as e:
             env['imports'][name] = f'{type(e).__name__}: {e}'
     h = hashlib.sha256()
@@ -321,6 +333,8 @@ def check_b(ctx, timeout):
         res, _ = worker(ctx, 'main', ['cifar', *argv], min(budget * ctx.scale, left), f'b.{name}')
         res.update(cifar_record(save))
         res['flags'] = flags
+        if name == 'fp32':  # torch's default: convolutions in TF32 on CUDA
+            res['precision'] = precision_label(res.get('tf32'))
         res['status'] = 'failed' if res.get('error') else 'ok'
         if not res.get('error') and res.get('epoch') != 1:
             res['status'], res['error'] = 'failed', f'log.txt has no epoch-1 line ({res.get("epoch")})'
@@ -333,6 +347,12 @@ def check_b(ctx, timeout):
     if failed:
         raise CheckFailed('; '.join(failed), out)
     return out
+
+
+def precision_label(tf32):
+    """What an fp32 figure measured: 'fp32', or 'tf32 (conv, matmul)' naming the kinds TF32 was on for."""
+    on = [k for k, v in (tf32 or {}).items() if v]
+    return f'tf32 ({", ".join(on)})' if on else 'fp32'
 
 
 def check_c(ctx, timeout):
@@ -359,6 +379,9 @@ def check_c(ctx, timeout):
                               if k in ('train_median', 'train_ratio', 'eval_median', 'eval_ratio', 'peak_mib',
                                        'train_img_s', 'eval_img_s')}
                           for n, f in bench['configs'].items()}
+    # every config without --dtype is fp32: say what that meant on this device
+    res['fp32_configs'] = {'precision': precision_label(res.get('tf32')),
+                           'configs': [n for n in BENCH_CONFIGS.split(',') if n not in ('fast-half', 'fast-bf16')]}
     if res.get('error'):
         raise CheckFailed(res['error'], res)
     missing = [n for n in BENCH_CONFIGS.split(',') if n not in res.get('configs', {})]
@@ -444,8 +467,10 @@ RUNNERS = {'a_cuda_vs_cpu': check_a, 'b_at_epoch': check_b, 'c_benchmark': check
 
 # sizes: the real run, and the rehearsal's tiny ones
 SIZES = {
-    'device': dict(a_batch=128, b_depth=16, b_flags=[],
-                   c_flags=['--batch_size', '128', '--steps', '30', '--warmup', '5', '--repeats', '3'],
+    # b: batch 200 divides both splits (50,000 and 10,000): no partial batch, so --compile sees one
+    # shape; c takes the same, so its compile can reuse b's graphs from inductor's cache on disk
+    'device': dict(a_batch=128, b_depth=16, b_flags=['--batch_size', '200'],
+                   c_flags=['--batch_size', '200', '--steps', '30', '--warmup', '5', '--repeats', '3'],
                    d_train=32, d_test=16, e_classes=5, e_train=64, e_val=10,
                    e_flags=['--batch_size', '32', '--nthread', '4']),
     'rehearsal': dict(a_batch=16, b_depth=10, b_flags=['--batch_size', '16'],
@@ -488,13 +513,27 @@ def run(args):
             json.dump(report, fh, indent=1, default=str)
         os.replace(tmp, json_path)
 
-    log(f'== environment ({mode})')
-    t = time.perf_counter()
-    report['environment'] = environment()
-    report['environment']['seconds'] = round(time.perf_counter() - t, 1)
-    log(json.dumps(report['environment']))
+    report['environment'] = {'status': 'pending'}
+    report['decode'] = {'status': 'pending'}
     for name in CHECKS:
         report[name] = {'status': 'pending'}
+    save()  # before anything that can hang: the JSON says how far the run got
+    log(f'== environment ({mode})')
+    res, _ = worker(ctx, 'env', [], min(SETUP_S['env'], max(clock.left(), 1)), 'env')
+    report['environment'] = res
+    log(json.dumps(res))
+    save()
+    log('== decode the CIFAR JPEGs once, for every later process')
+    decoded = os.path.join(work, 'decoded')
+    res, _ = worker(ctx, 'decode', [ctx.dataroot, decoded], min(SETUP_S['decode'], max(clock.left(), 1)), 'decode')
+    res['status'] = 'failed' if res.get('error') else 'ok'
+    if res['status'] == 'ok':  # else the checks read the JPEGs themselves
+        ctx.dataroot = decoded
+        # every later Python process, its children too, trusts the decoded files (gpu_check_site/)
+        site = os.path.join(ROOT, 'scripts', 'gpu_check_site')
+        ctx.env.update(GPU_CHECK_DECODED=decoded,
+                       PYTHONPATH=site + (os.pathsep + ctx.env['PYTHONPATH'] if ctx.env.get('PYTHONPATH') else ''))
+    report['decode'] = res
     save()
     for name in CHECKS:
         letter = name[0]
@@ -557,20 +596,18 @@ def worker_a(argv, result):
     from distill import Distiller
     from parallel import FunctionalNet, place_params
     from resnet import wrn, wrn_params
-    torch.backends.cuda.matmul.allow_tf32 = False  # the brief's flags, and torch >= 2.9's own
-    torch.backends.cudnn.allow_tf32 = False
-    precision = {}
-    for name, obj in (('matmul', torch.backends.cuda.matmul), ('conv', getattr(torch.backends.cudnn, 'conv', None))):
-        if hasattr(obj, 'fp32_precision'):
-            obj.fp32_precision = 'ieee'
-            precision[name] = obj.fp32_precision
+    from compat import set_fp32_ieee
+    precision = set_fp32_ieee()  # TF32 off, on every torch (compat.py)
     device = torch.device(a.device)
 
     test = open_cifar(a.dataroot, 'CIFAR10', False)
     n = min(a.batch, len(test))
     idx = [round(i * (len(test) - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the classes
-    x = torch.stack([torch.from_numpy(np.asarray(test.loader(test.samples[i][0])).copy()).permute(2, 0, 1)
-                     for i in idx]).float().div(255)
+    if hasattr(test, 'data'):  # the decoded cache: torchvision's CIFAR10, pixels in memory
+        x = torch.from_numpy(test.data[idx]).permute(0, 3, 1, 2).float().div(255)
+    else:
+        x = torch.stack([torch.from_numpy(np.asarray(test.loader(test.samples[i][0])).copy()).permute(2, 0, 1)
+                         for i in idx]).float().div(255)
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     y = torch.tensor([test.targets[i] for i in idx])
     torch.manual_seed(0)
@@ -592,6 +629,16 @@ def worker_a(argv, result):
             d.alpha = 0.9  # KD + AT on the same batch
             out['loss_kd'] = d(xx, yy, True)[1]['loss']
             out['logits_eval'] = d(xx, yy, False)[0]  # running statistics after the two updates
+        # one step of gradient-based AT: input gradients of both nets, the student's with a graph,
+        # and backward through it (double backprop), on fresh copies of the same weights
+        s, t = {k: v.clone() for k, v in p_s.items()}, {k: v.clone() for k, v in p_t.items()}
+        place_params(s, dev, dtype, False, True)
+        place_params(t, dev, dtype, False, False)
+        g = Distiller(FunctionalNet(wrn, s), FunctionalNet(wrn, t), beta=1e3, alpha=0., grad_beta=1.)
+        losses = g(xx, yy, True)[1]
+        losses['loss'].backward()
+        out['grad_at_loss'] = losses['grad_at_loss']
+        out['grad_at_step_grads'] = torch.cat([s[k].grad.flatten() for k in sorted(s) if s[k].grad is not None])
         return {k: v.detach().to('cpu', torch.float64) for k, v in out.items()}
 
     t0 = time.perf_counter()
@@ -615,10 +662,11 @@ def worker_a(argv, result):
         if dev[k].numel() == 1:
             compare[k]['value'] = dev[k].item()
     json.dump({'device': str(device), 'batch': n, 'student': 'WRN-16-1', 'teacher': 'WRN-16-2', 'seed': 0,
-               'beta': 1e3, 'tf32': False, 'fp32_precision': precision,
+               'beta': 1e3, 'tf32': False, 'precision_set': precision,
                'cudnn_benchmark': torch.backends.cudnn.benchmark, 'cpu_seconds': round(t1 - t0, 2), 'device_seconds': round(t2 - t1, 2),
                'tolerance': f'rel = max|{device.type} - cpu| / max|cpu| (fp32 both) <= rtol: '
-                            f'{RTOL_DEFAULT:g} for logits and losses, {RTOL["grads"]:g} for the gradients',
+                            f'{RTOL_DEFAULT:g} for logits and losses, {RTOL["grads"]:g} for the gradients '
+                            f'and the gradient-AT step (its loss compares normalised input gradients)',
                'passed': all(c['ok'] for c in compare.values()), 'compare': compare}, open(result, 'w'), indent=1)
     return 0
 
@@ -654,6 +702,10 @@ def worker_main(argv, result):
     t = time.perf_counter()
     error = call_main(module, argv)
     res = {'error': error, 'main_seconds': round(time.perf_counter() - t, 2), **memory_figures()}
+    import torch
+    if torch.cuda.is_available():  # what "fp32" meant in this process: TF32 where it is on
+        from compat import tf32_state
+        res['tf32'] = tf32_state()
     json.dump(res, open(result, 'w'), indent=1)
     return 1 if error else 0
 
@@ -694,7 +746,53 @@ def worker_e(argv, result):
     return 1 if res['error'] else 0
 
 
-WORKERS = {'a': worker_a, 'main': worker_main, 'e': worker_e}
+def worker_env(argv, result):
+    json.dump(environment(), open(result, 'w'), indent=1, default=str)
+    return 0
+
+
+def read_rgb(path):
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert('RGB'))
+
+
+def worker_decode(argv, result):
+    """SRC (class folders of 32x32 JPEGs) -> DST/cifar-10-batches-py as torchvision writes CIFAR-10:
+    5 train batches, test_batch and batches.meta, pixels in CHW rows; classes in sorted folder order,
+    as ImageFolder numbers them."""
+    import pickle
+    from multiprocessing import Pool
+    import numpy as np
+    src, dst = argv
+    t = time.perf_counter()
+    classes = sorted(d for d in os.listdir(os.path.join(src, 'train')) if os.path.isdir(os.path.join(src, 'train', d)))
+    out = os.path.join(dst, 'cifar-10-batches-py')
+    os.makedirs(out)
+    counts = {}
+    with Pool(min(os.cpu_count() or 1, 16)) as pool:
+        for split in ('train', 'test'):
+            files = [(os.path.join(src, split, c, f), i) for i, c in enumerate(classes)
+                     for f in sorted(os.listdir(os.path.join(src, split, c)))]
+            data = np.stack(pool.map(read_rgb, [f for f, _ in files], chunksize=256))
+            if data.shape[1:] != (32, 32, 3):
+                raise ValueError(f'{split}: images of {data.shape[1:]}, not 32x32 RGB')
+            rows, labels = data.transpose(0, 3, 1, 2).reshape(len(data), -1), np.array([c for _, c in files])
+            parts = np.array_split(np.arange(len(rows)), 5) if split == 'train' else [np.arange(len(rows))]
+            names = [f'data_batch_{i}' for i in range(1, 6)] if split == 'train' else ['test_batch']
+            for name, idx in zip(names, parts):
+                with open(os.path.join(out, name), 'wb') as fh:
+                    pickle.dump({'data': rows[idx], 'labels': labels[idx].tolist()}, fh)
+            counts[split] = len(rows)
+    with open(os.path.join(out, 'batches.meta'), 'wb') as fh:
+        pickle.dump({'label_names': classes}, fh)
+    json.dump({'images': counts, 'classes': len(classes), 'decode_seconds': round(time.perf_counter() - t, 2)},
+              open(result, 'w'), indent=1)
+    return 0
+
+
+WORKERS = {'a': worker_a, 'main': worker_main, 'e': worker_e, 'env': worker_env, 'decode': worker_decode}
 
 
 def main(argv=None):
@@ -728,9 +826,20 @@ def main(argv=None):
                    help='torch.compile backend in the workers (default: inductor, torch\'s own default)')
     t = sub.add_parser('tiny-cifar')
     t.add_argument('dir')
+    st = sub.add_parser('stop', help='write the JSON of a run that cannot start (no wheels, no archive)')
+    st.add_argument('--out', required=True)
+    st.add_argument('--reason', required=True)
+    st.add_argument('--mode', default='device')
     args = p.parse_args(argv)
     if args.cmd == 'tiny-cifar':
         make_tiny_cifar(args.dir)
+        return 0
+    if args.cmd == 'stop':
+        os.makedirs(args.out, exist_ok=True)
+        report = {'mode': args.mode, 'status': 'failed', 'error': args.reason, 'order': CHECKS, 'failed': [],
+                  **{c: {'status': 'not run', 'note': args.reason} for c in CHECKS}}
+        with open(os.path.join(args.out, 'gpu_check.json'), 'w') as fh:
+            json.dump(report, fh, indent=1)
         return 0
     return run(args)
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, for one call of a lent CUDA machine (under 8 minutes): installs the carried wheels
 # (torchnet, visdom, hickle and the pure-Python needs the machine lacks), unpacks the carried CIFAR
-# archive, and runs checks a-e (scripts/gpu_check.py says what each measures), each with a time
-# budget, into $OUT/gpu_check.json and $OUT/gpu_check.log. A failed check is recorded and the next
-# one runs; the exit status is non-zero if any failed.
+# archive, and runs the correctness checks (a, d, e) and then the speed checks (b, c)
+# (scripts/gpu_check.py says what each measures), each with a time budget, into $OUT/gpu_check.json
+# and $OUT/gpu_check.log. A failed check is recorded and the next one runs; the exit status is
+# non-zero if any failed. With no wheels or no archive it writes the JSON with the reason and stops.
 #
 #   bash scripts/make_wheelhouse.sh          # here, once: .wheelhouse/ and .gpu_check/cifar10-jpg.tar.gz
-#   bash scripts/gpu_check.sh                # there, carrying .wheelhouse and .gpu_check
+#   bash scripts/gpu_check.sh                # there, carrying .wheelhouse and .gpu_check; $OUT is the
+#                                            # tool's own: do not set it, or the results stay there
 #   bash scripts/gpu_check.sh --rehearse     # here, on the CPU: tiny sizes, no install, the same JSON keys
 #
 # Options: --rehearse, --budget SECONDS (480; the whole run), --only a,c (others skipped),
@@ -49,6 +51,20 @@ export PYTHONUNBUFFERED=1
 
 install=skipped install_s=0
 INSTALL=${INSTALL:-$((1 - REHEARSE))}
+# a run that cannot work says why in the JSON at once, rather than spending the call
+stop() {
+  say "stopped: $1"
+  local mode=device
+  [ "$REHEARSE" = 0 ] || mode=rehearsal
+  "$PY" scripts/gpu_check.py stop --out "$OUT" --reason "$1" --mode "$mode"
+  exit 1
+}
+if [ "$INSTALL" = 1 ] && ! compgen -G "$WHEELS/*.whl" > /dev/null; then
+  stop "no wheels in $WHEELS: run scripts/make_wheelhouse.sh here and carry $WHEELS"
+fi
+if [ "$REHEARSE" = 0 ] && [ ! -f "$ARCHIVE" ]; then
+  stop "no archive $ARCHIVE: run scripts/make_wheelhouse.sh here and carry $(dirname "$ARCHIVE")"
+fi
 if [ "$REHEARSE" = 1 ]; then
   say "rehearsal on the CPU: a tiny generated CIFAR stands in for the archive"
   export CUDA_VISIBLE_DEVICES=
@@ -64,7 +80,7 @@ if [ "$INSTALL" = 1 ]; then
   wheels=("$WHEELS"/*.whl)
   shopt -u nullglob
   say "installing ${#wheels[@]} wheels from $WHEELS into $WORK/site"
-  if [ ${#wheels[@]} -gt 0 ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
        --upgrade --target "$WORK/site" "${wheels[@]}" 2>&1 | tee -a "$LOG"; then
     install=ok
   else

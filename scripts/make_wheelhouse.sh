@@ -4,13 +4,17 @@
 #                  hickle, and whatever those need that the machine's image lacks (tornado, jsonpatch,
 #                  jsonpointer, websocket-client), as wheels for CPython 3.12 on manylinux x86_64
 #   .gpu_check/    a copy of the CIFAR archive (../shared/data/cifar10-jpg.tar.gz), so it can be carried
-# then checks every wheel's Requires-Dist against the image's package list and the wheelhouse, and prints
-# the sizes: wheelhouse + data + the working tree that travels must stay under the tool's 64 MiB.
+# then checks every wheel's Requires-Dist against the image's package list and the wheelhouse, installs
+# the wheelhouse into an empty --target with no index and imports torchnet, visdom and hickle from
+# there, and prints the sizes: wheelhouse + data + the working tree that travels must stay under the
+# tool's 64 MiB. (tensorboard is on the device image already: no wheel.)
 #
 #   bash scripts/make_wheelhouse.sh [--wheelhouse DIR] [--data-out DIR] [--archive FILE] [--no-data]
 #
-# Needs pip's configured index (for the sdists and wheels) and a Python whose setuptools is < 81:
-# visdom's setup.py imports pkg_resources. PYTHON defaults to .venv/bin/python, else python3.
+# Needs pip's configured index (for the sdists and wheels). The sdists are built in a venv of this
+# script's own with setuptools<81 and wheel (visdom's setup.py imports pkg_resources; a bare system
+# python3 may lack both). PYTHON (default .venv/bin/python, else python3) makes that venv, gives the
+# versions to pin (what the tests ran with) and verifies the wheelhouse.
 # On the machine: python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheelhouse/*.whl
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +36,7 @@ fi
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-PY=$PYTHON
+PY=$PYTHON  # pins versions and verifies; BUILD (a venv made below) builds the sdists
 LIMIT=$((64 * 1024 * 1024))
 ARCHIVE_SHA256=3ea1817a5b9f11a1fcb080340309e34425232dc1237d530a035b46ea9b1fe8b8  # ../shared/data/README.md
 
@@ -60,17 +64,6 @@ toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm
 triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash
 yarl zipp"
 
-"$PY" - <<'EOF'
-import sys
-try:
-    import setuptools
-except ImportError:
-    sys.exit('make_wheelhouse.sh: error: the building Python has no setuptools (set PYTHON)')
-if int(setuptools.__version__.split('.')[0]) >= 81:
-    sys.exit(f'make_wheelhouse.sh: error: setuptools {setuptools.__version__} has no pkg_resources, which '
-             "visdom's setup.py imports: use a Python with setuptools<81 (PYTHON=.venv/bin/python)")
-EOF
-
 # the version this Python has installed (what the tests ran with), else the newest the constraint allows
 pin() {
   local v
@@ -81,8 +74,12 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 rm -rf "$WHEELS"
 mkdir -p "$WHEELS"
-echo "== building torchnet and visdom from their sdists (no deps, no build isolation) with $PY"
-"$PY" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$WHEELS" torchnet==0.0.4 visdom==0.2.4
+echo "== a build venv with setuptools<81 and wheel"
+"$PY" -m venv "$TMP/build" || { echo "make_wheelhouse.sh: error: $PY cannot make a venv (python3-venv?)" >&2; exit 1; }
+BUILD=$TMP/build/bin/python
+"$BUILD" -m pip install -q 'setuptools>=70,<81' wheel
+echo "== building torchnet and visdom from their sdists (no deps, no build isolation)"
+"$BUILD" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$WHEELS" torchnet==0.0.4 visdom==0.2.4
 PURE=("$(pin hickle '>=5.0')" "$(pin jsonpatch '')" "$(pin jsonpointer '')" "$(pin websocket-client '')" "$(pin tornado '')")
 echo "== wheels for CPython 3.12, manylinux x86_64: ${PURE[*]}"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -114,6 +111,32 @@ for f in wheels:
 if missing:
     sys.exit('make_wheelhouse.sh: error: missing on the device: ' + ', '.join(sorted(set(missing))))
 print(f'every requirement is on the device or in {folder}')
+EOF
+
+echo "== installing the wheelhouse into an empty --target with no index, and importing from there"
+"$PY" -m pip install -q --no-index --no-deps --no-compile --target "$TMP/verify" "$WHEELS"/*.whl
+PYTHONPATH="$TMP/verify" "$PY" - "$TMP/verify" <<'EOF'
+import importlib, importlib.util, os, sys
+target = os.path.realpath(sys.argv[1]) + os.sep
+inside = lambda path: os.path.realpath(path).startswith(target)  # noqa: E731
+imported, found = [], []
+for name in ('torchnet', 'visdom', 'hickle'):
+    spec = importlib.util.find_spec(name)
+    if not spec or not inside(spec.origin):
+        sys.exit(f'make_wheelhouse.sh: error: {name} is not in the wheelhouse install')
+    try:
+        m = importlib.import_module(name)
+    except ModuleNotFoundError as e:  # a need of the device image (torch, numpy, PIL...) this Python lacks
+        if e.name and os.path.exists(os.path.join(target, e.name.split('.')[0])):
+            sys.exit(f'make_wheelhouse.sh: error: importing {name} from the wheelhouse install: {e}')
+        found.append(f'{name} (not imported: this Python has no {e.name})')
+        continue
+    except Exception as e:
+        sys.exit(f'make_wheelhouse.sh: error: importing {name} from the wheelhouse install: {type(e).__name__}: {e}')
+    if not inside(m.__file__):
+        sys.exit(f'make_wheelhouse.sh: error: {name} came from {m.__file__}, not the wheelhouse install')
+    imported.append(name)
+print('from the wheelhouse alone: imported ' + (', '.join(imported) or 'none') + ('; installed ' + ', '.join(found) if found else ''))
 EOF
 
 if [ "$COPY_DATA" = 1 ]; then

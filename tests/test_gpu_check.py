@@ -10,9 +10,9 @@ import pytest
 
 from conftest import OFFLINE_ENV, ROOT
 
-CHECKS = ['a_cuda_vs_cpu', 'b_at_epoch', 'c_benchmark', 'd_resume', 'e_imagenet']
+CHECKS = ['a_cuda_vs_cpu', 'd_resume', 'e_imagenet', 'b_at_epoch', 'c_benchmark']  # correctness, then speed
 TOP_KEYS = {'mode', 'started_utc', 'budget_s', 'order', 'dataroot', 'compile_backend', 'setup', 'environment',
-            *CHECKS, 'seconds', 'failed', 'status'}
+            'decode', *CHECKS, 'seconds', 'failed', 'status'}
 BENCH = ['fast', 'fast-cl', 'fast-nocl', 'fast-half', 'fast-bf16', 'fast-compile', 'fast-nobench']
 
 
@@ -20,10 +20,38 @@ def log_order(text):
     return [c for line in text.splitlines() for c in CHECKS if line.startswith(f'== {c} (')]
 
 
-def test_rehearsal_runs_every_check_in_order(tmp_path):
+def pip_reaches_index(tmp_path):
+    """Whether pip, as configured here, can fetch torchnet's sdist (the wheelhouse needs an index)."""
+    try:
+        p = subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-build-isolation',
+                            'torchnet==0.0.4', '-d', str(tmp_path / 'probe')], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False, 'timed out'
+    return p.returncode == 0, (p.stderr.strip().splitlines() or [''])[-1]
+
+
+@pytest.fixture(scope='module')
+def wheelhouse(tmp_path_factory):
+    """scripts/make_wheelhouse.sh's wheelhouse, built once (pip's own configuration: the sdists come from
+    the package index); None where no index is reachable."""
+    tmp = tmp_path_factory.mktemp('wheelhouse')
+    ok, why = pip_reaches_index(tmp)
+    if not ok:
+        return None, why
+    wheels = tmp / 'wheels'
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'make_wheelhouse.sh'), '--wheelhouse', str(wheels), '--no-data'],
+                       env={**os.environ, 'PYTHON': sys.executable}, capture_output=True, text=True, timeout=600)
+    return (wheels, p), ''
+
+
+def test_rehearsal_runs_every_check_in_order(tmp_path, wheelhouse):
+    """The whole check on the CPU, installing a wheelhouse built here as the device does (where pip
+    reaches an index to build one)."""
     out = tmp_path / 'out'
+    built = wheelhouse[0] and wheelhouse[0][1].returncode == 0
+    install = ['--install', '--wheelhouse', str(wheelhouse[0][0])] if built else []
     t = time.perf_counter()
-    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu_check.sh'), '--rehearse'], cwd=tmp_path,
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu_check.sh'), '--rehearse', *install], cwd=tmp_path,
                        env={**OFFLINE_ENV, 'OUT': str(out), 'PYTHON': sys.executable},
                        capture_output=True, text=True, timeout=420)
     seconds = time.perf_counter() - t
@@ -40,12 +68,18 @@ def test_rehearsal_runs_every_check_in_order(tmp_path):
     assert sorted(os.listdir(out)) == ['gpu_check.json', 'gpu_check.log']  # nothing else comes back
 
     env = report['environment']
-    assert env['torch'] and env['cuda_available'] is False and 'flags' in env['cpu']
-    assert report['setup']['install'] == 'skipped' and report['setup']['unpack'] == 'ok'
+    assert env['torch'] and env['cuda_available'] is False and 'flags' in env['cpu'] and env['torch_floor'] == '2.4'
+    assert report['setup']['install'] == ('ok' if built else 'skipped') and report['setup']['unpack'] == 'ok'
+    if built:  # torchnet, visdom and hickle came from the installed wheelhouse, not this venv
+        assert all(v.startswith('ok') and '/site/' in v for v in env['imports'].values()), env['imports']
+    assert report['decode']['status'] == 'ok' and report['decode']['images'] == {'train': 160, 'test': 80}
+    assert report['dataroot'].endswith('cifar10-jpg') and report['b_at_epoch']['runs']['fp32']['precision'] == 'fp32'
     a = report['a_cuda_vs_cpu']
-    assert a['passed'] and {'logits', 'loss', 'at_loss_0', 'at_loss_1', 'at_loss_2', 'grads'} <= set(a['compare'])
+    assert a['passed'] and {'logits', 'loss', 'at_loss_0', 'at_loss_1', 'at_loss_2', 'grads', 'grad_at_loss',
+                            'grad_at_step_grads'} <= set(a['compare'])
+    assert a['compare']['grad_at_loss']['value'] > 0
     b = report['b_at_epoch']['runs']
-    assert list(b) == ['fp32', 'bf16', 'bf16_compile']
+    assert list(b) == ['fp32', 'bf16_cl', 'bf16_cl_compile']
     for run in b.values():
         assert run['status'] == 'ok' and run['epoch'] == 1 and run['train_time'] > 0 and run['test_acc'] is not None
         assert len(run['at_losses']) == 3 and 'peak_allocated_mib' in run
@@ -93,29 +127,63 @@ def test_bad_option_is_one_line(tmp_path):
         'gpu_check.sh: error: unknown option --fast (see --help)']
 
 
-def pip_reaches_index(tmp_path):
-    """Whether pip, as configured here, can fetch torchnet's sdist (the wheelhouse needs an index)."""
-    try:
-        p = subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-build-isolation',
-                            'torchnet==0.0.4', '-d', str(tmp_path / 'probe')], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return False, 'timed out'
-    return p.returncode == 0, (p.stderr.strip().splitlines() or [''])[-1]
-
-
-def test_make_wheelhouse_builds_what_the_device_lacks(tmp_path):
-    """Uses pip's own configuration (not OFFLINE_ENV): the sdists come from the package index."""
-    ok, why = pip_reaches_index(tmp_path)
-    if not ok:
-        pytest.skip(f'pip cannot fetch torchnet 0.0.4 here, so no wheelhouse can be built: {why}')
-    import setuptools
-    if int(setuptools.__version__.split('.')[0]) >= 81:
-        pytest.skip(f'setuptools {setuptools.__version__} has no pkg_resources: visdom 0.2.4 cannot be built')
-    wheels = tmp_path / 'wheels'
-    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'make_wheelhouse.sh'), '--wheelhouse', str(wheels), '--no-data'],
-                       env={**os.environ, 'PYTHON': sys.executable}, capture_output=True, text=True, timeout=600)
+def test_make_wheelhouse_builds_what_the_device_lacks(wheelhouse):
+    """Built in a venv of its own (whatever this Python's setuptools), then installed with no index
+    into an empty folder and imported from there."""
+    if not wheelhouse[0]:
+        pytest.skip(f'pip cannot fetch torchnet 0.0.4 here, so no wheelhouse can be built: {wheelhouse[1]}')
+    wheels, p = wheelhouse[0]
     assert p.returncode == 0, p.stdout + p.stderr
+    assert 'from the wheelhouse alone: imported torchnet, visdom, hickle\n' in p.stdout
     names = sorted(f.split('-')[0].lower() for f in os.listdir(wheels))
     assert names == ['hickle', 'jsonpatch', 'jsonpointer', 'torchnet', 'tornado', 'visdom', 'websocket_client']
     assert all(f.endswith('-py3-none-any.whl') or ('abi3' in f and 'x86_64' in f) for f in os.listdir(wheels))
     assert 'every requirement is on the device or in' in p.stdout and 'of 64 MiB' in p.stdout
+
+
+def test_caps_fit_the_budget_correctness_first():
+    sys.path.insert(0, str(ROOT / 'scripts'))
+    import gpu_check
+    assert gpu_check.CHECKS == CHECKS
+    # the checks' caps, the setup's and a minute for the install and unpack, within the default 480 s
+    assert sum(gpu_check.BUDGETS.values()) + sum(gpu_check.SETUP_S.values()) + 60 <= 600
+    assert sum(gpu_check.BUDGETS.values()) <= 480 - 60
+    assert sum(b for _, _, b in gpu_check.B_RUNS) <= gpu_check.BUDGETS['b_at_epoch']
+    flags = gpu_check.SIZES['device']['b_flags']
+    batch = int(flags[flags.index('--batch_size') + 1])
+    assert 50000 % batch == 0 and 10000 % batch == 0  # no partial batch: --compile sees one shape
+
+
+@pytest.mark.parametrize('case', ['no wheels', 'no archive'])
+def test_no_wheels_or_no_archive_stops_at_once_with_the_json(tmp_path, case):
+    (tmp_path / 'w').mkdir()
+    (tmp_path / 'w' / 'x-1-py3-none-any.whl').write_bytes(b'')
+    wheels, archive = tmp_path / ('nowheels' if case == 'no wheels' else 'w'), tmp_path / 'none.tar.gz'
+    reason = (f'no wheels in {wheels}: run scripts/make_wheelhouse.sh here and carry {wheels}' if case == 'no wheels'
+              else f'no archive {archive}: run scripts/make_wheelhouse.sh here and carry {tmp_path}')
+    out = tmp_path / 'out'
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu_check.sh'), '--wheelhouse', str(wheels), '--archive',
+                        str(archive)], env={**OFFLINE_ENV, 'OUT': str(out), 'PYTHON': sys.executable},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stdout.strip().splitlines() == [f'gpu_check.sh: stopped: {reason}']
+    report = json.loads((out / 'gpu_check.json').read_text())
+    assert report['status'] == 'failed' and report['error'] == reason and report['order'] == CHECKS
+    assert all(report[c]['status'] == 'not run' for c in CHECKS)
+
+
+def test_decoded_cifar_is_trusted_by_place_and_other_sitecustomize_still_runs(tmp_path):
+    """scripts/gpu_check_site: files in GPU_CHECK_DECODED pass torchvision's md5 check, others do not;
+    a sitecustomize it hides on PYTHONPATH still runs."""
+    (tmp_path / 'decoded').mkdir()
+    (tmp_path / 'decoded' / 'data_batch_1').write_bytes(b'not the original bytes')
+    (tmp_path / 'outside').write_bytes(b'not the original bytes')
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'sitecustomize.py').write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    code = ('import torchvision.datasets.cifar as c; '
+            f"print(c.check_integrity({str(tmp_path / 'decoded' / 'data_batch_1')!r}, '0' * 32), "
+            f"c.check_integrity({str(tmp_path / 'outside')!r}, '0' * 32))")
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
+                       env={**OFFLINE_ENV, 'GPU_CHECK_DECODED': str(tmp_path / 'decoded'),
+                            'PYTHONPATH': f"{ROOT / 'scripts' / 'gpu_check_site'}{os.pathsep}{tmp_path / 'other'}"})
+    assert p.returncode == 0 and p.stdout.split() == ['True', 'False'], p.stderr
+    assert (tmp_path / 'ran').exists()

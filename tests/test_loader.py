@@ -89,7 +89,7 @@ def test_channels_last_changes_layout_not_values(image):
 
 
 def compile_raising(error):
-    def compile(f):
+    def compile(f, **kw):  # as torch.compile(f, dynamic=False)
         def fail(*a, **k):
             raise error
         return fail
@@ -132,7 +132,7 @@ def test_a_compile_error_in_the_backward_pass_falls_back_too(monkeypatch, capsys
         def backward(ctx, g):
             raise InductorError(RuntimeError('a kernel that does not build'), None)
 
-    def compile(f):
+    def compile(f, **kw):  # as torch.compile(f, dynamic=False)
         return lambda x, params, mode: (FailingBackward.apply(f(x, params, mode)[0]), f(x, params, mode)[1])
     monkeypatch.setattr(torch, 'compile', compile)
     g = torch.Generator().manual_seed(0)

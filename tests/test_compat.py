@@ -1,0 +1,188 @@
+"""compat.py: the torch floor. Each guarded call against a stand-in with the floor's signature (torch
+2.4 cannot be installed here), no post-floor API outside compat.py, install.sh's keep-or-pin choice,
+and torch.compile's caches: one per network, static shapes."""
+import functools
+import inspect
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+import compat  # noqa: E402
+import engine  # noqa: E402
+import parallel  # noqa: E402
+
+
+class DDP24:
+    """torch 2.4's DistributedDataParallel.__init__ signature (torch/nn/parallel/distributed.py, v2.4.0)."""
+    made = []
+
+    def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True,
+                 process_group=None, bucket_cap_mb=None, find_unused_parameters=False, check_reduction=False,
+                 gradient_as_bucket_view=False, static_graph=False, delay_all_reduce_named_params=None,
+                 param_to_hook_all_reduce=None, mixed_precision=None, device_mesh=None):
+        self.made.append({'module': module, 'device_ids': device_ids, 'broadcast_buffers': broadcast_buffers})
+
+
+class DDP213(DDP24):
+    """From 2.13 on: forward_sync_buffers (the stand-in keeps 2.4's other parameters)."""
+
+    def __init__(self, module, device_ids=None, broadcast_buffers=None, forward_sync_buffers=None):
+        self.made.append({'module': module, 'broadcast_buffers': broadcast_buffers,
+                          'forward_sync_buffers': forward_sync_buffers})
+
+
+@pytest.fixture
+def process_group(monkeypatch):
+    """torch.distributed as an initialised group would show it; broadcasts are recorded."""
+    sent = []
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'broadcast', lambda t, src: sent.append((t, src)))
+    DDP24.made.clear()
+    return sent
+
+
+def student():
+    return parallel.FunctionalNet(lambda x, p, mode: x * p['w'], {'w': torch.ones(2, requires_grad=True),
+                                                                  'bn.running_mean': torch.zeros(2)})
+
+
+def test_distributed_on_the_floors_ddp(process_group, monkeypatch):
+    """torch 2.4 has no forward_sync_buffers: broadcast_buffers=False, then rank 0's buffers sent once."""
+    monkeypatch.setattr(nn.parallel, 'DistributedDataParallel', DDP24)
+    net = student()
+    assert isinstance(parallel.distributed(net, torch.device('cpu')), DDP24)
+    assert DDP24.made == [{'module': net, 'device_ids': None, 'broadcast_buffers': False}]
+    assert [(t.data_ptr(), src) for t, src in process_group] == [(net.bn__running_mean.data_ptr(), 0)]
+
+
+def test_distributed_on_newer_ddp(process_group, monkeypatch):
+    monkeypatch.setattr(nn.parallel, 'DistributedDataParallel', DDP213)
+    net = student()
+    parallel.distributed(net, torch.device('cpu'))
+    assert DDP24.made == [{'module': net, 'broadcast_buffers': None, 'forward_sync_buffers': False}]
+    assert process_group == []  # DDP itself sends them at construction
+
+
+def test_the_installed_ddp_takes_the_keywords():
+    """What compat picks for the torch installed here binds to its real DistributedDataParallel."""
+    sig = inspect.signature(nn.parallel.DistributedDataParallel.__init__)
+    sig.bind(None, nn.Linear(1, 1), device_ids=None, **compat.ddp_no_buffer_sync())
+
+
+def test_fp32_ieee_without_fp32_precision(monkeypatch):
+    """torch < 2.9 has no fp32_precision: allow_tf32 alone is set, and the state reads it."""
+    class Old:
+        allow_tf32 = True
+    monkeypatch.setattr(torch.backends.cuda, 'matmul', Old())
+    monkeypatch.setattr(torch.backends, 'cudnn', Old())
+    assert compat.set_fp32_ieee() == {}
+    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+    assert compat.tf32_state() == {'matmul': False, 'conv': False}
+
+
+def test_compile_errors_without_inductor_error(monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor import exc
+    monkeypatch.delattr(exc, 'InductorError')
+    errors = compat.compile_errors()
+    assert errors[0] is TorchDynamoException and all(isinstance(e, type) for e in errors)
+
+
+def code_files():
+    return sorted(p for p in [*ROOT.glob('*.py'), *ROOT.glob('scripts/*.py')] if p.name != 'compat.py')
+
+
+def test_no_post_floor_api_outside_compat():
+    assert len(code_files()) > 10
+    found = [f'{p.relative_to(ROOT)}:{i}: {name} (torch {since}; use compat.{guard})'
+             for p in code_files() for i, line in enumerate(p.read_text().splitlines(), 1)
+             for name, (since, guard) in compat.POST_FLOOR.items() if re.search(rf'\b{name}\b', line)]
+    assert found == []
+    for since, guard in compat.POST_FLOOR.values():
+        assert compat.version_tuple(since) > compat.version_tuple(compat.FLOOR['torch'])
+        assert callable(getattr(compat, guard))
+
+
+def test_the_floor_is_declared_where_users_read():
+    floor = compat.FLOOR
+    req = (ROOT / 'requirements.txt').read_text()
+    assert f"torch>={floor['torch']}" in req and f"torchvision>={floor['torchvision']}" in req
+    readme = (ROOT / 'README.md').read_text()
+    assert f"torch {floor['torch']}" in readme and f"torchvision {floor['torchvision']}" in readme
+
+
+REQ = ['torch==2.14.1', 'torchvision==0.29.1', 'torchnet==0.0.4', 'numpy>=1.26']
+
+
+@pytest.mark.parametrize('torch_v, tv_v, want', [
+    ('2.11.0+cu128', '0.26.0+cu128', ['torch==2.11.0+cu128', 'torchvision==0.26.0+cu128']),
+    ('2.4.1', None, ['torch==2.4.1', 'torchvision==0.19.*']),  # at the floor, no torchvision yet
+    ('2.11.0+cu130', '0.18.1', ['torch==2.11.0+cu130', 'torchvision==0.26.*']),  # torchvision below its floor
+    ('2.3.1', '0.18.1', REQ[:2]),  # below the floor: the pinned versions
+    (None, None, REQ[:2]),  # none: the pinned versions
+])
+def test_install_keeps_a_torch_at_or_above_the_floor(torch_v, tv_v, want):
+    assert compat.requirements(REQ, torch_v, tv_v) == want + REQ[2:]
+
+
+def test_install_plan_from_the_command_line(tmp_path):
+    """install.sh's call; this venv's torch (2.14.1, above the floor) is kept as it is."""
+    (tmp_path / 'req.txt').write_text('\n'.join(REQ) + '\n')
+    p = subprocess.run([sys.executable, str(ROOT / 'compat.py'), 'requirements', str(tmp_path / 'req.txt')],
+                       capture_output=True, text=True)
+    here = compat.installed('torch')
+    assert p.returncode == 0 and p.stdout.splitlines()[0] == f'torch=={here}'
+    assert p.stderr.startswith(f'compat.py: keeping the installed torch {here}')
+    p = subprocess.run([sys.executable, str(ROOT / 'compat.py'), 'requirements', str(tmp_path / 'nope.txt')],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        f'compat.py: error: {tmp_path / "nope.txt"}: No such file or directory']
+
+
+import torch._dynamo  # noqa: E402
+
+LIMIT = next(n for n in ('recompile_limit', 'cache_size_limit') if hasattr(torch._dynamo.config, n))
+
+
+@pytest.fixture
+def counted_compiles(monkeypatch):
+    """torch.compile with a backend that counts the graphs it is given (and runs them eagerly), and a
+    dynamo cache of one entry per code object, so that sharing one shows."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=backend))
+    with torch._dynamo.config.patch(**{LIMIT: 1}):
+        yield graphs
+    torch._dynamo.reset()
+
+
+def linear(x, params, mode):
+    return x @ params['w']
+
+
+def test_student_and_teacher_compile_into_caches_of_their_own(counted_compiles):
+    s, t = engine.Compiled(linear, 'prog'), engine.Compiled(linear, 'prog')
+    x = torch.ones(4, 3)
+    s(x, {'w': torch.ones(3, 2)}, True)
+    t(x, {'w': torch.ones(3, 5)}, True)  # another width: a shared cache would be full (limit 1) and run eagerly
+    assert len(counted_compiles) == 2
+
+
+def test_compiled_shapes_are_static(counted_compiles):
+    """A last partial batch compiles once more for its size; the full batches keep their static graph."""
+    s, p = engine.Compiled(linear, 'prog'), {'w': torch.ones(3, 2)}
+    with torch._dynamo.config.patch(**{LIMIT: 8}):
+        for n in (4, 3, 2, 4):
+            s(torch.ones(n, 3), p, True)
+    assert [g[0] for g in counted_compiles] == [(4, 3), (3, 3), (2, 3)]  # automatic dynamic shapes: 2 graphs
