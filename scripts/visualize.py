@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import imagenet  # noqa: E402
 from cifar import MEAN, STD  # noqa: E402
 from data import check_classes, open_cifar  # noqa: E402
 from runs import Parser, cli  # noqa: E402
@@ -116,7 +117,7 @@ def main(argv=None):
             images = [np.asarray(crop(Image.open(path).convert('RGB'))) for path in args.inputs]
         except OSError as e:
             raise UserError(f'cannot read image: {e}') from None
-        x = normalise(images, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        x = normalise(images, imagenet.MEAN, imagenet.STD)
         columns = [(os.path.basename(args.export), maps(f, params, x, None, args.kind))]
     else:
         runs = [load_run(folder) for folder in args.inputs]
