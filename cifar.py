@@ -5,19 +5,18 @@
     python cifar.py --preset crd --model resnet8x4 --teacher_id logs/cifar100/resnet32x4_teacher --beta 1e+3
 """
 import time
-from types import SimpleNamespace
 
 import torch
 
 import board
 import runs
 from data import DeviceLoader, check_classes, data_loader, decode_all, image_shape, one_size, open_cifar, rank_batch
-from distill import Distiller, factt_adapters
-from engine import AMP_DTYPES, PARAM_DTYPES, compiled, sgd
-from parallel import Dist, FunctionalNet, data_parallel, place_params, select_device
+from distill import factt_adapters
+from parallel import Dist, select_device
+from precision import Precision
 from resnet import CIFAR_MODELS, cifar_model_groups, cifar_model_name, cifar_model_params, wrn_depth_to_blocks
 from teachers import load_teacher_run
-from utils import UserError, beta_schedule
+from utils import UserError
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
@@ -76,8 +75,7 @@ def build_parser():
     a('--normalize', default='2017', choices=list(NORMALIZE),
       help='mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 statistics)')
     a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
-      help='1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per GPU; '
-           '0: beta on the whole batch (the default; without this flag, --ngpu > 1 notes the difference)')
+      help=runs.AT_SUM_REPLICAS_HELP)
     a('--beta_decay', default='none', choices=['none', 'step', 'linear'],
       help='AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr drops), '
            'linear (down to beta/epochs at the last epoch)')
@@ -119,7 +117,7 @@ def parse_args(argv=None):
     if opt.grad_beta or opt.sym_beta:
         if opt.grad_beta and not opt.teacher_id:
             raise UserError('--grad_beta matches the teacher\'s gradient attention: pass --teacher_id')
-        if opt.dtype in AMP_DTYPES or opt.ngpu > 1 or opt.compile:
+        if Precision(opt.dtype).compute or opt.ngpu > 1 or opt.compile:
             raise UserError('--grad_beta and --sym_beta need double backprop, eagerly, in full precision, on one '
                             'device: use --dtype float and --ngpu 1, without --compile')
     return opt
@@ -180,6 +178,7 @@ def build(opt):
     device = select_device(opt.device, opt.gpu_id, opt.ngpu)
     if opt.channels_last is None:
         opt.channels_last = int(CHANNELS_LAST[device.type])
+    precision = Precision(opt.dtype, device.type, bool(opt.channels_last))
     runs.seed_everything(opt.seed)
     train_loader, test_loader, num_classes, size = create_loaders(opt, device)
 
@@ -194,30 +193,17 @@ def build(opt):
     # F-ActT's 1x1 adapters train with the student, and are saved as adapter.*
     adapters = factt_adapters(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, *size)) \
         if f_t and opt.factt_beta else {}
-    dtype, amp = PARAM_DTYPES.get(opt.dtype, torch.float32), AMP_DTYPES.get(opt.dtype)
-    for params, trained in ((params_s, True), (params_t, False), (adapters, True)):
-        place_params(params, device, dtype, opt.channels_last, trained)
-    student = FunctionalNet(compiled(CIFAR_MODELS[opt.model], opt.compile, PROG), params_s, amp)
-    teacher = f_t and FunctionalNet(compiled(f_t, opt.compile, PROG), params_t, amp)
-    distiller = Distiller(data_parallel(student, opt.ngpu), teacher and data_parallel(teacher, opt.ngpu),
-                          beta=opt.at_weight, alpha=opt.alpha, temperature=opt.temperature, factt_beta=opt.factt_beta,
-                          adapters=adapters, grad_beta=opt.grad_beta, sym_beta=opt.sym_beta)
-    steps = runs.parse_epoch_step(opt.epoch_step)
-
-    def beta_at(epoch):
-        distiller.beta = beta_schedule(opt.at_weight, opt.beta_decay, epoch, opt.epochs, steps, opt.lr_decay_ratio)
-
-    return SimpleNamespace(
-        device=device, train_loader=train_loader, test_loader=test_loader, num_classes=num_classes,
-        params_s=params_s, distiller=distiller, n_at=n_groups if f_t else 0, topk=(1,),
-        beta_at=beta_at if opt.beta_decay != 'none' else None,
-        make_optimizer=sgd({**params_s, **adapters}, opt.weight_decay, device, opt.dtype),
-        description=f'student {cifar_model_name(opt.model, opt.depth, opt.width)}' + (
-            f', teacher {info["name"]} from {info["folder"]}' if f_t else ''),
+    distiller, make_optimizer = runs.make_distiller(
+        opt, PROG, device, precision, CIFAR_MODELS[opt.model], params_s, f_t, params_t, adapters,
+        factt_beta=opt.factt_beta, grad_beta=opt.grad_beta, sym_beta=opt.sym_beta)
+    return runs.Run(
+        opt, device, precision, train_loader, test_loader, num_classes, params_s, distiller, make_optimizer,
         # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling
         saved=({**{'student.' + k: v for k, v in params_s.items()},
                 **{'teacher.' + k: v for k, v in params_t.items()},
-                **{'adapter.' + k: v for k, v in adapters.items()}} if f_t else params_s))
+                **{'adapter.' + k: v for k, v in adapters.items()}} if f_t else params_s),
+        description=f'student {cifar_model_name(opt.model, opt.depth, opt.width)}' + (
+            f', teacher {info["name"]} from {info["folder"]}' if f_t else ''))
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError, at_loss, conv_params, factt_loss, grad_at_loss, input_grad, kd_loss, sym_loss
+from utils import AT_PREFIX, UserError, at_loss, conv_params, factt_loss, grad_at_loss, input_grad, kd_loss, sym_loss
 
 
 class Distiller(nn.Module):
@@ -17,8 +17,9 @@ class Distiller(nn.Module):
     grad_beta/2 * grad_at_loss and sym_beta/2 * sym_loss (double backprop).
 
     student, teacher: modules called as net(inputs, mode) -> (logits, group outputs). `beta` may be
-    changed between epochs by a schedule. forward -> (student logits, {'loss': total,
-    'at_losses': [per group], and 'factt_loss', 'grad_at_loss', 'sym_loss' where used}).
+    changed between epochs by a schedule. forward -> (student logits, {'loss': total, and the named
+    terms: 'at_loss.G' for each group G of at_groups, 'factt_loss', 'grad_at_loss', 'sym_loss' where
+    used}).
     """
 
     def __init__(self, student, teacher=None, *, beta=0., alpha=0., temperature=4., at_groups=None,
@@ -43,10 +44,10 @@ class Distiller(nn.Module):
 
     def distill(self, y_s, g_s, y_t, g_t, targets):
         groups = range(len(g_s)) if self.at_groups is None else self.at_groups
-        at_losses = [at_loss(g_s[i], g_t[i]) for i in groups]
+        at_losses = {f'{AT_PREFIX}{i}': at_loss(g_s[i], g_t[i]) for i in groups}
         # alpha 0 is cross-entropy, also where the teacher has other classes (AT needs none of them)
         kd = kd_loss(y_s, y_t, targets, self.temperature, self.alpha) if self.alpha else F.cross_entropy(y_s, targets)
-        losses = {'loss': kd + self.beta * sum(at_losses), 'at_losses': at_losses}
+        losses = {'loss': kd + self.beta * sum(at_losses.values()), **at_losses}
         if self.factt_beta:
             losses['factt_loss'] = sum(
                 factt_loss(F.conv2d(s, self.adapters[f'group{i}']) if f'group{i}' in self.adapters else s, t)
@@ -57,7 +58,7 @@ class Distiller(nn.Module):
     def with_input_grads(self, inputs, targets):
         student = lambda x, _, mode: self.student(x, mode)  # noqa: E731 (input_grad's f(x, params, mode))
         j_s, y_s, g_s = input_grad(student, None, inputs, targets, True, create_graph=True)
-        losses = {'loss': F.cross_entropy(y_s, targets), 'at_losses': []}
+        losses = {'loss': F.cross_entropy(y_s, targets)}
         if self.teacher is not None:
             if self.grad_beta:  # the teacher's J needs autograd, but no graph beyond it
                 teacher = lambda x, _, mode: self.teacher(x, mode)  # noqa: E731
@@ -93,6 +94,11 @@ def spare_running_stats(module):
         for name, b in buffers:
             owner, _, leaf = name.rpartition('.')
             setattr(module.get_submodule(owner), leaf, b)
+
+
+def at_terms(losses):
+    """The AT terms of a Distiller's losses, in group order."""
+    return [v for k, v in losses.items() if k.startswith(AT_PREFIX)]
 
 
 def factt_adapters(f_s, params_s, f_t, params_t, shape):

@@ -1,9 +1,15 @@
 """The one training loop of cifar.py and imagenet.py: torchnet's Engine, its meters, mixed precision
-(autocast, with a GradScaler for fp16) and torch.compile."""
+(autocast, with a GradScaler for fp16) and torch.compile.
+
+One training step, as the engine runs it: on_sample moves the batch to the device; step() runs the
+model under autocast and returns the loss to backpropagate with the step's logits and named loss
+terms; the engine backpropagates and calls on_forward, which queues the step's figures on the
+device; flush() hands them to the meters, one device-to-host copy per `sync_every` steps; then the
+optimizer steps (through the GradScaler for fp16) and on_update asks whether a signal came.
+"""
 import math
 import sys
 import types
-from contextlib import nullcontext
 
 import torch
 import torchnet as tnt
@@ -11,34 +17,8 @@ from tqdm import tqdm
 
 from compat import compile_errors
 from parallel import Dist
-from utils import UserError
-
-AMP_DTYPES = {'half': torch.float16, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
-PARAM_DTYPES = {'float': torch.float32, 'float32': torch.float32,
-                'double': torch.float64, 'float64': torch.float64}
-
-
-def autocast_for(device, dtype):
-    """Mixed precision: fp32 master weights, compute in `dtype` under autocast."""
-    if dtype in AMP_DTYPES:
-        return torch.autocast(device.type, dtype=AMP_DTYPES[dtype])
-    return nullcontext()
-
-
-def slow_cpu_autocast(device, dtype):
-    """True where autocast to `dtype` would run on a CPU that has no native kernels for it.
-
-    Without AVX-512 bf16/fp16 (e.g. an AVX2-only CPU), oneDNN emulates the low-precision
-    convolutions and a step runs several times slower than fp32 (docs/speed.md).
-    """
-    if device.type != 'cpu' or dtype not in AMP_DTYPES:
-        return False
-    native = {torch.bfloat16: '_is_mkldnn_bf16_supported', torch.float16: '_is_mkldnn_fp16_supported'}
-    try:
-        return not getattr(torch.ops.mkldnn, native[AMP_DTYPES[dtype]])()
-    except (AttributeError, RuntimeError):  # the check is private to torch: never fail a run on it
-        return False
-
+from precision import Precision
+from utils import AT_PREFIX, UserError
 
 def own_code(f):
     """f with a copy of its code object. Dynamo keeps its compiled graphs per code object: a student
@@ -126,25 +106,28 @@ def topk_errors(output, target, topk):
 class Trainer:
     """torchnet's Engine with its hooks as methods: trains `model`, evaluates after every epoch.
 
-    model(inputs, targets, mode) -> (logits, {'loss': total, 'at_losses': [...], other losses}),
-    as distill.Distiller gives. make_optimizer(lr) builds a fresh optimizer: at an epoch in
-    `epoch_step` the lr is multiplied by `lr_decay_ratio` and the momentum restarts, as in 2017
-    (restart_momentum=False: the optimizer is kept and only its lr changes, as RepDistiller does).
-    on_epoch_start(epoch) runs first in each epoch (a beta schedule); on_epoch_end(stats, optimizer)
-    saves and logs, with the 2017 fields in stats. should_stop() is asked after steps (a signal).
-    on_steps(epoch, [(batch, loss), ...]) gets the train losses as the meters do (a TensorBoard curve).
-    Under torchrun, `dist` sums the meters over ranks, and rank 0's batch-norm `buffers` are
-    broadcast before each test pass. The meters get every step's values but read them from the
-    device only every `sync_every` steps and at the end of each pass, so that a GPU is not made
-    to wait for the host (default: 50 on GPUs; 1 on the CPU, where reading is free).
-    With fp16 a GradScaler scales the loss; scaler_state (a checkpoint's) resumes its scale.
+    model(inputs, targets, mode) -> (logits, {'loss': total, and named terms}), as distill.Distiller
+    gives: 'at_loss.G' for group G, 'factt_loss', 'grad_at_loss', ... Each term gets a meter the
+    first time it is seen, and is logged by name; the AT terms go to the 2017 `at_losses` list.
+    make_optimizer(lr) builds a fresh optimizer: at an epoch in `epoch_step` the lr is multiplied by
+    `lr_decay_ratio` and the momentum restarts, as in 2017 (restart_momentum=False: the optimizer is
+    kept and only its lr changes, as RepDistiller does). on_epoch_start(epoch) runs first in each
+    epoch (a beta schedule); on_epoch_end(stats, optimizer) saves and logs, with the 2017 fields in
+    stats. should_stop() is asked after steps (a signal). on_steps(epoch, [(batch, loss), ...]) gets
+    the train losses as the meters do (a TensorBoard curve). Under torchrun, `dist` sums the meters
+    over ranks, and rank 0's batch-norm `buffers` are broadcast before each test pass. The meters
+    read the device only every `sync_every` steps and at the end of each pass, so that a GPU is not
+    made to wait for the host (default: 50 on GPUs; 1 on the CPU, where reading is free).
+    `precision` (precision.Precision) gives autocast and, for fp16, the GradScaler; scaler_state (a
+    checkpoint's) resumes its scale.
     """
 
     def __init__(self, model, make_optimizer, device, *, epochs, epoch_step=(), lr_decay_ratio=1.,
-                 start_epoch=0, topk=(1,), n_at=0, dtype='float', progress=True, sync_every=None,
-                 dist=None, buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None, scaler_state=None,
+                 start_epoch=0, topk=(1,), precision=None, progress=True, sync_every=None, dist=None,
+                 buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None, scaler_state=None,
                  on_steps=None, restart_momentum=True):
-        self.model, self.device, self.dtype = model, device, dtype
+        self.model, self.device = model, device
+        self.precision = precision or Precision(device_type=device.type)
         self.epochs, self.epoch_step, self.start_epoch = epochs, epoch_step, start_epoch
         self.lr_decay_ratio, self.restart_momentum = lr_decay_ratio, restart_momentum
         self.progress, self.buffers = progress, list(buffers)
@@ -156,22 +139,16 @@ class Trainer:
         self.meter_loss = tnt.meter.AverageValueMeter()
         self.classacc = tnt.meter.ClassErrorMeter(topk=list(topk), accuracy=True)
         self.timer_train, self.timer_test = tnt.meter.TimeMeter('s'), tnt.meter.TimeMeter('s')
-        self.meters_at = [tnt.meter.AverageValueMeter() for _ in range(n_at)]
-        self.meters_extra = {}  # one per other loss the model reports (factt_loss, grad_at_loss, ...)
-        self.amp = autocast_for(device, dtype)
-        self.in_dtype = PARAM_DTYPES.get(dtype, torch.float32)
-        # fp16 gradients underflow without loss scaling
-        self.scaler = torch.amp.GradScaler(device.type) if AMP_DTYPES.get(dtype) == torch.float16 else None
-        if self.scaler and scaler_state:
-            self.scaler.load_state_dict(scaler_state)
+        self.terms = {}  # a meter per named loss term, made the first time the model reports it
+        self.scaler = self.precision.scaler(scaler_state)
         modules = model.modules() if isinstance(model, torch.nn.Module) else ()  # a plain function has none
         self.compiled = [m.f for m in modules if isinstance(getattr(m, 'f', None), Compiled)]
         self.make_optimizer = lambda lr: self.wrap(make_optimizer(lr))
-        self.pending = []  # (batch number, batch size, device vector: loss, errors at each k, AT losses, extras)
-        self.losses, self.epoch, self.t0, self.last = None, start_epoch, 0, {}
-        if self.dist.rank == 0 and slow_cpu_autocast(device, dtype):
-            print(f'warning: this CPU has no native {dtype} kernels; --dtype {dtype} will train slower than float',
-                  file=sys.stderr)
+        self.pending = []  # per step: (batch number, batch size, term names, device vector of its figures)
+        self.epoch, self.t0, self.last = start_epoch, 0, {}
+        if self.dist.rank == 0 and self.precision.emulated():
+            print(f'warning: this CPU has no native {self.precision.name} kernels; --dtype {self.precision.name} '
+                  f'will train slower than float', file=sys.stderr)
 
     def wrap(self, optimizer):
         """The optimizer the engine steps: through the GradScaler (fp16), and retried eagerly where
@@ -181,7 +158,7 @@ class Trainer:
         return EagerOnCompileError(optimizer, self.compiled) if self.compiled else optimizer
 
     def meters(self, train):
-        return [self.meter_loss, self.classacc, *(self.meters_at + list(self.meters_extra.values()) if train else [])]
+        return [self.meter_loss, self.classacc, *(self.terms.values() if train else [])]
 
     def train(self, train_loader, test_loader, optimizer):
         """Runs epochs start_epoch+1 .. epochs from `optimizer`; returns the last epoch's stats."""
@@ -194,51 +171,50 @@ class Trainer:
         self.engine.train(self.step, train_loader, self.epochs, optimizer)
         return self.last
 
-    def step(self, sample):
-        """The engine's network: (loss to backpropagate, logits)."""
-        inputs, targets, mode = sample
-        with self.amp:
-            y, losses = self.model(inputs, targets, mode)
-        loss = losses['loss']
-        self.losses = [loss.detach()]
-        if mode:
-            extras = {k: v for k, v in losses.items() if k not in ('loss', 'at_losses')}
-            for name in extras:
-                self.meters_extra.setdefault(name, tnt.meter.AverageValueMeter())
-            self.losses += [v.detach() for v in (*losses.get('at_losses', ()), *extras.values())]
-        return (self.scaler.scale(loss) if self.scaler and mode else loss), y
-
     def on_sample(self, state):
         inputs, targets = state['sample'][:2]
-        state['sample'] = [inputs.to(self.device, self.in_dtype, non_blocking=True),
+        state['sample'] = [inputs.to(self.device, self.precision.params, non_blocking=True),
                            targets.to(self.device, non_blocking=True), state['train']]
 
+    def step(self, sample):
+        """The engine's network: the loss to backpropagate (scaled for fp16), and the step's output
+        for on_forward: its logits, its loss and its named terms, detached."""
+        inputs, targets, mode = sample
+        with self.precision.autocast():
+            y, losses = self.model(inputs, targets, mode)
+        loss = losses['loss']
+        terms = {k: v.detach() for k, v in losses.items() if k != 'loss'} if mode else {}
+        return (self.scaler.scale(loss) if self.scaler and mode else loss), (y.detach(), loss.detach(), terms)
+
     def on_forward(self, state):
-        output, target = state['output'].detach().float(), state['sample'][1]
-        errors = topk_errors(output, target, self.classacc.topk)
-        values = [v.float().reshape(()) for v in (self.losses[0], *errors, *self.losses[1:])]
-        self.pending.append((state['t'] - self.t0 + 1, len(target), torch.stack(values)))
+        """Queues the step's figures, still on the device: loss, errors at each k, then each term."""
+        (y, loss, terms), target = state['output'], state['sample'][1]
+        for name in terms:
+            self.terms.setdefault(name, tnt.meter.AverageValueMeter())
+        errors = topk_errors(y.float(), target, self.classacc.topk)
+        values = torch.stack([v.float().reshape(()) for v in (loss, *errors, *terms.values())])
+        self.pending.append((state['t'] - self.t0 + 1, len(target), tuple(terms), values))
         if len(self.pending) >= self.sync_every:
             self.flush(state)
 
     def flush(self, state):
-        """Feeds the meters with the pending steps' values: one device-to-host copy."""
+        """Feeds the meters with the pending steps' figures: one device-to-host copy."""
         if not self.pending:
             return
-        rows = torch.stack([v for _, _, v in self.pending]).tolist()
-        pending, self.pending = self.pending, []
-        for (batch, size, _), (loss, *rest) in zip(pending, rows):
+        rows = torch.stack([v for *_, v in self.pending]).tolist()
+        pending, self.pending, k = self.pending, [], len(self.classacc.topk)
+        for (batch, size, names, _), (loss, *rest) in zip(pending, rows):
             if not math.isfinite(loss):
                 raise UserError(f'the loss is {loss} at epoch {self.epoch}, batch {batch}'
                                 f'{"" if state["train"] else " of the test pass"}; model.pt7 keeps the last good epoch')
             self.meter_loss.add(loss)
-            for k, err in zip(self.classacc.topk, rest):
-                self.classacc.sum[k] += int(err)
+            for topk, err in zip(self.classacc.topk, rest[:k]):
+                self.classacc.sum[topk] += int(err)
             self.classacc.n += size
-            for m, v in zip(self.meters(state['train'])[2:], rest[len(self.classacc.topk):]):
-                m.add(v)
+            for name, v in zip(names, rest[k:]):
+                self.terms[name].add(v)
         if self.on_steps and state['train']:
-            self.on_steps(self.epoch, [(batch, row[0]) for (batch, _, _), row in zip(pending, rows)])
+            self.on_steps(self.epoch, [(batch, row[0]) for (batch, *_), row in zip(pending, rows)])
         if self.progress and state['train']:
             state['iterator'].set_postfix(loss=f'{self.meter_loss.value()[0]:.3f}',
                                           acc=f'{self.classacc.value()[0]:.2f}', refresh=False)
@@ -274,10 +250,11 @@ class Trainer:
     def on_end_epoch(self, state):
         self.flush(state)
         self.dist.sync_meters(self.meters(True))
+        terms = {name: list(m.value()) for name, m in self.terms.items()}
         stats = {'train_loss': self.meter_loss.value()[0], 'train_acc': self.accuracy(),
                  'epoch': state['epoch'], 'train_time': self.timer_train.value(),
-                 'at_losses': [list(m.value()) for m in self.meters_at],
-                 **{name: list(m.value()) for name, m in self.meters_extra.items()}}
+                 'at_losses': [v for name, v in terms.items() if name.startswith(AT_PREFIX)],  # 2017: by group
+                 **{name: v for name, v in terms.items() if not name.startswith(AT_PREFIX)}}
         if self.test_loader is not None:
             stats.update(self.test())
         self.last = stats
@@ -308,21 +285,20 @@ class Stop(Exception):
     """A signal asked the run to stop after the current step."""
 
 
-def evaluate(f, params, loader, device, dtype='float', topk=(1, 5), progress=True, dist=None):
+def evaluate(f, params, loader, device, precision=None, topk=(1, 5), progress=True, dist=None):
     """Top-k accuracies (%) of f(inputs, params, False) over a loader, and the image count;
     under torchrun, over every rank's share."""
     meter = tnt.meter.ClassErrorMeter(topk=list(topk), accuracy=True)
-    with torch.inference_mode(), autocast_for(device, dtype):
+    with torch.inference_mode(), (precision or Precision(device_type=device.type)).autocast():
         for x, y in tqdm(loader, desc='evaluate', leave=False, dynamic_ncols=True, disable=not progress):
             meter.add(f(x.to(device), params, False)[0].float(), y)
     (dist or Dist(device)).sync_meters([meter])
     return meter.value(), meter.n
 
 
-def sgd(params, weight_decay, device, dtype):
-    """make_optimizer(lr): SGD with momentum 0.9 on every tensor of `params` that learns, as in 2017.
-    With fp16 on a GPU it is the fused SGD, which takes the GradScaler's inf check on the device:
-    the host does not wait for the GPU at every step to read it."""
+def sgd(params, weight_decay, precision):
+    """make_optimizer(lr): SGD with momentum 0.9 on every tensor of `params` that learns, as in 2017;
+    the fused SGD where the precision asks for it (fp16 on a GPU)."""
     trained = [v for v in params.values() if v.requires_grad]
-    fused = device.type == 'cuda' and AMP_DTYPES.get(dtype) == torch.float16
-    return lambda lr: torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay, fused=fused or None)
+    return lambda lr: torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay,
+                                      fused=precision.fused_sgd or None)

@@ -6,7 +6,6 @@
 """
 import os
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -14,9 +13,10 @@ import board
 import runs
 import imagenet_data
 from data import check_classes, image_folder, rank_batch
-from distill import Distiller
-from engine import AMP_DTYPES, PARAM_DTYPES, compiled, evaluate, sgd
-from parallel import Dist, FunctionalNet, data_parallel, place_params, select_device
+from engine import evaluate
+from formats import checkpoint_params, load_checkpoint
+from parallel import Dist, select_device
+from precision import Precision
 from resnet import IMAGENET_BLOCKS, resnet_imagenet, resnet_imagenet_params
 from teachers import load_teacher_export
 from utils import UserError, check_params
@@ -51,8 +51,7 @@ def build_parser():
     a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
     a('--cuda', action='store_true', help="(cifar.py's 2017 flag, accepted here too; see --device)")
     a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
-      help='1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per GPU; '
-           '0: beta on the whole batch (the default; without this flag, --ngpu > 1 notes the difference)')
+      help=runs.AT_SUM_REPLICAS_HELP)
     a('--at_groups', default='0,1,2,3', type=str, help='groups whose attention is transferred, e.g. 2,3')
     a('--evaluate', default='', nargs='?', const='resume',
       help='only evaluate on val: the --resume student, or an export file (.pth, .hkl, torchvision:NAME)')
@@ -120,6 +119,7 @@ def create_loader(opt, split, device):
 
 def build(opt):
     device = select_device(opt.device, opt.gpu_id, opt.ngpu)
+    precision = Precision(opt.dtype, device.type, bool(opt.channels_last))
     runs.seed_everything(opt.seed)
     train_loader, num_classes = create_loader(opt, 'train', device)
     val_loader, _ = create_loader(opt, 'val', device)
@@ -129,20 +129,12 @@ def build(opt):
     if f_t and opt.alpha and params_t['fc.weight'].shape[0] != num_classes:  # attention maps know no classes
         raise UserError(f'teacher {opt.teacher_params} has {params_t["fc.weight"].shape[0]} classes, the dataset '
                         f'{num_classes}: KD (--alpha) compares class scores; AT alone (--alpha 0) would do')
-    dtype, amp = PARAM_DTYPES.get(opt.dtype, torch.float32), AMP_DTYPES.get(opt.dtype)
-    place_params(params_s, device, dtype, opt.channels_last, trained=True)
-    place_params(params_t, device, dtype, opt.channels_last, trained=False)
-    student = FunctionalNet(compiled(resnet_imagenet, opt.compile, PROG), params_s, amp)
-    teacher = f_t and FunctionalNet(compiled(f_t, opt.compile, PROG), params_t, amp)
-    distiller = Distiller(data_parallel(student, opt.ngpu), teacher and data_parallel(teacher, opt.ngpu),
-                          beta=opt.at_weight, alpha=opt.alpha, temperature=opt.temperature, at_groups=opt.at_group_list)
-    return SimpleNamespace(
-        device=device, train_loader=train_loader, test_loader=val_loader, num_classes=num_classes,
-        params_s=params_s, distiller=distiller, n_at=len(opt.at_group_list) if f_t else 0, topk=(1, 5),
-        beta_at=None, make_optimizer=sgd(params_s, opt.weight_decay, device, opt.dtype),
-        description=f'student ResNet-{opt.depth}' + (f', teacher {opt.teacher_params}' if f_t else ''),
-        # a teacher export is a fixed file: only the student is checkpointed
-        saved=params_s)
+    distiller, make_optimizer = runs.make_distiller(opt, PROG, device, precision, resnet_imagenet, params_s, f_t,
+                                                    params_t, at_groups=opt.at_group_list)
+    # a teacher export is a fixed file: only the student is checkpointed
+    return runs.Run(opt, device, precision, train_loader, val_loader, num_classes, params_s, distiller,
+                    make_optimizer, saved=params_s, topk=(1, 5),
+                    description=f'student ResNet-{opt.depth}' + (f', teacher {opt.teacher_params}' if f_t else ''))
 
 
 def evaluate_only(opt):
@@ -152,7 +144,7 @@ def evaluate_only(opt):
     if opt.evaluate == 'resume':
         with torch.device('meta'):
             expected = resnet_imagenet_params(opt.depth, opt.width, num_classes)
-        params = runs.checkpoint_params(runs.load_checkpoint(opt.resume), expected)
+        params = checkpoint_params(load_checkpoint(opt.resume), expected)
         check_params(params, expected, f'--resume {opt.resume}')
         f, params = resnet_imagenet, {k: params[k] for k in expected}
     else:
@@ -162,8 +154,8 @@ def evaluate_only(opt):
                             f'its errors would mean nothing')
     params = {k: v.to(device) for k, v in params.items()}
     dist = Dist(device)
-    (top1, top5), n = evaluate(f, params, loader, device, opt.dtype, progress=not opt.no_progress and dist.rank == 0,
-                               dist=dist)
+    (top1, top5), n = evaluate(f, params, loader, device, Precision(opt.dtype, device.type),
+                               progress=not opt.no_progress and dist.rank == 0, dist=dist)
     if dist.rank == 0:  # every rank evaluated its share; the figures are over all of val/
         name = opt.resume if opt.evaluate == 'resume' else opt.evaluate
         print(f'{name}: top-1 error {100 - top1:.2f}%, top-5 error {100 - top5:.2f}% on {n} images')

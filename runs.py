@@ -13,15 +13,20 @@ import os
 import random
 import signal
 import sys
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 import provenance
 from board import Board
-from engine import AMP_DTYPES, PARAM_DTYPES, Stop, Trainer
-from parallel import Dist, distributed
-from utils import UserError, check_params, is_trained, n_trained
+from distill import Distiller
+from engine import Stop, Trainer, compiled, sgd
+from parallel import Dist, FunctionalNet, data_parallel, distributed, place_params
+from precision import NAMES, Precision
+from formats import append_log, checkpoint_params, load_checkpoint, read_json_stats, repair_log, save_checkpoint
+from utils import UserError, beta_schedule, check_params, is_trained, n_trained
 
 
 # ---------------------------------------------------------------- the command line
@@ -98,6 +103,11 @@ def parse_epoch_step(text):
     return steps
 
 
+AT_SUM_REPLICAS_HELP = ('1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per '
+                        'GPU; 0: beta on the whole batch (the default; without this flag, --ngpu > 1 notes the '
+                        'difference)')
+
+
 def at_weight(opt):
     """The AT weight on the mean over the whole batch, whatever the device count. The 2017 code summed
     one AT loss per GPU, so its --ngpu N trained with N x beta: --at_sum_replicas 1 asks for that."""
@@ -115,7 +125,7 @@ def check_options(opt, positive=(), not_negative=()):
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f'--{name} must be a finite number, got {value}')
     parse_epoch_step(opt.epoch_step)
-    if opt.dtype not in {**AMP_DTYPES, **PARAM_DTYPES}:
+    if opt.dtype not in NAMES:
         raise UserError(f'--dtype must be float, double, half or bfloat16, got {opt.dtype!r}')
     for name in ('batch_size', 'ngpu', 'width', 'temperature', 'lr_decay_ratio', *positive):
         if not getattr(opt, name) > 0:
@@ -129,61 +139,7 @@ def check_options(opt, positive=(), not_negative=()):
         raise UserError(f'--seed must be between 0 and 2**32 - 1, got {opt.seed}')
 
 
-# ---------------------------------------------------------------- files
-
-def safe_load(path, what):
-    """torch.load with weights_only=True (a file cannot run code); bad files raise UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f'no such {what}: {path}')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f'cannot read {what} {path}: {type(e).__name__}: '
-                        f'{str(e).splitlines()[0] if str(e) else "corrupt file"}') from None
-
-
-def load_checkpoint(path):
-    """A model.pt7 as a dict; bad files raise UserError."""
-    state = safe_load(path, 'checkpoint')
-    if not isinstance(state, dict) or not isinstance(state.get('params'), dict):
-        raise UserError(f'{path} is not a model.pt7 checkpoint (expected a dict with "params")')
-    return state
-
-
-def save_checkpoint(path, params, optimizer, epoch, **extra):
-    """Writes {params, optimizer, epoch, **extra} atomically: a kill at any instant leaves
-    either the previous file or the new one, whole."""
-    state = dict(params={k: v.detach().cpu() for k, v in params.items()},
-                 optimizer=optimizer.state_dict(), epoch=epoch, **extra)
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def read_json_stats(log_path):
-    """The json_stats records of a log.txt, in order."""
-    records = []
-    with open(log_path) as fh:
-        for n, line in enumerate(fh, 1):
-            i = line.find('json_stats: ')
-            if i < 0:
-                continue
-            try:
-                records.append(json.loads(line[i + len('json_stats: '):]))
-            except json.JSONDecodeError:
-                raise UserError(f'{log_path}, line {n}: not a valid json_stats line') from None
-    return records
-
-
-def append_log(log_path, record):
-    with open(log_path, 'a') as fh:
-        fh.write('json_stats: ' + json.dumps(record) + '\n')
-        fh.flush()
-        os.fsync(fh.fileno())
-
+# ---------------------------------------------------------------- the run folder
 
 def check_save(opt, default_name):
     """Resolves --save and --resume auto; refuses to touch a folder that holds a run, unless resuming it."""
@@ -284,16 +240,6 @@ class Signals:
 
 # ---------------------------------------------------------------- a run
 
-def checkpoint_params(state, saved):
-    """A checkpoint's tensors under the run's names. A run that saves plain names takes the student
-    of a distilled checkpoint (student.* and teacher.*: the 2017 ImageNet layout)."""
-    params = state['params']
-    if not any(k.startswith('student.') for k in saved) and params and all(
-            k.startswith(('student.', 'teacher.')) for k in params):
-        params = {k[len('student.'):]: v for k, v in params.items() if k.startswith('student.')}
-    return params
-
-
 def read_resume(path, saved):
     """A model.pt7 to resume, its params checked against `saved` and under its names."""
     state = load_checkpoint(path)
@@ -342,7 +288,7 @@ class EpochWriter:
         # plain JSON types (meters give numpy floats), which torch.load(weights_only=True) accepts
         record = json.loads(json.dumps({**vars(opt), **stats, 'num_classes': self.run.num_classes,
                                         'n_parameters': self.n_parameters,
-                                        **({'beta_now': self.run.distiller.beta} if self.run.beta_at else {})}))
+                                        **({'beta_now': self.run.distiller.beta} if self.run.scheduled() else {})}))
         scaler = getattr(optimizer, 'scaler', None)  # fp16: the loss scale goes on where it was
         if self.board:  # the epoch's per-step points reach the disk before model.pt7 says the epoch is done
             self.board.flush()
@@ -359,40 +305,52 @@ class EpochWriter:
               f'{pct(stats["train_acc"])}, test loss {stats["test_loss"]:.4f} acc {pct(stats["test_acc"])} '
               f'({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')
 
-    def repair_log(self, state):
-        """Makes log.txt hold exactly the checkpoint's epochs, whatever instant a kill came at: a line
-        torn by a kill mid-write goes, and the checkpoint's own line comes back where a kill fell
-        between the checkpoint and its line (log.txt may not exist yet: epoch 1)."""
-        if not (state and state.get('record')):
-            return
-        text = ''
-        if os.path.exists(self.log_path):
-            with open(self.log_path) as fh:
-                text = fh.read()
-        lines = text.split('\n')[:-1]  # a last line without its newline was torn
-        kept = [line for line in lines if json_stats_epoch(line) is None or json_stats_epoch(line) < state['epoch']]
-        repaired = ''.join(line + '\n' for line in kept) + 'json_stats: ' + json.dumps(state['record']) + '\n'
-        if repaired != text:
-            tmp = self.log_path + '.tmp'
-            with open(tmp, 'w') as fh:
-                fh.write(repaired)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.log_path)
+
+@dataclass
+class Run:
+    """What fit() trains, as cifar.build and imagenet.build make it from the parsed options."""
+    opt: argparse.Namespace        # the options it was built from (the beta schedule reads them)
+    device: torch.device           # where this process computes: the CPU, or its GPU under torchrun
+    precision: Precision           # --dtype on that device: autocast, GradScaler, memory format
+    train_loader: Iterable         # this process's training batches, (inputs, targets)
+    test_loader: Iterable          # this process's share of the test (ImageNet: val) set
+    num_classes: int               # the dataset's: the student's classifier has as many outputs
+    params_s: dict                 # the student's 2017 dict; its bn statistics go from rank 0 to all
+    distiller: Distiller           # a step's loss: the student, any teacher, and the transfer terms
+    make_optimizer: Callable       # lr -> a fresh SGD over the student (and any F-ActT adapters)
+    saved: dict                    # the tensors model.pt7 holds, under their 2017 names
+    description: str               # student and teacher, for the start-up line
+    topk: tuple = (1,)             # accuracies counted: top-1 (CIFAR), or top-1 and top-5 (ImageNet)
+
+    def scheduled(self):
+        return getattr(self.opt, 'beta_decay', 'none') != 'none'
+
+    def set_beta(self, epoch):
+        """The AT weight of `epoch` under --beta_decay, set at the epoch's start."""
+        opt = self.opt
+        self.distiller.beta = beta_schedule(opt.at_weight, opt.beta_decay, epoch, opt.epochs,
+                                            parse_epoch_step(opt.epoch_step), opt.lr_decay_ratio)
 
 
-def json_stats_epoch(line):
-    """The epoch of a log.txt line, or None for a line that is not a whole json_stats record."""
-    i = line.find('json_stats: ')
-    try:
-        return int(json.loads(line[i + len('json_stats: '):])['epoch']) if i >= 0 else None
-    except (ValueError, KeyError, TypeError):
-        return None
+def make_distiller(opt, prog, device, precision, f_s, params_s, f_t=None, params_t=None, adapters=None, **terms):
+    """The shared part of both scripts' build: the student (and teacher) dicts placed on the device in
+    the run's precision, compiled where asked, split over --ngpu GPUs, inside a Distiller with the
+    AT and KD weights of the options and any other `terms` (factt_beta=..., at_groups=...).
+    Returns (distiller, make_optimizer)."""
+    adapters = adapters or {}
+    for params, trained in ((params_s, True), (params_t or {}, False), (adapters, True)):
+        place_params(params, device, precision.params, precision.channels_last, trained)
+
+    def net(f, params):
+        return data_parallel(FunctionalNet(compiled(f, opt.compile, prog), params, precision.compute), opt.ngpu)
+    distiller = Distiller(net(f_s, params_s), f_t and net(f_t, params_t), beta=opt.at_weight, alpha=opt.alpha,
+                          temperature=opt.temperature, adapters=adapters, **terms)
+    return distiller, sgd({**params_s, **adapters}, opt.weight_decay, precision)
 
 
 def fit(opt, run, prog):
-    """Trains `run` (what cifar.build or imagenet.build return) under `opt`, writing model.pt7 and
-    log.txt into opt.save. run.beta_at(epoch), where not None, sets the AT weight of each epoch."""
+    """Trains `run` (a Run, from cifar.build or imagenet.build) under `opt`, writing model.pt7 and
+    log.txt into opt.save."""
     dist = Dist(run.device)
     lead = dist.rank == 0  # only rank 0 writes and prints
     optimizer = run.make_optimizer(opt.lr)
@@ -409,7 +367,8 @@ def fit(opt, run, prog):
         if state:
             print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
         make_save(opt.save)
-        writer.repair_log(state)
+        if state and state.get('record'):
+            repair_log(writer.log_path, state['epoch'], state['record'])
         provenance.record(opt.save, run.device, dist.world, epoch)
         if opt.tensorboard:
             writer.board = Board(opt.save, len(run.train_loader), (n_images(run.train_loader), n_images(run.test_loader)),
@@ -426,8 +385,9 @@ def fit(opt, run, prog):
 
     trainer = Trainer(model, run.make_optimizer, run.device, epochs=opt.epochs,
                       epoch_step=parse_epoch_step(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
-                      start_epoch=epoch, topk=run.topk, n_at=run.n_at, dtype=opt.dtype,
-                      progress=lead and not opt.no_progress, dist=dist, on_epoch_start=run.beta_at,
+                      start_epoch=epoch, topk=run.topk, precision=run.precision,
+                      progress=lead and not opt.no_progress, dist=dist,
+                      on_epoch_start=run.set_beta if run.scheduled() else None,
                       on_epoch_end=writer if lead else None, should_stop=should_stop,
                       scaler_state=(state or {}).get('scaler'), on_steps=writer.board and writer.board.steps,
                       restart_momentum=bool(getattr(opt, 'lr_restart_momentum', 1)),

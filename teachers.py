@@ -8,7 +8,7 @@ import torch
 
 from resnet import (CIFAR_MODELS, cifar_model_head, cifar_model_name, cifar_model_params, expected_export_shapes,
                     fold_torchvision, folded_resnet, wrn_depth_to_blocks)
-from runs import load_checkpoint, read_json_stats, safe_load
+from formats import load_checkpoint, read_json_stats, safe_load, student_params
 from utils import UserError, check_params
 
 
@@ -40,9 +40,7 @@ def load_teacher_run(run_id, num_classes=None):
             raise ValueError
     except (KeyError, TypeError, ValueError):
         raise UserError(f'teacher {folder}/log.txt does not give a valid model, depth and width') from None
-    params = load_checkpoint(os.path.join(folder, 'model.pt7'))['params']
-    if any(k.startswith('student.') for k in params):
-        params = {k[len('student.'):]: v for k, v in params.items() if k.startswith('student.')}
+    params = student_params(load_checkpoint(os.path.join(folder, 'model.pt7'))['params'])
     head = cifar_model_head(model)
     if head not in params:
         raise UserError(f'teacher {folder}/model.pt7: missing tensor {head!r}')

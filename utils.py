@@ -22,6 +22,9 @@ def at(x, size=None):
     return F.normalize(a.flatten(1))
 
 
+AT_PREFIX = 'at_loss.'  # a model's AT loss terms are named 'at_loss.0', 'at_loss.1', ...: one per group
+
+
 def at_loss(x, y):
     """Mean squared difference of the attention maps. Maps of different sizes meet at the
     smaller one when it divides the larger exactly (average pooling); others are refused."""
@@ -41,9 +44,6 @@ def kd_loss(y, teacher_scores, labels, T, alpha):
     l_kl = F.kl_div(p, q, reduction='sum') * (T ** 2) / y.shape[0]
     l_ce = F.cross_entropy(y, labels)
     return l_kl * alpha + l_ce * (1. - alpha)
-
-
-distillation = kd_loss  # the 2017 name
 
 
 def factt_loss(s, t):
@@ -103,9 +103,6 @@ def linear_params(ni, no):
 def bn_params(n):
     return {'weight': torch.rand(n), 'bias': torch.zeros(n),
             'running_mean': torch.zeros(n), 'running_var': torch.ones(n)}
-
-
-bnparams = bn_params  # the 2017 name
 
 
 def flatten(params):

@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import cifar  # noqa: E402
 from data import check_classes  # noqa: E402
-from engine import Trainer, autocast_for  # noqa: E402
+from engine import Trainer  # noqa: E402
 from resnet import CIFAR_MODELS, cifar_model_name, cifar_model_params, wrn_depth_to_blocks  # noqa: E402
 from runs import Parser, cli  # noqa: E402
 from utils import UserError, at_loss  # noqa: E402
@@ -206,14 +206,14 @@ class NNLoop:
 
 def train_rate(run, opt, steps, warmup, sync_every=None):
     timed = Timed(run.train_loader, warmup, steps, run.device)
-    Trainer(run.distiller, run.make_optimizer, run.device, epochs=1, n_at=run.n_at, dtype=opt.dtype,
+    Trainer(run.distiller, run.make_optimizer, run.device, epochs=1, precision=run.precision,
             progress=False, sync_every=sync_every).train(timed, None, run.make_optimizer(opt.lr))
     return steps * opt.batch_size / timed.seconds
 
 
 def eval_rate(run, opt, steps, warmup):
     timed = Timed(run.test_loader, warmup, steps, run.device)
-    with torch.no_grad(), autocast_for(run.device, opt.dtype):
+    with torch.no_grad(), run.precision.autocast():
         for x, y in timed:
             run.distiller(x.to(run.device), y.to(run.device), False)
     return steps * opt.batch_size / timed.seconds

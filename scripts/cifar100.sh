@@ -33,7 +33,7 @@ PROG=cifar100.sh CIFAR_FLAGS="--preset crd"
 DATAROOT=${DATAROOT:-.}
 EPOCHS=${EPOCHS:-240}
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
-EPOCH_STEP=${EPOCH_STEP:-$(python3 -c "import sys; e=int(sys.argv[1]); print('[' + ','.join(str(max(2, round(s * e / 240) + 1)) for s in (150, 180, 210)) + ']')" "$EPOCHS")}
+EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 240 1 150 180 210)}
 SEEDS=${SEEDS:-0}
 TEACHER_SEEDS=${TEACHER_SEEDS:-0}
 ALL_ROWS="wrn_40_2_16_2 wrn_40_2_40_1 resnet56_20 resnet110_20 resnet110_32 resnet32x4_8x4 vgg13_8"

@@ -593,7 +593,7 @@ def worker_a(argv, result):
     sys.path.insert(0, ROOT)
     from cifar import MEAN, STD
     from data import open_cifar
-    from distill import Distiller
+    from distill import Distiller, at_terms
     from parallel import FunctionalNet, place_params
     from resnet import wrn, wrn_params
     from compat import set_fp32_ieee
@@ -623,7 +623,7 @@ def worker_a(argv, result):
         logits, losses = d(xx, yy, True)
         losses['loss'].backward()
         out = {'logits': logits, 'loss': losses['loss'],
-               **{f'at_loss_{i}': v for i, v in enumerate(losses['at_losses'])},
+               **{f'at_loss_{i}': v for i, v in enumerate(at_terms(losses))},
                'grads': torch.cat([s[k].grad.flatten() for k in sorted(s) if s[k].grad is not None])}
         with torch.no_grad():
             d.alpha = 0.9  # KD + AT on the same batch

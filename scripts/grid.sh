@@ -1,4 +1,5 @@
-# Sourced by table1.sh and cifar100.sh: the settings checks and the run step they share.
+# Sourced by table1.sh and cifar100.sh (imagenet.sh takes scaled_steps): the settings checks, the
+# scaled lr schedule and the run step they share.
 # The caller sets PROG, DRY, LOGS, EPOCHS, EPOCH_STEP, SEEDS, TEACHER_SEEDS, PYTHON, EXTRA and CIFAR_FLAGS.
 
 die() { echo "$PROG: error: $*" >&2; exit 2; }
@@ -15,6 +16,15 @@ check_settings() {  # check_settings WEIGHT_VARIABLE...: every setting, before t
     [[ "${!v}" =~ ^[0-9]*[.]?[0-9]+([eE][+-]?[0-9]+)?$ ]] || die "$v must be a number from 0 on, got '${!v}'"
   done
   command -v "$PYTHON" > /dev/null || die "PYTHON=$PYTHON: command not found (activate the project's venv)"
+}
+
+scaled_steps() {  # scaled_steps EPOCHS BASE OFFSET STEP...: a BASE-epoch schedule's lr steps for EPOCHS
+  # epochs, rounded half up, plus OFFSET, never below 2: the lr drops at the start of each listed
+  # epoch, so 1 would skip the full lr
+  local epochs=$1 base=$2 offset=$3 s n out=()
+  shift 3
+  for s in "$@"; do n=$(( (2 * s * epochs + base) / (2 * base) + offset )); out+=($(( n < 2 ? 2 : n ))); done
+  echo "[$(IFS=,; echo "${out[*]}")]"
 }
 
 suffix() { [ "$1" = 0 ] && echo "" || echo "_s$1"; }

@@ -40,6 +40,7 @@ for a in "$@"; do
 done
 CALLER=$(pwd -P)
 cd "$(dirname "$0")/.."
+. scripts/grid.sh  # scaled_steps
 ROOT=$(pwd -P)
 # a path as the caller meant it, usable from the repository root where the commands run
 from_caller() { case "$1" in /*|'') echo "$1" ;; *) [ "$CALLER" = "$ROOT" ] && echo "$1" || echo "$CALLER/$1" ;; esac; }
@@ -56,11 +57,7 @@ LOGS=$(from_caller "${LOGS:-logs}")
 EPOCHS=${EPOCHS:-100}
 { is_int "$EPOCHS" && [ "$EPOCHS" -ge 1 ]; } || die "EPOCHS must be a whole number of at least 1, got '$EPOCHS'"
 EPOCHS=$((10#$EPOCHS))  # 010 is 10, not octal
-if [ -z "${EPOCH_STEP:-}" ]; then
-  steps=()
-  for s in 30 60 90; do n=$(( (s * EPOCHS + 50) / 100 )); steps+=($(( n < 2 ? 2 : n ))); done
-  EPOCH_STEP="[$(IFS=,; echo "${steps[*]}")]"
-fi
+EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 100 0 30 60 90)}
 [[ "$EPOCH_STEP" =~ ^\[\ *([1-9][0-9]*\ *(,\ *[1-9][0-9]*\ *)*)?\]$ ]] ||
   die "EPOCH_STEP must be a JSON list of epochs from 1 on, like [30,60,90]; got '$EPOCH_STEP'"
 BATCH=${BATCH:-256}

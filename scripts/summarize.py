@@ -24,7 +24,8 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from runs import Parser, cli, read_json_stats  # noqa: E402
+from formats import read_json_stats  # noqa: E402
+from runs import Parser, cli  # noqa: E402
 from utils import UserError  # noqa: E402
 
 PROG = 'summarize.py'

@@ -31,7 +31,7 @@ PROG=table1.sh CIFAR_FLAGS=
 DATAROOT=${DATAROOT:-.}
 EPOCHS=${EPOCHS:-200}
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
-EPOCH_STEP=${EPOCH_STEP:-$(python3 -c "import sys; e=int(sys.argv[1]); print('[' + ','.join(str(max(2, round(s * e / 200))) for s in (60, 120, 160)) + ']')" "$EPOCHS")}
+EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 200 0 60 120 160)}
 SEEDS=${SEEDS:-0}
 TEACHER_SEEDS=${TEACHER_SEEDS:-0}
 ROWS=${ROWS:-nin 16_1_16_2 16_1_40_1 16_2_40_2}

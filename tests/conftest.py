@@ -5,7 +5,6 @@ import os
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 import hashlib  # noqa: E402
-import json
 import subprocess
 import sys
 import tempfile
@@ -53,9 +52,11 @@ def run_cifar(args, cwd, check=True, timeout=300):
 
 
 def read_log(folder):
-    lines = Path(folder, 'log.txt').read_text().splitlines()
-    assert all(line.startswith('json_stats: ') for line in lines)
-    return [json.loads(line[len('json_stats: '):]) for line in lines]
+    """A run folder's log.txt records; every line must be one."""
+    from formats import read_json_stats
+    path = Path(folder, 'log.txt')
+    assert all(line.startswith('json_stats: ') for line in path.read_text().splitlines())
+    return read_json_stats(path)
 
 
 def tree_digest(folder):

@@ -17,7 +17,11 @@ def test_benchmark_prints_a_row_per_config(tiny_data):
     rows = {m.group(1): m for m in re.finditer(r'^\| (\S+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) \| ([\d.]+)x \|$',
                                                p.stdout, re.M)}
     assert list(rows) == ['faithful', 'fast', 'fast-stepsync'], p.stdout
-    assert rows['faithful'].group(3) == '1.00' and all(float(r.group(2)) > 0 for r in rows.values())
+    base = rows['faithful']
+    for r in rows.values():  # each ratio is the config's median img/s over the baseline's, train and eval
+        assert float(r.group(2)) > 0 and float(r.group(4)) > 0
+        assert abs(float(r.group(3)) - float(r.group(2)) / float(base.group(2))) <= 0.006 + 0.01 * float(r.group(3))
+        assert abs(float(r.group(5)) - float(r.group(4)) / float(base.group(4))) <= 0.006 + 0.01 * float(r.group(5))
     assert p.stdout.count('# repeat') == 6 and 'WRN-10-1 student, WRN-10-2 teacher, AT, batch 8' in p.stdout
 
 

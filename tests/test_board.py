@@ -8,6 +8,7 @@ import torch
 
 import board
 import cifar
+import formats
 import provenance
 import runs
 from conftest import ROOT, read_log, run_cifar
@@ -123,7 +124,7 @@ def test_summarize_shows_provenance_beside_the_table(tmp_path, capsys):
     for name, sessions in (('resnet_16_1', 2), ('at_16_1_16_2_s1', 1), ('other_run', 1)):
         folder = tmp_path / 'logs' / name
         folder.mkdir(parents=True)
-        runs.append_log(folder / 'log.txt', {'epoch': 1, 'epochs': 1, 'test_acc': 90.0})
+        formats.append_log(folder / 'log.txt', {'epoch': 1, 'epochs': 1, 'test_acc': 90.0})
         for epoch in range(sessions):
             provenance.record(folder, torch.device('cpu'), 1, epoch)
     summarize.main([str(tmp_path / 'logs'), '--out', str(tmp_path / 't'), '--rows', '16_1_16_2', '--provenance'])

@@ -139,12 +139,12 @@ def test_rank_0_downloads_first_and_every_rank_stops_with_it(tmp_path):
 
 def test_fused_sgd_for_fp16_on_gpus_only():
     from engine import sgd
+    from precision import Precision
     p = {'w': torch.zeros(3, requires_grad=True), 'running_mean': torch.zeros(3)}
-    cuda, cpu = torch.device('cuda'), torch.device('cpu')
-    assert sgd(p, 0, cuda, 'half')(0.1).defaults['fused'] is True
-    assert not sgd(p, 0, cuda, 'bfloat16')(0.1).defaults['fused']
-    assert not sgd(p, 0, cpu, 'half')(0.1).defaults['fused']
-    assert sgd(p, 0, cpu, 'half')(0.1).param_groups[0]['params'] == [p['w']]
+    assert sgd(p, 0, Precision('half', 'cuda'))(0.1).defaults['fused'] is True
+    assert not sgd(p, 0, Precision('bfloat16', 'cuda'))(0.1).defaults['fused']
+    assert not sgd(p, 0, Precision('half', 'cpu'))(0.1).defaults['fused']
+    assert sgd(p, 0, Precision('half', 'cpu'))(0.1).param_groups[0]['params'] == [p['w']]
 
 
 def test_the_loss_scale_is_checkpointed(tiny_data, tmp_path):

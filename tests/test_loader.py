@@ -10,6 +10,7 @@ from PIL import Image
 import data
 import engine
 import utils
+from precision import Precision
 from cifar import MEAN, STD
 
 
@@ -145,7 +146,7 @@ def test_a_compile_error_in_the_backward_pass_falls_back_too(monkeypatch, capsys
         model = Distiller(FunctionalNet(engine.compiled(wrn, enabled, 'prog'), params))
         loader = DeviceLoader(images, labels, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
                               generator=torch.Generator().manual_seed(1))
-        make = engine.sgd(params, 5e-4, torch.device('cpu'), 'float')
+        make = engine.sgd(params, 5e-4, Precision())
         engine.Trainer(model, make, torch.device('cpu'), epochs=1, progress=False).train(loader, None, make(0.1))
         weights[enabled] = {k: v.detach().clone() for k, v in params.items() if utils.is_trained(k)}
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -89,7 +89,9 @@ def _fp16_worker(rank, init, out):
     model = distributed(Linear(rank), torch.device('cpu'))
     params = list(model.parameters())
     sgd = lambda lr: torch.optim.SGD(params, lr)  # noqa: E731
-    trainer = Trainer(model, sgd, torch.device('cpu'), epochs=1, dtype='half', progress=False, dist=Dist('cpu'))
+    from precision import Precision
+    trainer = Trainer(model, sgd, torch.device('cpu'), epochs=1, precision=Precision('half'), progress=False,
+                      dist=Dist('cpu'))
     trainer.train(batches, None, sgd(0.1))
     torch.save({'w': params[0].detach(), 'scale': trainer.scaler.get_scale()}, f'{out}/{rank}.pt')
     leave()

@@ -1,0 +1,107 @@
+"""The files of a run folder, below the loop: model.pt7 (the 2017 {params, optimizer, epoch}, plus
+what this project adds) and log.txt (one `json_stats: {...}` line per finished epoch). Reading a
+teacher, summarizing runs and resuming one all go through here."""
+import json
+import os
+
+import torch
+
+from utils import UserError
+
+
+def safe_load(path, what):
+    """torch.load with weights_only=True (a file cannot run code); bad files raise UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f'no such {what}: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'cannot read {what} {path}: {type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else "corrupt file"}') from None
+
+
+def load_checkpoint(path):
+    """A model.pt7 as a dict; bad files raise UserError."""
+    state = safe_load(path, 'checkpoint')
+    if not isinstance(state, dict) or not isinstance(state.get('params'), dict):
+        raise UserError(f'{path} is not a model.pt7 checkpoint (expected a dict with "params")')
+    return state
+
+
+def save_checkpoint(path, params, optimizer, epoch, **extra):
+    """Writes {params, optimizer, epoch, **extra} atomically: a kill at any instant leaves
+    either the previous file or the new one, whole."""
+    state = dict(params={k: v.detach().cpu() for k, v in params.items()},
+                 optimizer=optimizer.state_dict(), epoch=epoch, **extra)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json_stats(log_path):
+    """The json_stats records of a log.txt, in order."""
+    records = []
+    with open(log_path) as fh:
+        for n, line in enumerate(fh, 1):
+            i = line.find('json_stats: ')
+            if i < 0:
+                continue
+            try:
+                records.append(json.loads(line[i + len('json_stats: '):]))
+            except json.JSONDecodeError:
+                raise UserError(f'{log_path}, line {n}: not a valid json_stats line') from None
+    return records
+
+
+def append_log(log_path, record):
+    with open(log_path, 'a') as fh:
+        fh.write('json_stats: ' + json.dumps(record) + '\n')
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def repair_log(log_path, epoch, record):
+    """Makes log.txt hold exactly a checkpoint's epochs 1..`epoch`, whatever instant a kill came at: a
+    line torn by a kill mid-write goes, and the checkpoint's own `record` comes back where a kill fell
+    between the checkpoint and its line (log.txt may not exist yet: epoch 1)."""
+    text = ''
+    if os.path.exists(log_path):
+        with open(log_path) as fh:
+            text = fh.read()
+    lines = text.split('\n')[:-1]  # a last line without its newline was torn
+    kept = [line for line in lines if json_stats_epoch(line) is None or json_stats_epoch(line) < epoch]
+    repaired = ''.join(line + '\n' for line in kept) + 'json_stats: ' + json.dumps(record) + '\n'
+    if repaired != text:
+        tmp = log_path + '.tmp'
+        with open(tmp, 'w') as fh:
+            fh.write(repaired)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, log_path)
+
+
+def json_stats_epoch(line):
+    """The epoch of a log.txt line, or None for a line that is not a whole json_stats record."""
+    i = line.find('json_stats: ')
+    try:
+        return int(json.loads(line[i + len('json_stats: '):])['epoch']) if i >= 0 else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def student_params(params):
+    """The student's tensors of a distilled checkpoint (student.*, teacher.*, adapter.*: the 2017
+    layout), under plain names; a plain checkpoint as it is."""
+    if not any(k.startswith('student.') for k in params):
+        return params
+    return {k[len('student.'):]: v for k, v in params.items() if k.startswith('student.')}
+
+
+def checkpoint_params(state, saved):
+    """A checkpoint's tensors under the names of a run that saves `saved`: a run that saves plain
+    names takes the student of a distilled checkpoint."""
+    params = state['params']
+    return params if any(k.startswith('student.') for k in saved) else student_params(params)
