@@ -50,8 +50,9 @@ import torch.nn.functional as F  # noqa: E402
 import cifar  # noqa: E402
 from data import check_classes  # noqa: E402
 from engine import Trainer  # noqa: E402
-from resnet import CIFAR_MODELS, cifar_model_name, cifar_model_params, wrn_depth_to_blocks  # noqa: E402
+from resnet import CIFAR_MODELS, cifar_model_name, wrn_depth_to_blocks  # noqa: E402
 from runs import Parser, cli  # noqa: E402
+from synthetic import write_teacher_run  # noqa: E402
 from utils import UserError, at_loss  # noqa: E402
 
 PROG = 'benchmark.py'
@@ -133,16 +134,6 @@ def resident_bytes(run, device_type='cuda'):
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in tensors if t.device.type == device_type}
     return sum(storages.values())
-
-
-def make_teacher(folder, shape, num_classes):
-    """A randomly initialised teacher run folder: speed does not depend on the weights."""
-    model, depth, width = shape
-    os.makedirs(folder)
-    torch.save({'params': cifar_model_params(model, depth, width, num_classes), 'optimizer': {}, 'epoch': 0},
-               os.path.join(folder, 'model.pt7'))
-    with open(os.path.join(folder, 'log.txt'), 'w') as fh:
-        fh.write('json_stats: ' + json.dumps({'model': model, 'depth': depth, 'width': width}) + '\n')
 
 
 def nn_module(shape, num_classes):
@@ -314,7 +305,7 @@ def measure(args, names):
     if args.teacher_shape:
         train_dir = os.path.join(args.dataroot, 'train')
         classes = len(os.listdir(train_dir)) if os.path.isdir(train_dir) else 10
-        make_teacher(os.path.join(tmp, 'teacher'), args.teacher_shape, classes)
+        write_teacher_run(os.path.join(tmp, 'teacher'), *args.teacher_shape, classes)
         common += ['--teacher_id', os.path.join(tmp, 'teacher'), '--beta', '1e+3']
 
     shared_decoding()

@@ -60,69 +60,17 @@ RTOL_DEFAULT = 1e-4
 
 # ---------------------------------------------------------------- data made here
 
-def save_jpeg(array, path, quality=90):
-    from PIL import Image
-    Image.fromarray(array).save(path, quality=quality)
-
-
-def make_tiny_cifar(root, classes=10, train=16, test=8, seed=0):
-    """A learnable class-folder CIFAR of 32x32 JPEGs: class c is bright in channel c % 3 and striped
-    every (c // 3 + 2) rows."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    for split, n in (('train', train), ('test', test)):
-        for c in range(classes):
-            d = os.path.join(root, split, f'class{c}')
-            os.makedirs(d, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 110, (32, 32, 3), dtype=np.uint8)
-                img[..., c % 3] += 110
-                img[::c // 3 + 2] += 30
-                save_jpeg(img, os.path.join(d, f'{i:04d}.jpg'))
-    return root
-
-
-def make_image_folder(root, classes, train, val, size=(500, 375), seed=0):
-    """An ImageFolder of smooth random colour fields with noise, size = (width, height)."""
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    for split, n in (('train', train), ('val', val)):
-        for c in range(classes):
-            d = os.path.join(root, split, f'n{c:08d}')
-            os.makedirs(d, exist_ok=True)
-            for i in range(n):
-                small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-                small[..., c % 3] = 255 - 20 * (c // 3)
-                img = np.asarray(Image.fromarray(small).resize(size, Image.BILINEAR)).copy()
-                img += rng.integers(0, 24, img.shape, dtype=np.uint8)
-                save_jpeg(img, os.path.join(d, f'{i}.JPEG'))
-    return root
-
-
-def write_teacher_run(folder, depth, width, num_classes, seed=0):
-    """A randomly initialised WRN teacher run folder (model.pt7 + log.txt), as benchmark.py makes."""
-    import torch
+def project(name):
+    """A module of the project (synthetic data, file formats), imported where first needed: the
+    driver starts before the wheels it may install."""
     sys.path.insert(0, ROOT)
-    from resnet import wrn_params
-    torch.manual_seed(seed)
-    os.makedirs(folder)
-    torch.save({'params': wrn_params(depth, width, num_classes), 'optimizer': {}, 'epoch': 0},
-               os.path.join(folder, 'model.pt7'))
-    with open(os.path.join(folder, 'log.txt'), 'w') as fh:
-        fh.write('json_stats: ' + json.dumps({'depth': depth, 'width': width}) + '\n')
-    return folder
+    return importlib.import_module(name)
 
 
 def read_log(folder):
     path = os.path.join(folder, 'log.txt')
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(line.split('json_stats: ', 1)[1]) for line in fh if 'json_stats: ' in line]
+    return project('formats').read_json_stats(path) if os.path.exists(path) else []
 
-
-# ---------------------------------------------------------------- the environment
 
 def cpu_info():
     info = {'machine': platform.machine(), 'cores': os.cpu_count(), 'model': platform.processor()}
@@ -319,7 +267,8 @@ def cifar_record(folder):
 
 def check_b(ctx, timeout):
     s = ctx.sizes
-    teacher = write_teacher_run(os.path.join(ctx.work, 'b_teacher'), s['b_depth'], 2, ctx.classes)
+    teacher = project('synthetic').write_teacher_run(os.path.join(ctx.work, 'b_teacher'), 'wrn', s['b_depth'], 2,
+                                                      ctx.classes, seed=0)
     runs, failed, t_end = {}, [], time.perf_counter() + timeout
     for name, flags, budget in B_RUNS:
         left = t_end - time.perf_counter()
@@ -393,8 +342,9 @@ def check_c(ctx, timeout):
 def check_d(ctx, timeout):
     import torch
     s = ctx.sizes
-    data = make_tiny_cifar(os.path.join(ctx.work, 'd_data'), classes=10, train=s['d_train'], test=s['d_test'])
-    teacher = write_teacher_run(os.path.join(ctx.work, 'd_teacher'), 10, 2, 10)
+    synthetic = project('synthetic')
+    data = synthetic.make_tiny_cifar(os.path.join(ctx.work, 'd_data'), classes=10, train=s['d_train'], test=s['d_test'])
+    teacher = synthetic.write_teacher_run(os.path.join(ctx.work, 'd_teacher'), 'wrn', 10, 2, 10, seed=0)
     t_end = time.perf_counter() + timeout
     common = ['--dataroot', data, '--depth', '10', '--teacher_id', teacher, '--beta', '1e+3', '--batch_size', '32',
               '--lr', '0.1', '--epoch_step', '[2]', '--lr_decay_ratio', '0.2', '--no_progress', '--device', ctx.device]
@@ -440,7 +390,8 @@ def check_d(ctx, timeout):
 
 def check_e(ctx, timeout):
     s = ctx.sizes
-    data = make_image_folder(os.path.join(ctx.work, 'e_data'), s['e_classes'], s['e_train'], s['e_val'])
+    data = project('synthetic').make_image_folder(os.path.join(ctx.work, 'e_data'), s['e_classes'], s['e_train'],
+                                                 s['e_val'])
     save = os.path.join(ctx.work, 'e_run')
     args = [os.path.join(ctx.work, 'e_resnet34_export.pth'), str(s['e_classes']),
             '--imagenetpath', data, '--depth', '18', '--beta', '1e+3', '--epochs', '1', '--dtype', 'bfloat16',
@@ -832,7 +783,7 @@ def main(argv=None):
     st.add_argument('--mode', default='device')
     args = p.parse_args(argv)
     if args.cmd == 'tiny-cifar':
-        make_tiny_cifar(args.dir)
+        project('synthetic').make_tiny_cifar(args.dir)
         return 0
     if args.cmd == 'stop':
         os.makedirs(args.out, exist_ok=True)

@@ -1,5 +1,4 @@
 """The edges of a dataset: class folders matched by name, images of any one size, mixed sizes refused."""
-import argparse
 import sys
 
 import numpy as np
@@ -9,6 +8,7 @@ from PIL import Image
 import cifar
 import imagenet
 from conftest import ROOT
+from synthetic import write_teacher_run
 from test_bad_input import run_inprocess, sandbox  # noqa: F401 (a fixture)
 
 sys.path.insert(0, str(ROOT / 'scripts'))
@@ -56,7 +56,7 @@ def test_imagenet_train_and_val_classes_must_agree(tmp_path, sandbox, capfd):  #
 
 def test_visualize_and_benchmark_check_the_classes_too(tmp_path, sandbox, capfd):  # noqa: F811
     data = make_folders(tmp_path / 'd', ['a', 'b', 'c'], test_classes=['a', 'c', 'd'])
-    benchmark.make_teacher(str(tmp_path / 'run'), ('wrn', 10, 1), 3)
+    write_teacher_run(str(tmp_path / 'run'), 'wrn', 10, 1, 3)
     expected = f"--dataroot {data}: class 1 is 'b' in train/ but 'c' in test/; both need the same class folders"
     code, err = run_inprocess(lambda: visualize.main([str(tmp_path / 'run'), '--dataroot', str(data)]), [],
                               'visualize.py', capfd)
@@ -79,7 +79,7 @@ def test_any_one_image_size_trains_and_tests_at_that_size(tmp_path, size, loader
 def test_f_actt_probes_at_the_images_size(tmp_path, sandbox, capfd):  # noqa: F811
     """The adapters are found by running both networks once: at 32x48, not at an assumed 32x32."""
     data = make_folders(tmp_path / 'd', ['a', 'b'], size=(32, 48))
-    benchmark.make_teacher(str(tmp_path / 't'), ('wrn', 10, 2), 2)
+    write_teacher_run(str(tmp_path / 't'), 'wrn', 10, 2, 2)
     code, err = run_inprocess(cifar.main, ['--dataroot', str(data), '--depth', '10', '--teacher_id', str(tmp_path / 't'),
                                            '--factt_beta', '1', '--epochs', '1', '--batch_size', '4', '--nthread', '0',
                                            '--save', 'logs/f', '--no_progress'], 'cifar.py', capfd)
@@ -98,7 +98,7 @@ def test_mixed_or_unequal_sizes_are_one_line(tmp_path, loader):
 
 def test_visualize_opens_the_runs_own_dataset(tmp_path, sandbox, capfd):  # noqa: F811
     """A CIFAR-100 run is shown on CIFAR-100: offline and with no copy, the one line names CIFAR100."""
-    benchmark.make_teacher(str(tmp_path / 'run'), ('wrn', 10, 1), 100)
+    write_teacher_run(str(tmp_path / 'run'), 'wrn', 10, 1, 100)
     log = tmp_path / 'run' / 'log.txt'
     log.write_text(log.read_text().replace('"depth"', '"dataset": "CIFAR100", "depth"'))
     code, err = run_inprocess(lambda: visualize.main([str(tmp_path / 'run'), '--dataroot', str(tmp_path / 'none')]),

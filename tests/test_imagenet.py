@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import synthetic
 import utils
 from conftest import OFFLINE_ENV, ROOT, tree_digest
 from resnet import fold_torchvision, folded_resnet, resnet_imagenet, resnet_imagenet_params
@@ -117,16 +118,8 @@ def test_pth_and_hkl_exports_round_trip(tmp_path):
 
 
 def make_image_folder(root, classes=6, train=2, val=1, size=(48, 48)):
-    """An ImageFolder tree of random JPEGs, size = (width, height)."""
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split, n in (('train', train), ('val', val)):
-        for c in range(classes):
-            d = Path(root, split, f'n{c:08d}')
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(d / f'{i}.JPEG')
-    return Path(root)
+    """The tests' ImageNet: 6 classes of 48x48 JPEGs unless told otherwise."""
+    return Path(synthetic.make_image_folder(root, classes, train, val, size))
 
 
 @pytest.fixture(scope='module')
