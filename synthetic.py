@@ -16,36 +16,39 @@ def smooth_image(rng, size, channel=None, level=255):
     return (img + rng.integers(0, 24, img.shape)).clip(0, 255).astype(np.uint8)
 
 
+def write_class_folders(root, counts, classes, class_name, file_name, image):
+    """root/<split>/<class_name(c)>/<file_name(i)> for each (split, images per class) of `counts`,
+    the images drawn by image(c) as (height, width, 3) uint8 arrays, saved as JPEG."""
+    from PIL import Image
+    for split, n in counts:
+        for c in range(classes):
+            d = os.path.join(root, split, class_name(c))
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(image(c)).save(os.path.join(d, file_name(i)), quality=90)
+    return root
+
+
 def make_image_folder(root, classes, train, val, size=(500, 375), seed=0):
     """An ImageNet-like ImageFolder (train/ and val/, classes named n00000000, ...) of JPEGs of
     `size` = (width, height); class c is bright in channel c % 3."""
-    from PIL import Image
     rng = np.random.default_rng(seed)
-    for split, n in (('train', train), ('val', val)):
-        for c in range(classes):
-            d = os.path.join(root, split, f'n{c:08d}')
-            os.makedirs(d, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(smooth_image(rng, size, c % 3, 255 - 20 * (c // 3))).save(
-                    os.path.join(d, f'{i}.JPEG'), quality=90)
-    return root
+    return write_class_folders(root, (('train', train), ('val', val)), classes, lambda c: f'n{c:08d}',
+                               lambda i: f'{i}.JPEG', lambda c: smooth_image(rng, size, c % 3, 255 - 20 * (c // 3)))
 
 
 def make_tiny_cifar(root, classes=10, train=16, test=8, seed=0):
     """A learnable class-folder CIFAR of 32x32 JPEGs: class c is bright in channel c % 3 and striped
     every (c // 3 + 2) rows."""
-    from PIL import Image
     rng = np.random.default_rng(seed)
-    for split, n in (('train', train), ('test', test)):
-        for c in range(classes):
-            d = os.path.join(root, split, f'class{c}')
-            os.makedirs(d, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 110, (32, 32, 3), dtype=np.uint8)
-                img[..., c % 3] += 110
-                img[::c // 3 + 2] += 30
-                Image.fromarray(img).save(os.path.join(d, f'{i:04d}.jpg'), quality=90)
-    return root
+
+    def image(c):
+        img = rng.integers(0, 110, (32, 32, 3), dtype=np.uint8)
+        img[..., c % 3] += 110
+        img[::c // 3 + 2] += 30
+        return img
+    return write_class_folders(root, (('train', train), ('test', test)), classes, lambda c: f'class{c}',
+                               lambda i: f'{i:04d}.jpg', image)
 
 
 def write_teacher_run(folder, model, depth, width, num_classes, seed=None):

@@ -20,16 +20,9 @@
 # Then: python scripts/summarize.py logs/cifar100 --table cifar100 --out docs/results/cifar100
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DRY=0
-for a in "$@"; do
-  case "$a" in
-    --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
-    *) echo "cifar100.sh: error: unknown argument $a (try --help)" >&2; exit 2 ;;
-  esac
-done
 PROG=cifar100.sh CIFAR_FLAGS="--preset crd"
 . scripts/grid.sh
+script_args "$@"
 DATAROOT=${DATAROOT:-.}
 EPOCHS=${EPOCHS:-240}
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
@@ -58,33 +51,4 @@ declare -A PAIR=( [wrn_40_2_16_2]="wrn_16_2 wrn_40_2" [wrn_40_2_40_1]="wrn_40_1 
 # AT on every group output with cross-entropy and no KD; KD with T = 4: 0.9 KL + 0.1 cross-entropy
 declare -A METHOD=( [at]="--beta $BETA" [kd]="--alpha $ALPHA --temperature 4" )
 
-for m in $METHODS; do
-  [ "$m" = student ] || [ -n "${METHOD[$m]:-}" ] || { echo "cifar100.sh: error: unknown method $m (student at kd)" >&2; exit 2; }
-done
-teachers=()
-for row in $ROWS; do
-  [ -n "${PAIR[$row]:-}" ] || { echo "cifar100.sh: error: unknown row $row ($ALL_ROWS)" >&2; exit 2; }
-  t=${PAIR[$row]#* }; [[ " ${teachers[*]} " == *" $t "* ]] || teachers+=("$t")
-done
-T0=${TEACHER_SEEDS%% *}
-# cifar.py finds a bare --teacher_id under logs/; elsewhere the student is given the folder itself
-TDIR=$( [ "$LOGS" = logs ] && echo "" || echo "$LOGS/" )
-for t in "${teachers[@]}"; do
-  for s in $TEACHER_SEEDS; do run "${t}_teacher$(suffix "$s")" "$s" "${NET[$t]}"; done
-done
-baselines=()
-for row in $ROWS; do
-  st=${PAIR[$row]% *}; [[ " ${baselines[*]} " == *" $st "* ]] || baselines+=("$st")
-done
-for s in $SEEDS; do
-  if [[ " $METHODS " == *" student "* ]]; then
-    for st in "${baselines[@]}"; do run "$st$(suffix "$s")" "$s" "${NET[$st]}"; done
-  fi
-  for row in $ROWS; do
-    read -r st t <<< "${PAIR[$row]}"
-    for m in $METHODS; do
-      [ "$m" = student ] && continue
-      run "${m}_${row}$(suffix "$s")" "$s" "${NET[$st]} --teacher_id $TDIR${t}_teacher$(suffix "$T0") ${METHOD[$m]}"
-    done
-  done
-done
+run_grid "student at kd"

@@ -1,8 +1,21 @@
-# Sourced by table1.sh and cifar100.sh (imagenet.sh takes scaled_steps): the settings checks, the
-# scaled lr schedule and the run step they share.
-# The caller sets PROG, DRY, LOGS, EPOCHS, EPOCH_STEP, SEEDS, TEACHER_SEEDS, PYTHON, EXTRA and CIFAR_FLAGS.
+# Sourced by table1.sh and cifar100.sh (imagenet.sh takes script_args and scaled_steps): the
+# arguments, the settings checks, the scaled lr schedule and the grid of runs they share.
+# The caller sets PROG, then LOGS, EPOCHS, EPOCH_STEP, SEEDS, TEACHER_SEEDS, PYTHON, EXTRA, CIFAR_FLAGS,
+# and for run_grid: ROWS, ALL_ROWS, METHODS, and the NET, PAIR and METHOD arrays.
 
 die() { echo "$PROG: error: $*" >&2; exit 2; }
+
+script_args() {  # script_args "$@": --dry-run sets DRY=1, --help prints the script's header
+  DRY=0
+  local a
+  for a in "$@"; do
+    case "$a" in
+      --dry-run) DRY=1 ;;
+      -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
+      *) die "unknown argument $a (try --help)" ;;
+    esac
+  done
+}
 
 check_settings() {  # check_settings WEIGHT_VARIABLE...: every setting, before the first run starts
   [[ "$EPOCH_STEP" =~ ^\[\ *([1-9][0-9]*\ *(,\ *[1-9][0-9]*\ *)*)?\]$ ]] ||
@@ -45,4 +58,35 @@ run() {  # run NAME SEED FLAGS...: skip a finished run, resume an unfinished one
   # Any other failure: cifar.py has said why in its one line.
   [ "$status" -gt 128 ] && echo "$PROG: interrupted in $dir (exit $status); run the same command again to resume: finished runs are skipped, $dir continues" >&2
   exit "$status"
+}
+
+pair_name() { echo "$1"; }  # a row's part of its runs' names; a script may say otherwise
+
+run_grid() {  # run_grid ALL_METHODS: the teachers, then for each seed the students alone and each method of each row
+  local all=$1 m row s st t teachers=() baselines=()
+  for m in $METHODS; do [[ " $all " == *" $m "* ]] || die "unknown method $m ($all)"; done
+  for row in $ROWS; do
+    [ -n "${PAIR[$row]:-}" ] || die "unknown row $row ($ALL_ROWS)"
+    read -r st t <<< "${PAIR[$row]}"
+    [[ " ${teachers[*]} " == *" $t "* ]] || teachers+=("$t")
+    [[ " ${baselines[*]} " == *" $st "* ]] || baselines+=("$st")
+  done
+  local t0=${TEACHER_SEEDS%% *}
+  # cifar.py finds a bare --teacher_id under logs/; elsewhere the student is given the folder itself
+  local tdir; tdir=$( [ "$LOGS" = logs ] && echo "" || echo "$LOGS/" )
+  for t in "${teachers[@]}"; do
+    for s in $TEACHER_SEEDS; do run "${t}_teacher$(suffix "$s")" "$s" "${NET[$t]}"; done
+  done
+  for s in $SEEDS; do
+    if [[ " $METHODS " == *" student "* ]]; then
+      for st in "${baselines[@]}"; do run "$st$(suffix "$s")" "$s" "${NET[$st]}"; done
+    fi
+    for row in $ROWS; do
+      read -r st t <<< "${PAIR[$row]}"
+      for m in $METHODS; do
+        [ "$m" = student ] && continue
+        run "${m}_$(pair_name "$row")$(suffix "$s")" "$s" "${NET[$st]} --teacher_id $tdir${t}_teacher$(suffix "$t0") ${METHOD[$m]}"
+      done
+    done
+  done
 }

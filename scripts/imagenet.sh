@@ -29,18 +29,10 @@
 # it again (a run whose model.pt7 is newer than its eval.txt is evaluated again by itself).
 set -euo pipefail
 PROG=imagenet.sh
-die() { echo "$PROG: error: $*" >&2; exit 2; }
-DRY=0
-for a in "$@"; do
-  case "$a" in
-    --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
-    *) die "unknown argument $a (try --help)" ;;
-  esac
-done
+. "$(dirname "$0")/grid.sh"  # die, script_args, scaled_steps
+script_args "$@"
 CALLER=$(pwd -P)
 cd "$(dirname "$0")/.."
-. scripts/grid.sh  # scaled_steps
 ROOT=$(pwd -P)
 # a path as the caller meant it, usable from the repository root where the commands run
 from_caller() { case "$1" in /*|'') echo "$1" ;; *) [ "$CALLER" = "$ROOT" ] && echo "$1" || echo "$CALLER/$1" ;; esac; }

@@ -18,23 +18,17 @@
 #   LOGS [logs]  PYTHON [python]  EXTRA ['']    EXTRA is added to every cifar.py command
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DRY=0
-for a in "$@"; do
-  case "$a" in
-    --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
-    *) echo "table1.sh: error: unknown argument $a (try --help)" >&2; exit 2 ;;
-  esac
-done
 PROG=table1.sh CIFAR_FLAGS=
 . scripts/grid.sh
+script_args "$@"
 DATAROOT=${DATAROOT:-.}
 EPOCHS=${EPOCHS:-200}
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
 EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 200 0 60 120 160)}
 SEEDS=${SEEDS:-0}
 TEACHER_SEEDS=${TEACHER_SEEDS:-0}
-ROWS=${ROWS:-nin 16_1_16_2 16_1_40_1 16_2_40_2}
+ALL_ROWS="nin 16_1_16_2 16_1_40_1 16_2_40_2"
+ROWS=${ROWS:-$ALL_ROWS}
 METHODS=${METHODS:-student at factt kd atkd}
 BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}; FACTT_BETA=${FACTT_BETA:-1e+4}; GRAD_BETA=${GRAD_BETA:-1e+3}
 LOGS=${LOGS:-logs}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
@@ -52,35 +46,5 @@ declare -A PAIR=( [nin]="nin_thin nin_wide" [16_1_16_2]="resnet_16_1 resnet_16_2
 declare -A METHOD=( [at]="--beta $BETA" [factt]="--factt_beta $FACTT_BETA" [kd]="--alpha $ALPHA"
                     [atkd]="--beta $BETA --alpha $ALPHA --beta_decay step" [gradat]="--grad_beta $GRAD_BETA" )
 
-for m in $METHODS; do
-  [[ " student at factt kd atkd gradat " == *" $m "* ]] || die "unknown method $m (student at factt kd atkd gradat)"
-done
-teachers=()
-for row in $ROWS; do
-  [ -n "${PAIR[$row]:-}" ] || { echo "table1.sh: error: unknown row $row (nin 16_1_16_2 16_1_40_1 16_2_40_2)" >&2; exit 2; }
-  t=${PAIR[$row]#* }; [[ " ${teachers[*]} " == *" $t "* ]] || teachers+=("$t")
-done
-T0=${TEACHER_SEEDS%% *}
-# cifar.py finds a bare --teacher_id under logs/; elsewhere the student is given the folder itself
-TDIR=$( [ "$LOGS" = logs ] && echo "" || echo "$LOGS/" )
-for t in "${teachers[@]}"; do
-  for s in $TEACHER_SEEDS; do run "${t}_teacher$(suffix "$s")" "$s" "${NET[$t]}"; done
-done
-baselines=()
-for row in $ROWS; do
-  st=${PAIR[$row]% *}; [[ " ${baselines[*]} " == *" $st "* ]] || baselines+=("$st")
-done
-for s in $SEEDS; do
-  if [[ " $METHODS " == *" student "* ]]; then
-    for st in "${baselines[@]}"; do run "$st$(suffix "$s")" "$s" "${NET[$st]}"; done
-  fi
-  for row in $ROWS; do
-    read -r st t <<< "${PAIR[$row]}"
-    pair=$( [ "$row" = nin ] && echo nin_thin_nin_wide || echo "$row" )
-    for m in $METHODS; do
-      [ "$m" = student ] && continue
-      [ -n "${METHOD[$m]:-}" ] || { echo "table1.sh: error: unknown method $m (student at factt kd atkd gradat)" >&2; exit 2; }
-      run "${m}_${pair}$(suffix "$s")" "$s" "${NET[$st]} --teacher_id $TDIR${t}_teacher$(suffix "$T0") ${METHOD[$m]}"
-    done
-  done
-done
+pair_name() { [ "$1" = nin ] && echo nin_thin_nin_wide || echo "$1"; }
+run_grid "student at factt kd atkd gradat"
