@@ -114,6 +114,17 @@ def decode_all(dataset):
 
 # ---------------------------------------------------------------- loaders
 
+def channel_stats(mean, std, device):
+    """Mean and std as (1, C, 1, 1) tensors on the device, made once per loader, not per batch."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+
+
+def normalized(x, mean, std, memory_format=torch.contiguous_format):
+    """Images (uint8, or float in 0-255) as float, normalised with the same float ops as ToTensor and
+    Normalize, so equal to theirs bit for bit."""
+    return x.float().div_(255).sub_(mean).div_(std).contiguous(memory_format=memory_format)
+
+
 def rank_batch(batch_size, sizes, dist):
     """Each rank's share of the global --batch_size, once the data can be split over the ranks."""
     if batch_size % dist.world:
@@ -176,8 +187,7 @@ class DeviceLoader:
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
         self.batch_size, self.train, self.pad = batch_size, train, int(pad)
         self.pad_mode = {'reflect': 'reflect', 'zeros': 'constant'}[pad_mode]
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.mean, self.std = channel_stats(mean, std, device)
         self.generator = generator
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -216,6 +226,5 @@ class DeviceLoader:
             x = self.images[idx].float()
             if self.train:
                 x = self.augment(x, len(chunk))
-            # the same float ops as ToTensor + Normalize, so outputs match torchvision's bit for bit
-            x = x.div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
+            x = normalized(x, self.mean, self.std, self.memory_format)
             yield x, self.labels[idx]

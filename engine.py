@@ -20,6 +20,7 @@ from parallel import Dist
 from precision import Precision
 from utils import AT_PREFIX, UserError
 
+
 def own_code(f):
     """f with a copy of its code object. Dynamo keeps its compiled graphs per code object: a student
     and a teacher of one architecture (both `wrn`) would share one cache, recompile against each
@@ -40,8 +41,8 @@ class Compiled:
     """torch.compile(f) that falls back to f, with one line, where compilation fails: in the forward
     call here, or in the backward pass, which torch compiles lazily and whose errors come out of
     loss.backward() (EagerOnCompileError retries the step then). Shapes are static: a last, smaller
-    batch compiles once more, and the full batches keep kernels made for their size. Any other error (out of memory, a
-    bad input) is raised as it is."""
+    batch compiles once more, and the full batches keep kernels made for their size. Any other
+    error (out of memory, a bad input) is raised as it is."""
 
     def __init__(self, f, prog):
         self.f, self.prog, self.current = f, prog, torch.compile(own_code(f), dynamic=False)

@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from data import channel_stats, normalized
+
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE, VAL_RESIZE = 224, 256
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -186,13 +188,14 @@ class EpochSampler:
         return len(self.sampler)
 
 
+def memory_format(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def normalize(x, channels_last=True):
-    """uint8 (B, 3, H, W) images as float, normalised with ToTensor's and Normalize's float ops (so
-    equal to theirs bit for bit)."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, -1, 1, 1)
-    x = x.float().div_(255).sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    """uint8 (B, 3, H, W) images as float, normalised with the ImageNet mean and std, bit for bit
+    as ToTensor and Normalize do (one-off uses; Feed keeps its statistics on the device)."""
+    return normalized(x, *channel_stats(MEAN, STD, x.device), memory_format(channels_last))
 
 
 class Feed:
@@ -203,7 +206,8 @@ class Feed:
     def __init__(self, loader, device, generator, channels_last, decoder):
         self.loader, self.device, self.generator = loader, device, generator
         self.dataset, self.sampler = loader.dataset, loader.sampler
-        self.channels_last, self.decoder = channels_last, decoder
+        self.memory_format, self.decoder = memory_format(channels_last), decoder
+        self.mean, self.std = channel_stats(MEAN, STD, device)
 
     def __len__(self):
         return len(self.loader)
@@ -214,7 +218,7 @@ class Feed:
                 x = decode_batch(*x, self.device, self.dataset.train)
             else:  # (B, H, W, 3) as it stands is a channels_last (B, 3, H, W)
                 x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            yield normalize(x, self.channels_last), y.to(self.device, non_blocking=True)
+            yield normalized(x, self.mean, self.std, self.memory_format), y.to(self.device, non_blocking=True)
 
 
 def image_loader(folder, train, batch, nthread, seed, device, dist, decoder='pil', channels_last=True):

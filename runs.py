@@ -371,10 +371,11 @@ def fit(opt, run, prog):
             repair_log(writer.log_path, state['epoch'], state['record'])
         provenance.record(opt.save, run.device, dist.world, epoch)
         if opt.tensorboard:
-            writer.board = Board(opt.save, len(run.train_loader), (n_images(run.train_loader), n_images(run.test_loader)),
-                                 opt.tensorboard_every, epoch,
-                                 read_json_stats(writer.log_path) if os.path.exists(writer.log_path) else [])
-        print(f'{run.description}: {writer.n_parameters:,} parameters ({writer.n_trained:,} trained); {run.num_classes} classes; device {run.device}'
+            writer.board = Board(opt.save, len(run.train_loader),
+                                 (n_images(run.train_loader), n_images(run.test_loader)), opt.tensorboard_every,
+                                 epoch, read_json_stats(writer.log_path) if os.path.exists(writer.log_path) else [])
+        print(f'{run.description}: {writer.n_parameters:,} parameters ({writer.n_trained:,} trained); '
+              f'{run.num_classes} classes; device {run.device}'
               + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
     if state and state.get('rng'):  # last, after building and restoring drew their own numbers
         set_rng_state(state['rng'], generator)

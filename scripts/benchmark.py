@@ -51,6 +51,7 @@ import cifar  # noqa: E402
 from data import check_classes  # noqa: E402
 from engine import Trainer  # noqa: E402
 from resnet import CIFAR_MODELS, cifar_model_name, wrn_depth_to_blocks  # noqa: E402
+from provenance import cpu  # noqa: E402
 from runs import Parser, cli  # noqa: E402
 from synthetic import write_teacher_run  # noqa: E402
 from utils import UserError, at_loss  # noqa: E402
@@ -358,24 +359,6 @@ def measure(args, names):
     return figures, where, cuda
 
 
-def cpu_flags():
-    """The CPU's vector extensions that matter here, as lscpu lists them."""
-    try:
-        with open('/proc/cpuinfo') as fh:
-            flags = set(next(line for line in fh if line.startswith('flags')).split(':')[1].split())
-    except (OSError, StopIteration):
-        return 'unknown'
-    return ' '.join(sorted(flags & {'avx2', 'avx512_bf16', 'amx_bf16'})) or 'none of avx2, avx512_bf16, amx_bf16'
-
-
-def cpu_model():
-    try:
-        with open('/proc/cpuinfo') as fh:
-            return next(line for line in fh if line.startswith('model name')).split(':')[1].strip()
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def make_jpegs(root, n, seed=0):
     """n 500x375 JPEGs of smooth noise (photograph-like to the decoder, unlike white noise) in 2 classes."""
     import numpy as np
@@ -465,9 +448,10 @@ def pipeline_main(args):
                     figures[w, n]['img_s'].append(rate)
                     figures[w, n]['startup_s'].append(start)
                     print(f'# repeat {r + 1}: {w} workers: {n}: {rate:.1f} img/s, start-up {start:.2f}s', flush=True)
-    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU {cpu_model()}'
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU {cpu()["model"]}'
     print(f'\nImageNet input pipeline alone, train views of 500x375 JPEGs, batch {args.batch_size}; {where}, '
-          f'{cpus} CPUs, flags {cpu_flags()}; torch {torch.__version__}; medians of {args.repeats} x {args.steps} '
+          f'{cpus} CPUs, flags {" ".join(cpu()["flags"])}; torch {torch.__version__}; '
+          f'medians of {args.repeats} x {args.steps} '
           f'batches after {args.warmup}')
     print('pixels against the 2017 transforms (uint8 levels, same boxes): pil 0 (equal); '
           + '; '.join(f'{d} train max {t[0]:.0f}, mean {t[1]:.3f}, val max {v[0]:.0f}, mean {v[1]:.3f}'
@@ -486,7 +470,7 @@ def pipeline_main(args):
             print(f"| {w} | {n} | {f['img_s_median']:.1f} | {f['ratio']:.2f}x | {f['startup_s_median']:.2f} |")
     if args.json:
         with open(args.json, 'w') as fh:
-            json.dump({'where': where, 'cpu_flags': cpu_flags(), 'torch': torch.__version__, 'batch_size': args.batch_size,
+            json.dump({'where': where, 'cpu_flags': cpu()['flags'], 'torch': torch.__version__, 'batch_size': args.batch_size,
                        'steps': args.steps, 'warmup': args.warmup, 'repeats': args.repeats,
                        'pixel_difference': {d: {split: {'max': m, 'mean': a} for split, (m, a) in f.items()}
                                             for d, f in differences.items()},

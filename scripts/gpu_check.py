@@ -73,19 +73,7 @@ def read_log(folder):
 
 
 def cpu_info():
-    info = {'machine': platform.machine(), 'cores': os.cpu_count(), 'model': platform.processor()}
-    try:
-        with open('/proc/cpuinfo') as fh:
-            text = fh.read()
-        model = re.search(r'^model name\s*:\s*(.*)$', text, re.M)
-        flags = re.search(r'^flags\s*:\s*(.*)$', text, re.M)
-        info['model'] = model.group(1) if model else info['model']
-        have = set(flags.group(1).split()) if flags else set()
-        info['flags'] = sorted(have & {'avx', 'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni',
-                                       'avx512_bf16', 'avx512_fp16', 'amx_tile', 'amx_bf16', 'amx_int8', 'avx_vnni'})
-    except OSError:
-        pass
-    return info
+    return {'machine': platform.machine(), **project('provenance').cpu()}
 
 
 def environment():
