@@ -64,7 +64,8 @@ def build_parser():
     a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
     a('--model', default='wrn', choices=list(CIFAR_MODELS), metavar='MODEL',
       help='wrn: Wide ResNet (--depth, --width); nin: Network-in-Network (--width); the CIFAR-100 benchmark\'s '
-           'resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 (named in full)')
+           'resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 (named in full), '
+           'ResNet50, MobileNetV2, ShuffleV1, ShuffleV2')
     a('--preset', default='none', choices=['none', 'crd'],
       help='crd: the CIFAR-100 recipe of RepDistiller (240 epochs, batch 64, lr 0.05, x0.1 after 150, 180, 210, '
            'momentum kept, zero padding, CIFAR-100 mean/std); flags given override it')

@@ -141,7 +141,7 @@ def nn_module(shape, num_classes):
     """The torch.nn build of (model, depth, width), from the tests' independent builds."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
     from cifar_nets import RESNETS, VGG_CFGS
-    from nn_cifar_nets import NNResNet, NNVGG
+    from nn_cifar_nets import NAMED, NNResNet, NNVGG
     from nn_wrn import NNWideResNet
     model, depth, width = shape
     if model == 'wrn':
@@ -150,6 +150,8 @@ def nn_module(shape, num_classes):
         return NNResNet(*RESNETS[model], num_classes)
     if model in VGG_CFGS:
         return NNVGG(VGG_CFGS[model], num_classes)
+    if model in NAMED:
+        return NAMED[model](num_classes)
     raise UserError(f'nn-loop has no torch.nn build of {model}')
 
 

@@ -3,19 +3,23 @@ import pytest
 import torch
 
 import utils
-from cifar_nets import MODELS, RESNETS, VGG_CFGS, cifar_resnet, model_params, n_groups, vgg
-from nn_cifar_nets import NNResNet, NNVGG, flat_state, load_flat
+from cifar_nets import MODELS, OTHERS, RESNETS, VGG_CFGS, cifar_resnet, model_params, n_groups, vgg
+from nn_cifar_nets import NAMED, NNResNet, NNVGG, flat_state, load_flat
 from resnet import CIFAR_MODELS, cifar_model_groups, cifar_model_params
 
 # RepDistiller's published sizes for 100 classes (M), to 2 digits, and our exact counts
 COUNTS = {'resnet8': 83_892, 'resnet14': 181_108, 'resnet20': 278_324, 'resnet32': 472_756, 'resnet44': 667_188,
           'resnet56': 861_620, 'resnet110': 1_736_564, 'resnet8x4': 1_233_540, 'resnet32x4': 7_433_860,
-          'vgg8': 3_965_028, 'vgg11': 9_277_284, 'vgg13': 9_462_180, 'vgg16': 14_774_436, 'vgg19': 20_086_692}
+          'vgg8': 3_965_028, 'vgg11': 9_277_284, 'vgg13': 9_462_180, 'vgg16': 14_774_436, 'vgg19': 20_086_692,
+          # the cross-architecture networks: RepDistiller's counts for 100 classes, exactly (issue 23)
+          'ResNet50': 23_705_252, 'MobileNetV2': 812_836, 'ShuffleV1': 949_258, 'ShuffleV2': 1_355_528}
 PUBLISHED = {'resnet20': 0.28, 'resnet56': 0.86, 'resnet110': 1.74, 'resnet8x4': 1.23, 'resnet32x4': 7.43,
              'vgg8': 3.96, 'vgg13': 9.46}
 
 
 def nn_build(name, classes):
+    if name in NAMED:
+        return NAMED[name](classes)
     return NNResNet(*RESNETS[name], classes) if name in RESNETS else NNVGG(VGG_CFGS[name], classes)
 
 
@@ -53,12 +57,16 @@ def perturbed(params):
     return out
 
 
-@pytest.mark.parametrize('name', ['resnet8', 'resnet14', 'resnet8x4', 'vgg8', 'vgg11'])
+@pytest.mark.parametrize('name', ['resnet8', 'resnet14', 'resnet8x4', 'vgg8', 'vgg11', *OTHERS])
 def test_functional_equals_torch_nn(name):
+    """Logits and group outputs in both modes, the running statistics the training pass moved, and
+    the gradient of every trained tensor (grouped and depthwise convs, the shuffles' inverse)."""
     torch.manual_seed(0)
     params = perturbed(model_params(name, 7))
     net = load_flat(nn_build(name, 7).double(), params)
-    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    utils.set_requires_grad_except_bn_(params)
+    x = torch.randn(2 if name == 'ResNet50' else 3, 3, 32, 32, dtype=torch.float64)
+    t = torch.arange(len(x)) * 2
     f = CIFAR_MODELS[name]
     for mode in (False, True):
         net.train(mode)
@@ -68,8 +76,15 @@ def test_functional_equals_torch_nn(name):
         assert len(g) == len(g_ref) == n_groups(name) == cifar_model_groups(name)
         for a, b in zip(g, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.nn.functional.cross_entropy(y, t).backward()  # the training-mode pass
+    torch.nn.functional.cross_entropy(y_ref, t).backward()
     for k, v in flat_state(net).items():  # train mode moved the running statistics alike
         torch.testing.assert_close(params[k], v, rtol=1e-10, atol=1e-10)
+    grads, names = dict(net.named_parameters()), net.flat_names()
+    trained = [k for k in params if utils.is_trained(k)]
+    assert len(trained) == len(grads)
+    for k in trained:
+        torch.testing.assert_close(params[k].grad, grads[names[k]].grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{k}: {m}")
 
 
 def test_group_shapes_and_structure_from_keys():
@@ -99,3 +114,28 @@ def test_gradients_match_torch_nn():
     torch.nn.functional.cross_entropy(net(x)[0], t).backward()
     torch.testing.assert_close(params['group1.block0.convdim'].grad, net.layer2[0].downsample[0].weight.grad)
     torch.testing.assert_close(params['conv0'].grad, net.conv1.weight.grad)
+
+
+def test_cross_architecture_structure():
+    """That code's feat[1:-1] shapes, and the layers the parameter count alone would not pin down."""
+    x = torch.randn(2, 3, 32, 32)
+    shapes = {'ResNet50': [(256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)],
+              'MobileNetV2': [(12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2)],
+              'ShuffleV1': [(240, 16, 16), (480, 8, 8), (960, 4, 4)],
+              'ShuffleV2': [(116, 16, 16), (232, 8, 8), (464, 4, 4)]}
+    for name, expected in shapes.items():
+        p = model_params(name, 10)
+        y, g = CIFAR_MODELS[name](x, p, False)
+        assert y.shape == (2, 10) and [tuple(t.shape[1:]) for t in g] == expected
+        assert n_groups(name) == cifar_model_groups(name) == len(expected)
+    p = model_params('ShuffleV1', 10)
+    assert p['group0.block0.conv0'].shape == (54, 24, 1, 1)  # after the stem: not grouped
+    assert p['group0.block0.conv2'].shape == (216, 18, 1, 1)  # 216 + the 24 pooled input channels = 240
+    assert p['group0.block1.conv0'].shape == (60, 80, 1, 1) and p['group0.block1.conv1'].shape == (60, 1, 3, 3)
+    p = model_params('MobileNetV2', 10)
+    assert p['stage0.block0.conv0'].shape == (16, 16, 1, 1)  # that code expands by t = 1 too
+    assert p['stage1.block1.conv1'].shape == (72, 1, 3, 3) and p['conv1'].shape == (1280, 160, 1, 1)
+    p = model_params('ShuffleV2', 10)
+    assert p['group0.down.conv0'].shape == (24, 1, 3, 3) and p['group2.block2.conv2'].shape == (232, 232, 1, 1)
+    assert p['conv1'].shape == (1024, 464, 1, 1)
+    assert 'group0.block0.convdim' in model_params('ResNet50', 10)  # 64 -> 256 channels at stride 1
