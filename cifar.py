@@ -114,7 +114,7 @@ def parse_args(argv=None):
     p = build_parser()
     known = p.parse_known_args(argv)[0]
     if known.preset != 'none':
-        p.set_defaults(**PRESETS[known.preset], **PRESET_MODELS[known.preset].get(known.model, {}))
+        p.set_defaults(**{**PRESETS[known.preset], **PRESET_MODELS[known.preset].get(known.model, {})})
     opt = p.parse_args(argv)
     opt.init = check_init(opt)
     board.check_option(opt)
