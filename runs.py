@@ -108,8 +108,9 @@ AT_SUM_REPLICAS_HELP = ('1: with --ngpu N, weigh AT by N x beta, as the 2017 cod
                         'difference)')
 
 
-AT_MODE_HELP = ('AT loss: code (the 2017 code\'s mean of squared differences of the maps; --beta 1e+3 is the paper\'s '
-                'setting) or paper (Eq. 2 as written: beta/2 times the 2-norm, not squared, per sample; docs/losses.md)')
+AT_MODE_HELP = ('AT loss: code (the 2017 code\'s mean of squared differences of the maps; --beta 1e+3 is the '
+                'paper\'s setting) or paper (Eq. 2 as written: beta/2 times the 2-norm, not squared, per sample; '
+                'docs/losses.md)')
 
 
 def at_weight(opt):
