@@ -227,6 +227,15 @@ def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
     assert rows['resnet56_20', 'teacher']['seeds'] == 1 and rows['resnet110_20', 'teacher']['seeds'] == 0
     md = (tmp_path / 'out' / 'c100.md').read_text()
     assert '| vgg8 | vgg13 | KD | 72.98 | — | — | — | — | 0 |' in md and 'top-1 accuracy %' in md
+    # two tables, as published: the same-family pairs, then the cross-family ones with their figures
+    same, cross = md.index('### Teacher and student of the same family'), md.index('### Teacher and student of different')
+    assert same < md.index('| resnet20 | resnet56 | AT | 70.55 |') < cross < md.index(
+        '| MobileNetV2 | ResNet50 | AT | 58.58 | — | — | — | — | 0 |')
+    assert '| ShuffleV1 | WRN-40-2 | teacher | 75.61 |' in md[cross:] and 'last-epoch figures' in md
+    assert rows['vgg13_MobileNetV2', 'kd']['paper'] == 67.37 and len(rows) == 13 * 4
+    summarize.main([str(logs), '--table', 'cifar100', '--rows', 'ResNet50_vgg8', '--out', str(tmp_path / 'out' / 'x')])
+    md = (tmp_path / 'out' / 'x.md').read_text()
+    assert 'same family' not in md and md.count('| vgg8 | ResNet50 |') == 4 and '| 73.81 |' in md
 
     # a teacher with another count of group outputs cannot be paired by AT, but KD takes any two networks
     monkeypatch.chdir(tmp_path)
