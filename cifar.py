@@ -139,8 +139,8 @@ def parse_args(argv=None):
 
 
 def check_init(opt):
-    """--init resolved: the WRN has both initialisations, NIN only 2017's (RepDistiller, whose crd is,
-    has no NIN), the benchmark's other networks only crd (their code's; 2017 had none of them)."""
+    """--init resolved: the WRN has both initialisations, NIN only 2017's (RepDistiller has no NIN to
+    take one from), the benchmark's other networks only crd (their code's; 2017 had none of them)."""
     own = INITS_OF.get(opt.model, ('crd',))
     if opt.init is None:
         return own[0]
