@@ -14,9 +14,10 @@ from data import DeviceLoader, check_classes, data_loader, decode_all, image_sha
 from distill import factt_adapters
 from parallel import Dist, select_device
 from precision import Precision
-from resnet import CIFAR_MODELS, cifar_model_groups, cifar_model_name, cifar_model_params, wrn_depth_to_blocks
+from resnet import (CIFAR_MODELS, INITS, INITS_OF, cifar_model_groups, cifar_model_name, cifar_model_params,
+                    wrn_depth_to_blocks)
 from teachers import load_teacher_run
-from utils import UserError
+from utils import AT_MODES, AT_POOLS, UserError
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
@@ -25,11 +26,15 @@ STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
 # of RepDistiller's dataset/cifar100.py
 NORMALIZE = {'2017': (MEAN, STD), 'cifar100': ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761])}
 # --preset crd: the recipe of RepDistiller's train_student.py (docs/cifar100.md). Its lr is 0.05 x 0.1^k,
-# k the decay epochs (150, 180, 210) the current 1-based epoch exceeds: here, drops at the start of
-# 151, 181 and 211. Flags given on the command line override it.
+# k the decay epochs (150, 180, 210) the current 1-based epoch exceeds: here, drops at the start of 151,
+# 181 and 211. AT pools feature maps of different sizes as its distiller_zoo/AT.py does; the WRNs start
+# from its models/wrn.py's initialisation. Flags given on the command line override it.
 PRESETS = {'crd': dict(dataset='CIFAR100', epochs=240, batch_size=64, lr=0.05, weight_decay=5e-4,
                        epoch_step='[151,181,211]', lr_decay_ratio=0.1, lr_restart_momentum=0,
-                       pad_mode='zeros', normalize='cifar100')}
+                       pad_mode='zeros', normalize='cifar100', at_pool='features', init='crd')}
+# ... and per network: train_student.py and train_teacher.py set lr 0.01 for MobileNetV2 (that code's
+# mobile_half), ShuffleV1 and ShuffleV2, as students and as teachers
+PRESET_MODELS = {'crd': {name: dict(lr=0.01) for name in ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')}}
 DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}
 PAD_MODES = {'reflect': 'reflect', 'zeros': 'constant'}  # --pad_mode: torchvision's names
 CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (docs/speed.md); CUDA: not measured yet
@@ -67,8 +72,13 @@ def build_parser():
            'resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 (named in full), '
            'ResNet50, MobileNetV2, ShuffleV1, ShuffleV2')
     a('--preset', default='none', choices=['none', 'crd'],
-      help='crd: the CIFAR-100 recipe of RepDistiller (240 epochs, batch 64, lr 0.05, x0.1 after 150, 180, 210, '
-           'momentum kept, zero padding, CIFAR-100 mean/std); flags given override it')
+      help='crd: the CIFAR-100 recipe of RepDistiller (240 epochs, batch 64, lr 0.05 (0.01 for MobileNetV2, '
+           'ShuffleV1, ShuffleV2), x0.1 after 150, 180, 210, momentum kept, zero padding, CIFAR-100 mean/std, '
+           '--at_pool features, --init crd); flags given override it')
+    a('--init', default=None, choices=list(INITS),
+      help='initialisation of the WRN: 2017 (kaiming fan_in convs, bn weights uniform in [0, 1), kaiming linear) '
+           'or crd (RepDistiller\'s wrn.py: kaiming fan_out convs, bn weight 1, torch\'s linear weight, zero bias); '
+           'default: 2017 for wrn and nin, crd for the benchmark\'s other networks (their only one)')
     a('--lr_restart_momentum', default=1, type=int, choices=[0, 1],
       help='1: a fresh optimizer at each lr step, so the momentum restarts (2017); 0: only the lr changes')
     a('--pad_mode', default='reflect', choices=['reflect', 'zeros'],
@@ -77,6 +87,10 @@ def build_parser():
       help='mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 statistics)')
     a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
       help=runs.AT_SUM_REPLICAS_HELP)
+    a('--at_pool', default='attention', choices=AT_POOLS,
+      help='AT between maps of different sizes: attention (2017: average-pool the larger attention map; whole '
+           'multiples only) or features (RepDistiller: adaptive-average-pool the larger feature map; any sizes)')
+    a('--at_mode', default='code', choices=AT_MODES, help=runs.AT_MODE_HELP)
     a('--beta_decay', default='none', choices=['none', 'step', 'linear'],
       help='AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr drops), '
            'linear (down to beta/epochs at the last epoch)')
@@ -99,10 +113,11 @@ def build_parser():
 
 def parse_args(argv=None):
     p = build_parser()
-    preset = p.parse_known_args(argv)[0].preset
-    if preset != 'none':
-        p.set_defaults(**PRESETS[preset])
+    known = p.parse_known_args(argv)[0]
+    if known.preset != 'none':
+        p.set_defaults(**{**PRESETS[known.preset], **PRESET_MODELS[known.preset].get(known.model, {})})
     opt = p.parse_args(argv)
+    opt.init = check_init(opt)
     board.check_option(opt)
     runs.check_options(opt, not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
     if opt.model == 'wrn':
@@ -122,6 +137,18 @@ def parse_args(argv=None):
             raise UserError('--grad_beta and --sym_beta need double backprop, eagerly, in full precision, on one '
                             'device: use --dtype float and --ngpu 1, without --compile')
     return opt
+
+
+def check_init(opt):
+    """--init resolved: the WRN has both initialisations, NIN only 2017's (RepDistiller has no NIN to
+    take one from), the benchmark's other networks only crd (their code's; 2017 had none of them)."""
+    own = INITS_OF.get(opt.model, ('crd',))
+    if opt.init is None:
+        return own[0]
+    if opt.init not in own:
+        raise UserError(f'--init {opt.init}: {cifar_model_name(opt.model, opt.depth, opt.width)} has only the '
+                        f'{own[0]} initialisation; pass --init {own[0]}')
+    return opt.init
 
 
 # ---------------------------------------------------------------- data
@@ -183,20 +210,24 @@ def build(opt):
     runs.seed_everything(opt.seed)
     train_loader, test_loader, num_classes, size = create_loaders(opt, device)
 
-    params_s = cifar_model_params(opt.model, opt.depth, opt.width, num_classes)
+    params_s = cifar_model_params(opt.model, opt.depth, opt.width, num_classes, opt.init)
     # KD and gradient AT compare class scores: they need the teacher's classes; attention maps know no classes
     f_t, params_t, info = load_teacher_run(opt.teacher_id, num_classes if opt.alpha or opt.grad_beta else None) \
         if opt.teacher_id else (None, {}, None)
-    n_groups = cifar_model_groups(opt.model)
+    n_groups, at_groups = cifar_model_groups(opt.model), None
     if f_t and cifar_model_groups(info['model']) != n_groups:
-        raise UserError(f'teacher {info["name"]} has {cifar_model_groups(info["model"])} group outputs and student '
-                        f'{cifar_model_name(opt.model, opt.depth, opt.width)} {n_groups}: AT pairs them one to one')
+        if opt.beta or opt.factt_beta:
+            raise UserError(f'teacher {info["name"]} has {cifar_model_groups(info["model"])} group outputs and '
+                            f'student {cifar_model_name(opt.model, opt.depth, opt.width)} {n_groups}: AT (--beta, '
+                            f'--factt_beta) pairs them one to one; KD (--alpha) needs none')
+        at_groups = ()  # no AT asked, and no pairing to log AT terms by
     # F-ActT's 1x1 adapters train with the student, and are saved as adapter.*
     adapters = factt_adapters(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, *size)) \
         if f_t and opt.factt_beta else {}
     distiller, make_optimizer = runs.make_distiller(
         opt, PROG, device, precision, CIFAR_MODELS[opt.model], params_s, f_t, params_t, adapters,
-        factt_beta=opt.factt_beta, grad_beta=opt.grad_beta, sym_beta=opt.sym_beta)
+        at_groups=at_groups, at_pool=opt.at_pool, factt_beta=opt.factt_beta, grad_beta=opt.grad_beta,
+        sym_beta=opt.sym_beta)
     return runs.Run(
         opt, device, precision, train_loader, test_loader, num_classes, params_s, distiller, make_optimizer,
         # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling

@@ -12,9 +12,11 @@ from utils import AT_PREFIX, UserError, at_loss, conv_params, factt_loss, grad_a
 
 class Distiller(nn.Module):
     """loss = kd_loss + beta * sum of at_loss over `at_groups` (all by default), the 2017 form of the
-    paper's Eq. 2; with no teacher, cross-entropy alone. Where asked, plus factt_beta * sum over groups
-    of factt_loss (the student's group through its 1x1 adapter where channels differ), and in training
-    grad_beta/2 * grad_at_loss and sym_beta/2 * sym_loss (double backprop).
+    paper's Eq. 2 (at_mode 'code'), or beta/2 * that sum with at_mode 'paper' (Eq. 2 as written);
+    at_pool says where maps of different sizes meet (utils.AT_POOLS). With no teacher, cross-entropy
+    alone. Where asked, plus factt_beta * sum over groups of factt_loss (the student's group through
+    its 1x1 adapter where channels differ), and in training grad_beta/2 * grad_at_loss and
+    sym_beta/2 * sym_loss (double backprop).
 
     student, teacher: modules called as net(inputs, mode) -> (logits, group outputs). `beta` may be
     changed between epochs by a schedule. forward -> (student logits, {'loss': total, and the named
@@ -23,10 +25,11 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, student, teacher=None, *, beta=0., alpha=0., temperature=4., at_groups=None,
-                 factt_beta=0., adapters=None, grad_beta=0., sym_beta=0.):
+                 at_pool='attention', at_mode='code', factt_beta=0., adapters=None, grad_beta=0., sym_beta=0.):
         super().__init__()
         self.student, self.teacher = student, teacher
         self.beta, self.alpha, self.temperature, self.at_groups = beta, alpha, temperature, at_groups
+        self.at_pool, self.at_mode = at_pool, at_mode
         self.factt_beta, self.grad_beta, self.sym_beta = factt_beta, grad_beta, sym_beta
         self.adapters = nn.ParameterDict()
         for k, v in (adapters or {}).items():  # trained with the student: the same tensor objects
@@ -44,10 +47,11 @@ class Distiller(nn.Module):
 
     def distill(self, y_s, g_s, y_t, g_t, targets):
         groups = range(len(g_s)) if self.at_groups is None else self.at_groups
-        at_losses = {f'{AT_PREFIX}{i}': at_loss(g_s[i], g_t[i]) for i in groups}
+        at_losses = {f'{AT_PREFIX}{i}': at_loss(g_s[i], g_t[i], self.at_pool, self.at_mode) for i in groups}
         # alpha 0 is cross-entropy, also where the teacher has other classes (AT needs none of them)
         kd = kd_loss(y_s, y_t, targets, self.temperature, self.alpha) if self.alpha else F.cross_entropy(y_s, targets)
-        losses = {'loss': kd + self.beta * sum(at_losses.values()), **at_losses}
+        weight = self.beta / 2 if self.at_mode == 'paper' else self.beta  # Eq. 2's beta/2
+        losses = {'loss': kd + weight * sum(at_losses.values()), **at_losses}
         if self.factt_beta:
             losses['factt_loss'] = sum(
                 factt_loss(F.conv2d(s, self.adapters[f'group{i}']) if f'group{i}' in self.adapters else s, t)

@@ -19,7 +19,7 @@ from parallel import Dist, select_device
 from precision import Precision
 from resnet import IMAGENET_BLOCKS, resnet_imagenet, resnet_imagenet_params
 from teachers import load_teacher_export
-from utils import UserError, check_params
+from utils import AT_MODES, UserError, check_params
 
 PROG = 'imagenet.py'
 
@@ -53,6 +53,7 @@ def build_parser():
     a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
       help=runs.AT_SUM_REPLICAS_HELP)
     a('--at_groups', default='0,1,2,3', type=str, help='groups whose attention is transferred, e.g. 2,3')
+    a('--at_mode', default='code', choices=AT_MODES, help=runs.AT_MODE_HELP)
     a('--evaluate', default='', nargs='?', const='resume',
       help='only evaluate on val: the --resume student, or an export file (.pth, .hkl, torchvision:NAME)')
     a('--seed', default=0, type=int)

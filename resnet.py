@@ -6,6 +6,8 @@ uses batch statistics). Structure (blocks per group, shortcut convs) is read
 from the keys, so one function serves every depth and width, and a teacher
 loaded from disk needs no side information to run.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -19,29 +21,42 @@ def wrn_depth_to_blocks(depth):
     return (depth - 4) // 6
 
 
-def wrn_params(depth, width, num_classes):
-    """Pre-activation Wide ResNet (CIFAR), with the 2017 reference's names and init."""
+def wrn_params(depth, width, num_classes, init='2017'):
+    """Pre-activation Wide ResNet (CIFAR), with the 2017 reference's names. init '2017': its init
+    (kaiming fan_in convs and linear weight, bn weights uniform in [0, 1)); 'crd': that of RepDistiller's
+    models/wrn.py (kaiming fan_out convs, bn weight 1, torch.nn.Linear's default weight, zero bias)."""
     n = wrn_depth_to_blocks(depth)
     widths = [int(w * width) for w in (16, 32, 64)]
+    conv, bn, linear = WRN_INITS[init]
 
     def block(ni, no):
-        p = {'conv0': conv_params(ni, no, 3), 'conv1': conv_params(no, no, 3),
-             'bn0': bn_params(ni), 'bn1': bn_params(no)}
+        p = {'conv0': conv(ni, no, 3), 'conv1': conv(no, no, 3), 'bn0': bn(ni), 'bn1': bn(no)}
         if ni != no:
-            p['convdim'] = conv_params(ni, no, 1)
+            p['convdim'] = conv(ni, no, 1)
         return p
 
     def group(ni, no):
         return {f'block{i}': block(ni if i == 0 else no, no) for i in range(n)}
 
     return flatten({
-        'conv0': conv_params(3, 16, 3),
+        'conv0': conv(3, 16, 3),
         'group0': group(16, widths[0]),
         'group1': group(widths[0], widths[1]),
         'group2': group(widths[1], widths[2]),
-        'bn': bn_params(widths[2]),
-        'fc': linear_params(widths[2], num_classes),
+        'bn': bn(widths[2]),
+        'fc': linear(widths[2], num_classes),
     })
+
+
+def linear_default_weight(ni, no):
+    # torch.nn.Linear's default weight, uniform in +-1/sqrt(ni), which RepDistiller's wrn.py keeps; its bias it zeroes
+    bound = 1 / math.sqrt(ni)
+    return {'weight': torch.empty(no, ni).uniform_(-bound, bound), 'bias': torch.zeros(no)}
+
+
+# --init of the WRN: (conv, bn, linear) tensor makers
+WRN_INITS = {'2017': (conv_params, bn_params, linear_params),
+             'crd': (cifar_nets.conv_fan_out, cifar_nets.bn_ones, linear_default_weight)}
 
 
 def count_blocks(params, group, prefix='', leaf='conv0'):
@@ -124,11 +139,15 @@ def nin(input, params, mode, prefix=''):
 
 # wrn and nin take --depth and --width; the CIFAR-100 benchmark's networks are named in full
 CIFAR_MODELS = {'wrn': wrn, 'nin': nin, **cifar_nets.MODELS}
+# --init: the initialisations each network has, its default first; the benchmark's others: ('crd',)
+INITS = tuple(WRN_INITS)
+INITS_OF = {'wrn': ('2017', 'crd'), 'nin': ('2017',)}
 
 
-def cifar_model_params(model, depth, width, num_classes):
+def cifar_model_params(model, depth, width, num_classes, init=None):
+    """A CIFAR network's parameters; `init` (INITS) matters to the WRN alone, the only one with two."""
     if model == 'wrn':
-        return wrn_params(depth, width, num_classes)
+        return wrn_params(depth, width, num_classes, init or '2017')
     if model == 'nin':
         return nin_params(width, num_classes)
     return cifar_nets.model_params(model, num_classes)

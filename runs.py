@@ -108,6 +108,11 @@ AT_SUM_REPLICAS_HELP = ('1: with --ngpu N, weigh AT by N x beta, as the 2017 cod
                         'difference)')
 
 
+AT_MODE_HELP = ('AT loss: code (the 2017 code\'s mean of squared differences of the maps; --beta 1e+3 is the '
+                'paper\'s setting) or paper (Eq. 2 as written: beta/2 times the 2-norm, not squared, per sample; '
+                'docs/losses.md)')
+
+
 def at_weight(opt):
     """The AT weight on the mean over the whole batch, whatever the device count. The 2017 code summed
     one AT loss per GPU, so its --ngpu N trained with N x beta: --at_sum_replicas 1 asks for that."""
@@ -335,7 +340,7 @@ class Run:
 def make_distiller(opt, prog, device, precision, f_s, params_s, f_t=None, params_t=None, adapters=None, **terms):
     """The shared part of both scripts' build: the student (and teacher) dicts placed on the device in
     the run's precision, compiled where asked, split over --ngpu GPUs, inside a Distiller with the
-    AT and KD weights of the options and any other `terms` (factt_beta=..., at_groups=...).
+    AT and KD weights and AT mode of the options and any other `terms` (factt_beta=..., at_groups=...).
     Returns (distiller, make_optimizer)."""
     adapters = adapters or {}
     for params, trained in ((params_s, True), (params_t or {}, False), (adapters, True)):
@@ -344,7 +349,7 @@ def make_distiller(opt, prog, device, precision, f_s, params_s, f_t=None, params
     def net(f, params):
         return data_parallel(FunctionalNet(compiled(f, opt.compile, prog), params, precision.compute), opt.ngpu)
     distiller = Distiller(net(f_s, params_s), f_t and net(f_t, params_t), beta=opt.at_weight, alpha=opt.alpha,
-                          temperature=opt.temperature, adapters=adapters, **terms)
+                          temperature=opt.temperature, at_mode=opt.at_mode, adapters=adapters, **terms)
     return distiller, sgd({**params_s, **adapters}, opt.weight_decay, precision)
 
 

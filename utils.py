@@ -13,27 +13,43 @@ class UserError(Exception):
 
 # ---------------------------------------------------------------- attention transfer (paper section 3)
 
-def at(x, size=None):
-    """Spatial attention map: per-sample L2-normalised mean over channels of x^2
-    (average-pooled to `size` first, when given)."""
-    a = x.pow(2).mean(1)
+def at(x, size=None, channels='mean'):
+    """Spatial attention map: per-sample L2-normalised mean over channels of x^2 (the 2017 code), or
+    with channels='sum' their sum (the paper's F_sum^2; the same map once normalised, up to rounding),
+    average-pooled to `size` first, when given."""
+    a = x.pow(2).mean(1) if channels == 'mean' else x.pow(2).sum(1)
     if size is not None and tuple(a.shape[-2:]) != tuple(size):
         a = F.adaptive_avg_pool2d(a, size)
     return F.normalize(a.flatten(1))
 
 
 AT_PREFIX = 'at_loss.'  # a model's AT loss terms are named 'at_loss.0', 'at_loss.1', ...: one per group
+# --at_pool: where maps of different sizes meet. attention: the attention map is average-pooled, only
+# between whole multiples (the 2017 rule); features: the larger feature map is adaptive-average-pooled
+# to the smaller size before its attention map is taken, any sizes (RepDistiller's distiller_zoo/AT.py)
+AT_POOLS = ('attention', 'features')
+# --at_mode: code, the 2017 code's element mean of squared differences; paper, Eq. 2's per-sample
+# 2-norm of the difference (not squared), maps summed over channels, averaged over the batch
+AT_MODES = ('code', 'paper')
 
 
-def at_loss(x, y):
-    """Mean squared difference of the attention maps. Maps of different sizes meet at the
-    smaller one when it divides the larger exactly (average pooling); others are refused."""
-    if x.shape[-2:] == y.shape[-2:]:
-        return (at(x) - at(y)).pow(2).mean()
-    size = tuple(min(a, b) for a, b in zip(x.shape[-2:], y.shape[-2:]))
-    if any(max(a, b) % min(a, b) for a, b in zip(x.shape[-2:], y.shape[-2:])):
-        raise UserError(f'attention maps of {tuple(x.shape[-2:])} and {tuple(y.shape[-2:])} do not match: '
-                        f'only sizes that are whole multiples of each other are pooled to meet')
+def at_loss(x, y, pool='attention', mode='code'):
+    """One group's AT term between student output x and teacher output y (N, C, H, W; channel counts
+    may differ). mode 'code': mean over batch and positions of (at(x) - at(y))^2; 'paper': mean over
+    the batch of ||at(x) - at(y)||_2 with maps summed over channels. Maps of different sizes meet at
+    the smaller one (per side): by `pool` (AT_POOLS)."""
+    size = None
+    if x.shape[-2:] != y.shape[-2:]:
+        size = tuple(min(a, b) for a, b in zip(x.shape[-2:], y.shape[-2:]))
+        if pool == 'features':
+            x, y = (F.adaptive_avg_pool2d(t, size) if tuple(t.shape[-2:]) != size else t for t in (x, y))
+            size = None
+        elif any(max(a, b) % min(a, b) for a, b in zip(x.shape[-2:], y.shape[-2:])):
+            raise UserError(f'attention maps of {tuple(x.shape[-2:])} and {tuple(y.shape[-2:])} do not match: '
+                            f'only sizes that are whole multiples of each other are pooled to meet '
+                            f'(--at_pool features pools the feature maps, any sizes)')
+    if mode == 'paper':
+        return (at(x, size, 'sum') - at(y, size, 'sum')).norm(dim=1).mean()
     return (at(x, size) - at(y, size)).pow(2).mean()
 
 

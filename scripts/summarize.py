@@ -8,8 +8,11 @@ beside the published figures.
 
 Runs are found by the names scripts/table1.sh and scripts/cifar100.sh give them (resnet_16_2_teacher,
 at_16_1_16_2, kd_resnet56_20_s1, ...). Each cell is reported twice, in separate columns, never mixed:
-the last epoch's figure (the honest one) and the best epoch's (what RepDistiller's code keeps and its
-table reports), each as the median and the mean +- sample std over the seeds, with the seed count.
+the last epoch's figure, beside the published one (RepDistiller's figures are last-epoch ones, as the
+comment beside best_acc in its train_student.py and train_teacher.py says), and the best epoch's (what
+its code prints as best accuracy), each as the median and the mean +- sample std over the seeds, with
+the seed count. The CIFAR-100 table comes in two parts, as published: teacher and student of the same
+network family, and of different families.
 Table 1 is in test error %, the CIFAR-100 table in top-1 accuracy %. Only finished runs count; a cell
 without one shows as missing. --epoch N reads every run at epoch N instead (runs that reached it; the
 best epoch then among 1..N), to compare runs of different lengths at a common point. Gradient-based AT
@@ -35,9 +38,12 @@ class Table:
     """One published table: its methods, figures and run names. `metric` is 'error' (lower is
     better) or 'accuracy'; PAPER maps pair -> (student label, teacher label, figures by method)."""
 
-    def __init__(self, name, metric, methods, headers, paper, student, teacher, rows, optional=()):
+    def __init__(self, name, metric, methods, headers, paper, student, teacher, rows, optional=(), parts=None,
+                 note=''):
         self.name, self.metric, self.methods, self.headers = name, metric, methods, dict(zip(methods, headers))
         self.paper, self.student, self.teacher, self.rows, self.optional = paper, student, teacher, rows, set(optional)
+        self.parts = parts or {'': list(paper)}  # title: its pairs, printed as tables of their own
+        self.note = note  # what the published figures are
 
     def run_name(self, pair, method):
         if method == 'student':
@@ -76,9 +82,11 @@ TABLE1 = Table(
     rows={pair.split('_')[0] if pair.startswith('nin') else pair: pair for pair in TABLE1_PAPER},  # table1.sh's
     optional=['gradat'])  # columns the paper's Table 1 lacks: shown only where runs exist
 
-# RepDistiller's CIFAR-100 table (Tian et al., ICLR 2020, Table 1), top-1 accuracy (%): teacher,
-# student, AT, KD, as the issue transcribes them. Its figures are best-epoch accuracies, mean over runs.
-CIFAR100_PAPER = {
+# RepDistiller's CIFAR-100 tables (Tian et al., ICLR 2020, Tables 1 and 2), top-1 accuracy (%): teacher,
+# student, AT, KD, from its README.md ("Benchmark Results on CIFAR-100"). They are last-epoch figures: "The
+# results reported in the paper/README is from the last epoch", says the comment beside best_acc in its
+# train_student.py and train_teacher.py. Pair names are cifar100.sh's: teacher, then student.
+CIFAR100_SAME = {
     'wrn_40_2_16_2': ('WRN-16-2', 'WRN-40-2', [75.61, 73.26, 74.08, 74.92]),
     'wrn_40_2_40_1': ('WRN-40-1', 'WRN-40-2', [75.61, 71.98, 72.77, 73.54]),
     'resnet56_20': ('resnet20', 'resnet56', [72.34, 69.06, 70.55, 70.66]),
@@ -87,13 +95,26 @@ CIFAR100_PAPER = {
     'resnet32x4_8x4': ('resnet8x4', 'resnet32x4', [79.42, 72.50, 73.44, 73.33]),
     'vgg13_8': ('vgg8', 'vgg13', [74.64, 70.36, 71.43, 72.98]),
 }
+CIFAR100_CROSS = {
+    'vgg13_MobileNetV2': ('MobileNetV2', 'vgg13', [74.64, 64.60, 59.40, 67.37]),
+    'ResNet50_MobileNetV2': ('MobileNetV2', 'ResNet50', [79.34, 64.60, 58.58, 67.35]),
+    'ResNet50_vgg8': ('vgg8', 'ResNet50', [79.34, 70.36, 71.84, 73.81]),
+    'resnet32x4_ShuffleV1': ('ShuffleV1', 'resnet32x4', [79.42, 70.50, 71.73, 74.07]),
+    'resnet32x4_ShuffleV2': ('ShuffleV2', 'resnet32x4', [79.42, 71.82, 72.73, 74.45]),
+    'wrn_40_2_ShuffleV1': ('ShuffleV1', 'WRN-40-2', [75.61, 70.50, 73.32, 74.83]),
+}
+CIFAR100_PAPER = {**CIFAR100_SAME, **CIFAR100_CROSS}
 CIFAR100_NETS = {'WRN-16-2': 'wrn_16_2', 'WRN-40-1': 'wrn_40_1', 'WRN-40-2': 'wrn_40_2'}  # cifar100.sh's run names
 CIFAR100 = Table(
     'cifar100', 'accuracy', ['teacher', 'student', 'at', 'kd'], ['teacher', 'student', 'AT', 'KD'],
     {pair: (s, t, dict(zip(['teacher', 'student', 'at', 'kd'], figures))) for pair, (s, t, figures) in CIFAR100_PAPER.items()},
     student={pair: CIFAR100_NETS.get(s, s) for pair, (s, _, _) in CIFAR100_PAPER.items()},
     teacher={pair: CIFAR100_NETS.get(t, t) + '_teacher' for pair, (_, t, _) in CIFAR100_PAPER.items()},
-    rows={pair: pair for pair in CIFAR100_PAPER})
+    rows={pair: pair for pair in CIFAR100_PAPER},
+    parts={'Teacher and student of the same family': list(CIFAR100_SAME),
+           'Teacher and student of different families': list(CIFAR100_CROSS)},
+    note='paper: RepDistiller\'s README/paper table, last-epoch figures (its train_student.py and train_teacher.py '
+         'say so beside best_acc): compare them with the last columns. ')
 
 TABLES = {'table1': TABLE1, 'cifar100': CIFAR100}
 
@@ -155,20 +176,26 @@ def mean_std(s):
 
 def markdown(rows, tab=TABLE1):
     """One line a (pair, method): the published figure, then the last epoch's and the best epoch's
-    figures in columns of their own."""
+    figures in columns of their own; a table for each part of the published table (tab.parts)."""
     what = 'test error %' if tab.metric == 'error' else 'top-1 accuracy %'
-    lines = [f'| student | teacher | method | paper | last: median | last: mean ± std | best: median | '
-             f'best: mean ± std | seeds |', '|---|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        if r['method'] in tab.optional and not any(q['method'] == r['method'] and q['seeds'] for q in rows):
-            continue
-        paper = 'n/a' if r['paper'] is None else f'{r["paper"]:.2f}'
-        lines.append(f'| {r["student"]} | {r["teacher"]} | {tab.headers[r["method"]]} | {paper} | '
-                     f'{fmt(r["last"]["median"])} | {mean_std(r["last"])} | {fmt(r["best"]["median"])} | '
-                     f'{mean_std(r["best"])} | {r["seeds"]} |')
-    return '\n'.join(lines) + (
-        f'\n\nFigures: {what}. last: the final epoch of each run; best: the best epoch of each run '
-        '(as RepDistiller\'s code reports); each as the median and the mean ± sample std over the seeds '
+    header = ['| student | teacher | method | paper | last: median | last: mean ± std | best: median | '
+              'best: mean ± std | seeds |', '|---|---|---|---|---|---|---|---|---|']
+    parts = []
+    for title, pairs in tab.parts.items():
+        lines = []
+        for r in rows:
+            if r['pair'] not in pairs or r['method'] in tab.optional and not any(
+                    q['method'] == r['method'] and q['seeds'] for q in rows):
+                continue
+            paper = 'n/a' if r['paper'] is None else f'{r["paper"]:.2f}'
+            lines.append(f'| {r["student"]} | {r["teacher"]} | {tab.headers[r["method"]]} | {paper} | '
+                         f'{fmt(r["last"]["median"])} | {mean_std(r["last"])} | {fmt(r["best"]["median"])} | '
+                         f'{mean_std(r["best"])} | {r["seeds"]} |')
+        if lines:
+            parts.append((f'### {title}\n\n' if title else '') + '\n'.join(header + lines))
+    return '\n\n'.join(parts) + (
+        f'\n\nFigures: {what}. {tab.note}last: the final epoch of each run; best: the best epoch of each run; '
+        'each as the median and the mean ± sample std over the seeds '
         '(std — under 2 seeds). — : no finished run; n/a: not in the published table.\n')
 
 

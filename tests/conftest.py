@@ -22,8 +22,8 @@ OFFLINE_ENV = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'TORCH_HOME': tempfile.
                'no_proxy': '', 'NO_PROXY': ''}
 
 
-def make_class_folders(root, classes=3, train_per_class=16, test_per_class=8, seed=0):
-    """A tiny learnable dataset: class c has a bright channel c, on noise."""
+def make_class_folders(root, classes=3, train_per_class=16, test_per_class=8, seed=0, size=32):
+    """A tiny learnable dataset of size x size images: class c has a bright channel c, on noise."""
     from PIL import Image
     rng = np.random.default_rng(seed)
     for split, n in (('train', train_per_class), ('test', test_per_class)):
@@ -31,7 +31,7 @@ def make_class_folders(root, classes=3, train_per_class=16, test_per_class=8, se
             d = Path(root, split, f'class{c}')
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                img = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)
+                img = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
                 img[..., c % 3] += 120
                 Image.fromarray(img).save(d / f'{i:03d}.png')
     return Path(root)

@@ -119,6 +119,24 @@ def test_entry_script_flags(prog, flag, value, data, sandbox, capfd):
     assert_one_line_refusal(code, err, before, sandbox, data, data_before, f'{prog}.py {flag} {value!r}')
 
 
+# values each flag takes, in combinations that do not go together: (argv after the base, what the line says)
+CIFAR_COMBOS = [
+    (['--model', 'nin', '--init', 'crd'], 'NIN-1 has only the 2017 initialisation'),
+    (['--model', 'vgg8', '--init', '2017'], 'vgg8 has only the crd initialisation'),
+    (['--preset', 'crd', '--model', 'nin'], '--init crd: NIN-1 has only the 2017'),  # the preset's init
+    (['--model', 'resnet8', '--at_pool', 'features', '--at_mode', 'paper', '--init', '2017'], '--init 2017'),
+]
+
+
+@pytest.mark.parametrize('argv,message', CIFAR_COMBOS, ids=[' '.join(a) for a, _ in CIFAR_COMBOS])
+def test_cifar_flag_combinations(argv, message, data, sandbox, capfd):
+    base = ['--dataroot', str(data / 'cifar'), '--epochs', '1', '--nthread', '0', '--save', 'logs/run', '--no_progress']
+    before, data_before = tree(sandbox), tree(data)
+    code, err = run_inprocess(cifar.main, [*base, *argv], 'cifar.py', capfd)
+    assert_one_line_refusal(code, err, before, sandbox, data, data_before, f'cifar.py {argv}')
+    assert message in err[0]
+
+
 def test_every_text_flag_has_bad_values():
     missing = [p.values[1] for p in ENTRY if p.values[2] is None]
     assert not missing, f'text flags with no bad values in BAD_TEXT: {missing}'
@@ -174,7 +192,8 @@ SHELL = [  # (script, arguments, environment)
     ('table1.sh', [], {'PYTHON': 'no-such-python'}), ('table1.sh', [], {'DATAROOT': '{missing}'}),
     ('table1.sh', [], {'LOGS': '{data}/a_file'}),
     ('cifar100.sh', ['--nope'], {}), ('cifar100.sh', [], {'EPOCHS': 'x'}), ('cifar100.sh', [], {'SEEDS': '1 x'}),
-    ('cifar100.sh', [], {'ROWS': 'x'}), ('cifar100.sh', [], {'METHODS': 'factt'}), ('cifar100.sh', [], {'BETA': '-1'}),
+    ('cifar100.sh', [], {'ROWS': 'x'}), ('cifar100.sh', [], {'PAIRS': 'x'}), ('cifar100.sh', [], {'PAIRS': 'nin'}),
+    ('cifar100.sh', [], {'METHODS': 'factt'}), ('cifar100.sh', [], {'BETA': '-1'}),
     ('cifar100.sh', [], {'ALPHA': 'x'}), ('cifar100.sh', [], {'EPOCH_STEP': '[0]'}),
     ('cifar100.sh', [], {'PYTHON': 'no-such-python'}),
     ('imagenet.sh', ['--nope'], {}), ('imagenet.sh', [], {'IMAGENETPATH': '{missing}'}),

@@ -1,6 +1,9 @@
 """The CIFAR-100 benchmark's protocol: the crd preset, the lr steps with and without a momentum
-restart, zero padding, the KD normalisation of RepDistiller's DistillKL, and scripts/cifar100.sh."""
+restart, zero padding, the KD normalisation of RepDistiller's DistillKL, the WRN initialisation of
+its wrn.py, scripts/cifar100.sh, and all 13 pairs of its tables end to end."""
 import json
+import math
+import signal
 import subprocess
 import sys
 
@@ -12,7 +15,11 @@ import cifar
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log
 from data import DeviceLoader
 from engine import Trainer
+from resnet import cifar_model_groups, wrn_params
 from utils import UserError, kd_loss
+
+sys.path.insert(0, str(ROOT / 'scripts'))
+import summarize  # noqa: E402
 
 
 def distill_kl(y_s, y_t, T):
@@ -38,13 +45,56 @@ def test_preset_crd_sets_the_recipe_and_leaves_the_2017_defaults_alone():
     # that code drops the lr in the epochs after 150, 180 and 210 (1-based): here, at the start of 151, 181, 211
     assert [s - 1 for s in json.loads(opt.epoch_step)] == [150, 180, 210]
     assert (opt.lr_restart_momentum, opt.pad_mode, opt.normalize) == (0, 'zeros', 'cifar100')
+    assert (opt.at_pool, opt.init, opt.at_mode) == ('features', 'crd', 'code')
     assert cifar.NORMALIZE['cifar100'] == ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761])
-    mine = cifar.parse_args(['--preset', 'crd', '--lr', '0.01', '--lr_restart_momentum', '1'])
-    assert (mine.lr, mine.lr_restart_momentum, mine.batch_size) == (0.01, 1, 64)  # flags given win
+    mine = cifar.parse_args(['--preset', 'crd', '--lr', '0.01', '--lr_restart_momentum', '1', '--at_pool', 'attention',
+                             '--init', '2017'])
+    assert (mine.lr, mine.lr_restart_momentum, mine.batch_size, mine.at_pool, mine.init) == \
+        (0.01, 1, 64, 'attention', '2017')  # flags given win
     d = cifar.parse_args([])
     assert (d.dataset, d.epochs, d.batch_size, d.lr, d.weight_decay, d.epoch_step, d.lr_decay_ratio) == \
         ('CIFAR10', 200, 128, 0.1, 0.0005, '[60,120,160]', 0.2)
     assert (d.lr_restart_momentum, d.pad_mode, d.normalize, d.preset) == (1, 'reflect', '2017', 'none')
+    assert (d.at_pool, d.init, d.at_mode) == ('attention', '2017', 'code')
+    # the benchmark's networks other than the WRN have their own code's initialisation only, NIN 2017's only
+    assert [cifar.parse_args(['--model', m]).init for m in ('resnet8', 'vgg8', 'nin')] == ['crd', 'crd', '2017']
+
+
+LR_001 = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')  # train_student.py and train_teacher.py: lr 0.01 for these
+
+
+@pytest.mark.parametrize('model', [*LR_001, 'ResNet50', 'resnet8x4', 'wrn'])
+def test_preset_lr_is_0_01_for_mobilenet_and_shufflenets(model, monkeypatch):
+    """That code sets lr 0.01 for MobileNetV2 and the ShuffleNets, as students and as teachers (a teacher
+    is a run without one). The networks' presence is tested elsewhere: here the parser alone."""
+    monkeypatch.setitem(cifar.CIFAR_MODELS, model, cifar.CIFAR_MODELS.get(model))
+    assert cifar.parse_args(['--preset', 'crd', '--model', model]).lr == (0.01 if model in LR_001 else 0.05)
+    assert cifar.parse_args(['--preset', 'crd', '--model', model, '--lr', '0.03']).lr == 0.03
+    assert cifar.parse_args(['--model', model]).lr == 0.1
+
+
+def test_wrn_init_crd_is_that_of_repdistillers_wrn_py_and_2017_stays():
+    """crd: convs normal(0, sqrt(2 / (k*k*out))) (wrn.py's loop), bn weight 1 and bias 0, the linear
+    weight torch.nn.Linear's uniform(+-1/sqrt(in)) with a zero bias. 2017: bitwise what it was."""
+    torch.manual_seed(0)
+    p = wrn_params(40, 2, 100, 'crd')
+    for name, k, out in (('group2.block3.conv1', 3, 128), ('group1.block0.convdim', 1, 64), ('conv0', 3, 16)):
+        w = p[name]
+        assert w.shape[0] == out and w.shape[-1] == k
+        assert w.std().item() == pytest.approx(math.sqrt(2 / (k * k * out)), rel=0.05 if w.numel() > 4000 else 0.2)
+        assert abs(w.mean().item()) < 0.1 * w.std().item()
+    bns = [k[:-len('.weight')] for k in p if k.endswith('.weight') and k[:-len('.weight')] + '.running_var' in p]
+    assert len(bns) == 37 and all((p[b + '.weight'] == 1).all() and (p[b + '.bias'] == 0).all() for b in bns)
+    bound = 1 / math.sqrt(128)
+    assert p['fc.weight'].abs().max() <= bound
+    assert p['fc.weight'].std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)  # uniform's std
+    assert (p['fc.bias'] == 0).all()
+    torch.manual_seed(0)
+    old = wrn_params(16, 1, 10)
+    torch.manual_seed(0)
+    named = wrn_params(16, 1, 10, '2017')
+    assert list(named) == list(old) and all(torch.equal(v, named[k]) for k, v in old.items())
+    assert 0 < old['bn.weight'].min() and old['bn.weight'].max() < 1 and old['bn.weight'].std() > 0.1
 
 
 @pytest.mark.parametrize('restart', [True, False])
@@ -92,27 +142,47 @@ def saves(lines):
     return [line.split('--save ')[1].split()[0].rsplit('/', 1)[1] for line in lines if '--save' in line]
 
 
+SAME = ['wrn_40_2_16_2', 'wrn_40_2_40_1', 'resnet56_20', 'resnet110_20', 'resnet110_32', 'resnet32x4_8x4', 'vgg13_8']
+CROSS = ['vgg13_MobileNetV2', 'ResNet50_MobileNetV2', 'ResNet50_vgg8', 'resnet32x4_ShuffleV1', 'resnet32x4_ShuffleV2',
+         'wrn_40_2_ShuffleV1']
+
+
 def test_dry_run_lists_every_run(tmp_path):
     p = cifar100_sh('--dry-run', LOGS=str(tmp_path))
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    rows = ['wrn_40_2_16_2', 'wrn_40_2_40_1', 'resnet56_20', 'resnet110_20', 'resnet110_32', 'resnet32x4_8x4', 'vgg13_8']
     assert saves(lines) == (
         ['wrn_40_2_teacher', 'resnet56_teacher', 'resnet110_teacher', 'resnet32x4_teacher', 'vgg13_teacher',
-         'wrn_16_2', 'wrn_40_1', 'resnet20', 'resnet32', 'resnet8x4', 'vgg8']
-        + [f'{m}_{r}' for r in rows for m in ('at', 'kd')])
+         'ResNet50_teacher', 'wrn_16_2', 'wrn_40_1', 'resnet20', 'resnet32', 'resnet8x4', 'vgg8', 'MobileNetV2',
+         'ShuffleV1', 'ShuffleV2']
+        + [f'{m}_{r}' for r in SAME + CROSS for m in ('at', 'kd')])
     assert all(line.startswith("python cifar.py --preset crd --dataroot . --epochs 240 --epoch_step '[151,181,211]'")
                for line in lines)
-    assert lines[-1].endswith(f'--model vgg8 --teacher_id {tmp_path}/vgg13_teacher --alpha 0.9 --temperature 4')
-    assert lines[-2].endswith(f'--model vgg8 --teacher_id {tmp_path}/vgg13_teacher --beta 1e+3')
-    short = cifar100_sh('--dry-run', LOGS=str(tmp_path), EPOCHS='24', SEEDS='0 1', ROWS='resnet32x4_8x4',
+    assert lines[-1].endswith(f'--model ShuffleV1 --teacher_id {tmp_path}/wrn_40_2_teacher --alpha 0.9 --temperature 4')
+    assert lines[-2].endswith(f'--model ShuffleV1 --teacher_id {tmp_path}/wrn_40_2_teacher --beta 1e+3')
+    # the script's pairs are summarize.py's, with the same teacher and student runs
+    assert list(summarize.CIFAR100.rows) == SAME + CROSS
+    for pair in SAME + CROSS:
+        at = next(line for line in lines if f'--save {tmp_path}/at_{pair} ' in line)
+        student, teacher = (summarize.CIFAR100.run_name(pair, m) for m in ('student', 'teacher'))
+        assert at.endswith(f'{" ".join(flags(student))} --teacher_id {tmp_path}/{teacher} --beta 1e+3'), at
+    short = cifar100_sh('--dry-run', LOGS=str(tmp_path), EPOCHS='24', SEEDS='0 1', PAIRS='resnet32x4_8x4',
                         METHODS='at').stdout.splitlines()
     assert saves(short) == ['resnet32x4_teacher', 'at_resnet32x4_8x4', 'at_resnet32x4_8x4_s1']
     assert "--epochs 24 --epoch_step '[16,19,22]'" in short[0] and '--seed 1' in short[-1]
-    for env, message in (({'ROWS': 'resnet56'}, 'unknown row resnet56'), ({'METHODS': 'fitnet'}, 'unknown method fitnet'),
+    assert cifar100_sh('--dry-run', LOGS=str(tmp_path), ROWS='vgg13_8', METHODS='kd').stdout.count('\n') == 2
+    for env, message in (({'PAIRS': 'resnet56'}, 'unknown row resnet56'), ({'METHODS': 'fitnet'}, 'unknown method fitnet'),
                          ({'EPOCHS': 'x'}, 'EPOCHS must be a positive whole number')):
         p = cifar100_sh('--dry-run', **env)
         assert p.returncode == 2 and p.stderr.count('\n') == 1 and message in p.stderr
+
+
+def flags(run_name):
+    """cifar.py's model flags of a run name of cifar100.sh: wrn_D_W, or a network's name."""
+    if run_name.startswith('wrn_'):
+        depth, width = run_name.split('_')[1:3]
+        return ['--depth', depth, '--width', width]
+    return ['--model', run_name]
 
 
 def test_stops_at_the_first_run_that_does_not_finish(tmp_path):
@@ -157,10 +227,85 @@ def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
     assert rows['resnet56_20', 'teacher']['seeds'] == 1 and rows['resnet110_20', 'teacher']['seeds'] == 0
     md = (tmp_path / 'out' / 'c100.md').read_text()
     assert '| vgg8 | vgg13 | KD | 72.98 | — | — | — | — | 0 |' in md and 'top-1 accuracy %' in md
+    # two tables, as published: the same-family pairs, then the cross-family ones with their figures
+    same, cross = md.index('### Teacher and student of the same family'), md.index('### Teacher and student of different')
+    assert same < md.index('| resnet20 | resnet56 | AT | 70.55 |') < cross < md.index(
+        '| MobileNetV2 | ResNet50 | AT | 58.58 | — | — | — | — | 0 |')
+    assert '| ShuffleV1 | WRN-40-2 | teacher | 75.61 |' in md[cross:] and 'last-epoch figures' in md
+    assert rows['vgg13_MobileNetV2', 'kd']['paper'] == 67.37 and len(rows) == 13 * 4
+    summarize.main([str(logs), '--table', 'cifar100', '--rows', 'ResNet50_vgg8', '--out', str(tmp_path / 'out' / 'x')])
+    md = (tmp_path / 'out' / 'x.md').read_text()
+    assert 'same family' not in md and md.count('| vgg8 | ResNet50 |') == 4 and '| 73.81 |' in md
 
-    # a teacher with another count of group outputs cannot be paired by AT
+    # a teacher with another count of group outputs cannot be paired by AT, but KD takes any two networks
     monkeypatch.chdir(tmp_path)
-    opt = cifar.parse_args(['--preset', 'crd', '--model', 'vgg8', '--dataroot', str(data), '--device', 'cpu',
-                            '--teacher_id', str(logs / 'resnet56_teacher'), '--beta', '1e+3'])
-    with pytest.raises(UserError, match='^teacher resnet56 has 3 group outputs and student vgg8 4: AT pairs them one to one$'):
-        cifar.build(opt)
+    base = ['--preset', 'crd', '--model', 'vgg8', '--dataroot', str(data), '--device', 'cpu', '--nthread', '0',
+            '--teacher_id', str(logs / 'resnet56_teacher')]
+    for transfer in (['--beta', '1e+3'], ['--factt_beta', '1e+4', '--alpha', '0.9']):
+        with pytest.raises(UserError, match=r'^teacher resnet56 has 3 group outputs and student vgg8 4: AT \(--beta, '
+                                            r'--factt_beta\) pairs them one to one; KD \(--alpha\) needs none$'):
+            cifar.build(cifar.parse_args(base + transfer))
+    run = cifar.build(cifar.parse_args(base + ['--alpha', '0.9']))
+    x, y = next(iter(run.train_loader))
+    _, losses = run.distiller(x, y, True)
+    assert set(losses) == {'loss'} and losses['loss'].isfinite()  # KD alone: no AT term to log
+
+
+def test_preset_builds_the_wrn_with_the_crd_init(tmp_path, monkeypatch):
+    data = make_class_folders(tmp_path / 'c', classes=3, train_per_class=1, test_per_class=1, size=8)
+    monkeypatch.chdir(tmp_path)
+    common = ['--depth', '10', '--width', '2', '--dataroot', str(data), '--device', 'cpu', '--nthread', '0']
+    crd = cifar.build(cifar.parse_args(['--preset', 'crd', *common])).params_s
+    old = cifar.build(cifar.parse_args(common)).params_s
+    assert (crd['bn.weight'] == 1).all() and (crd['fc.bias'] == 0).all()
+    assert not (old['bn.weight'] == 1).any()
+
+
+# ---------------------------------------------------------------- the 13 pairs end to end
+
+@pytest.fixture(scope='module')
+def c100(tmp_path_factory):
+    """A 100-class folder of 8x8 images (small for speed; the networks pool globally), 1 train and 1 test
+    image a class, and a cache of teacher runs trained on it (each made the first time a pair asks)."""
+    root = tmp_path_factory.mktemp('pairs')
+    return dict(data=make_class_folders(root / 'c100', classes=100, train_per_class=1, test_per_class=1, size=8),
+                logs=root / 'logs', teachers={})
+
+
+def run_main(argv):
+    """cifar.py in this process (no interpreter start-up per run), its signal handlers put back after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cifar.main(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def crd_run(c100, name, model_flags, *extra):
+    """A 1-epoch --preset crd run of 2 steps of 50 images, as cifar100.sh names it; its log record."""
+    run_main(['--preset', 'crd', '--dataroot', str(c100['data']), '--epochs', '1', '--batch_size', '50',
+              '--device', 'cpu', '--nthread', '0', '--no_progress', '--tensorboard', '0',
+              '--save', str(c100['logs'] / name), *model_flags, *extra])
+    return read_log(c100['logs'] / name)[-1]
+
+
+@pytest.mark.parametrize('pair', SAME + CROSS)
+def test_pair_runs_end_to_end(pair, c100):
+    """Each pair of RepDistiller's two tables: its teacher trained under the preset (once, shared), then
+    the student with AT on every group output and KD at once. No pair is skipped: a network that is
+    missing fails here."""
+    student, teacher = (summarize.CIFAR100.run_name(pair, m) for m in ('student', 'teacher'))
+    if teacher not in c100['teachers']:
+        c100['teachers'][teacher] = crd_run(c100, teacher, flags(teacher.removesuffix('_teacher')))
+    t = c100['teachers'][teacher]
+    record = crd_run(c100, f'atkd_{pair}', flags(student), '--teacher_id', str(c100['logs'] / teacher),
+                     '--beta', '1e+3', '--alpha', '0.9')
+    lr = {m: 0.01 if m in LR_001 else 0.05 for m in (student, t['model'])}
+    assert (t['lr'], record['lr']) == (lr[t['model']], lr[student] if student in lr else 0.05)
+    assert (record['at_pool'], record['init'], record['num_classes'], record['epoch']) == ('features', 'crd', 100, 1)
+    n = cifar_model_groups(record['model'])
+    assert n == cifar_model_groups(t['model']) and len(record['at_losses']) == n
+    # [mean, std] over the steps, by group; a map of 1x1 (the last groups of some, on 8x8 images) is 1 for all
+    assert all(math.isfinite(v[0]) and v[0] >= 0 for v in record['at_losses']) and record['at_losses'][0][0] > 0
+    assert math.isfinite(record['train_loss'])

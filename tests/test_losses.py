@@ -111,3 +111,87 @@ def test_step_beta_drops_exactly_when_the_lr_drops():
     """A repeated epoch_step entry (table1.sh gives [2,2,2] for 2 epochs) drops the lr once: beta too."""
     assert [utils.beta_schedule(1000, 'step', e, 2, [2, 2, 2], 0.2) for e in (1, 2)] == [1000, pytest.approx(200)]
     assert utils.beta_schedule(1000, 'step', 9, 9, [3, 3, 6], 0.5) == 250
+
+
+def hand_adaptive_pool(x, out_h, out_w):
+    """Adaptive average pooling written out: output cell i of n over a side of N averages the inputs
+    floor(i*N/n) .. ceil((i+1)*N/n) - 1 (cells overlap where n does not divide N)."""
+    n, c, h, w = x.shape
+    out = np.zeros((n, c, out_h, out_w))
+    for i in range(out_h):
+        r0, r1 = (i * h) // out_h, -((-(i + 1) * h) // out_h)
+        for j in range(out_w):
+            c0, c1 = (j * w) // out_w, -((-(j + 1) * w) // out_w)
+            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean((2, 3))
+    return out
+
+
+@pytest.mark.parametrize('s_size,t_size', [((7, 7), (4, 4)), ((4, 4), (7, 7)), ((16, 16), (8, 8)), ((5, 9), (3, 4))])
+def test_at_loss_features_pools_the_larger_feature_map_then_takes_its_map(s_size, t_size):
+    """--at_pool features (RepDistiller's AT.py): the larger feature map is average-pooled to the smaller
+    size, channel by channel, and only then squared, averaged over channels and normalised; any sizes."""
+    torch.manual_seed(5)
+    s, t = torch.randn(3, 4, *s_size, dtype=torch.float64), torch.randn(3, 6, *t_size, dtype=torch.float64)
+    size = tuple(min(a, b) for a, b in zip(s_size, t_size))
+    pooled = [torch.from_numpy(hand_adaptive_pool(x.numpy(), *size)) for x in (s, t)]
+    expected = ((hand_at(pooled[0]) - hand_at(pooled[1])) ** 2).mean()
+    assert utils.at_loss(s, t, 'features').item() == pytest.approx(expected, rel=1e-10)
+    if all(max(a, b) % min(a, b) == 0 for a, b in zip(s_size, t_size)):  # 2017's rule pools the map instead
+        assert utils.at_loss(s, t).item() != pytest.approx(expected, rel=1e-3)
+    else:
+        with pytest.raises(utils.UserError, match='whole multiples'):
+            utils.at_loss(s, t)
+
+
+def test_hand_adaptive_pool_bins():
+    # 7 -> 4: rows 0-1, 1-3, 3-5, 5-6
+    x = np.arange(7, dtype=np.float64).reshape(1, 1, 7, 1)
+    assert hand_adaptive_pool(x, 4, 1).ravel().tolist() == [0.5, 2.0, 4.0, 5.5]
+
+
+def test_at_loss_paper_is_the_batch_mean_of_the_2_norm_of_summed_maps():
+    """Eq. 2 as written: per sample, || Q_s/||Q_s|| - Q_t/||Q_t|| ||_2 with Q = vec(sum_c x_c^2), not
+    squared, then the batch mean; the code's form is the mean of the squares over batch and positions."""
+    torch.manual_seed(6)
+    s, t = torch.randn(4, 3, 5, 6, dtype=torch.float64), torch.randn(4, 8, 5, 6, dtype=torch.float64)
+    a, b = (x.numpy() for x in (s, t))
+    per_sample = []
+    for i in range(4):
+        q_s = sum(a[i, k] ** 2 for k in range(3)).ravel()
+        q_t = sum(b[i, k] ** 2 for k in range(8)).ravel()
+        d = q_s / math.sqrt((q_s ** 2).sum()) - q_t / math.sqrt((q_t ** 2).sum())
+        per_sample.append(math.sqrt((d ** 2).sum()))
+    assert utils.at_loss(s, t, mode='paper').item() == pytest.approx(sum(per_sample) / 4, rel=1e-10)
+    assert utils.at_loss(s, t).item() == pytest.approx(sum(p ** 2 for p in per_sample) / (4 * 30), rel=1e-10)
+    # maps of different sizes meet as in code mode: 2017's pooled attention map, or pooled features
+    big = torch.randn(4, 2, 10, 12, dtype=torch.float64)
+    m = big.pow(2).sum(1).reshape(4, 5, 2, 6, 2).mean((2, 4)).flatten(1)
+    q = s.pow(2).sum(1).flatten(1)
+    expected = (q / q.norm(dim=1, keepdim=True) - m / m.norm(dim=1, keepdim=True)).norm(dim=1).mean()
+    assert utils.at_loss(s, big, mode='paper').item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+class Fixed(torch.nn.Module):
+    """A network stand-in returning given logits and group outputs."""
+
+    def __init__(self, y, groups):
+        super().__init__()
+        self.y, self.groups = y, groups
+
+    def forward(self, x, mode):
+        return self.y, self.groups
+
+
+@pytest.mark.parametrize('mode,weight', [('code', 1.0), ('paper', 0.5)])
+def test_distiller_weighs_paper_mode_terms_by_half_beta(mode, weight):
+    from distill import Distiller
+    torch.manual_seed(7)
+    g_s = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    g_t = [torch.randn(2, 5, 8, 8), torch.randn(2, 5, 2, 2)]
+    y_s, y_t, labels = torch.randn(2, 4), torch.randn(2, 4), torch.tensor([1, 3])
+    d = Distiller(Fixed(y_s, g_s), Fixed(y_t, g_t), beta=1000., at_pool='features', at_mode=mode)
+    _, losses = d(torch.zeros(2), labels, True)
+    terms = [utils.at_loss(s, t, 'features', mode) for s, t in zip(g_s, g_t)]
+    assert [losses['at_loss.0'], losses['at_loss.1']] == terms
+    expected = torch.nn.functional.cross_entropy(y_s, labels) + weight * 1000 * (terms[0] + terms[1])
+    torch.testing.assert_close(losses['loss'], expected)
