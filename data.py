@@ -174,6 +174,12 @@ class DeviceLoader:
     order is reshuffled every epoch from `generator`. It yields (inputs, targets)
     like a DataLoader, already on the device.
 
+    `generator` is a CPU generator, whatever the device: the order, crops and flips are drawn on the
+    CPU and copied over. A CUDA generator's numbers depend on the GPU model (which element gets which
+    Philox number follows the launch grid, sized by the multiprocessor count: calc_execution_policy in
+    ATen/native/cuda/DistributionTemplates.h), so ranks on different GPUs would read different orders,
+    some images twice and some never; the CPU's numbers are one order for every device.
+
     Under torchrun every rank draws the same numbers from the same seeded generator, for the whole
     global batch, and keeps its own share of images and of crops and flips: the ranks' generators
     stay in step (rank 0's state resumes them all) while each image gets its own augmentation.
@@ -206,15 +212,15 @@ class DeviceLoader:
         size, share = x.shape[-2:], slice(self.rank, None, self.world)
         if self.pad:
             x = F.pad(x, [self.pad] * 4, mode=self.pad_mode)  # constant: 0, a black pixel before normalising
-        g, dev = self.generator, x.device
-        top = torch.randint(0, 2 * self.pad + 1, (n_global,), device=dev, generator=g)[share]
-        left = torch.randint(0, 2 * self.pad + 1, (n_global,), device=dev, generator=g)[share]
-        flip = torch.randint(0, 2, (n_global,), device=dev, generator=g).bool()[share]
-        return crop_flip(x, top, left, flip, size)
+        g = self.generator  # on the CPU (see the class): one copy of the three draws to the device
+        draws = torch.stack([torch.randint(0, 2 * self.pad + 1, (n_global,), generator=g),
+                             torch.randint(0, 2 * self.pad + 1, (n_global,), generator=g),
+                             torch.randint(0, 2, (n_global,), generator=g)])[:, share].to(x.device)
+        return crop_flip(x, draws[0], draws[1], draws[2].bool(), size)
 
     def __iter__(self):
         n = len(self.labels)
-        order = (torch.randperm(n, device=self.labels.device, generator=self.generator)
+        order = (torch.randperm(n, generator=self.generator).to(self.labels.device)  # on the CPU: see the class
                  if self.train else torch.arange(n, device=self.labels.device))
         if self.world > 1 and self.train:  # one size for every rank's share, so all take as many steps
             order = torch.cat([order, order[:self.shard_size() * self.world - n]])
