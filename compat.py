@@ -104,11 +104,18 @@ def tf32_state():
 
 
 def compile_errors():
-    """The exceptions that mean torch.compile itself failed (no compiler, an unsupported op, ...);
-    InductorError (torch >= 2.7) is a TorchDynamoException, so older torch loses nothing."""
+    """The exceptions that mean torch.compile itself failed (no compiler, an unsupported op, ...).
+
+    What fails while compiling a forward, dynamo wraps in BackendCompilerFailed, a TorchDynamoException on
+    every torch. The backward is compiled lazily, inside loss.backward(), where AOTAutograd calls inductor
+    itself: before torch 2.7 inductor's errors come out of it raw (a LoweringException or another
+    OperatorIssue, a CppCompileError, ...: torch/_inductor/exc.py); from 2.7 on inductor wraps them in
+    InductorError, a BackendCompilerFailed. So: TorchDynamoException, and each of inductor's own error
+    classes that this torch has."""
     from torch._dynamo.exc import TorchDynamoException
     from torch._inductor import exc
-    names = ('InductorError', 'CppCompileError', 'InvalidCxxCompiler', 'CUDACompileError')
+    names = ('InductorError', 'OperatorIssue', 'SubgraphLoweringException', 'CppWrapperCodeGenError',
+             'CppWrapperCodegenError', 'CppCompileError', 'InvalidCxxCompiler', 'CUDACompileError')
     return (TorchDynamoException, *(getattr(exc, n) for n in names if hasattr(exc, n)))
 
 

@@ -186,3 +186,38 @@ def test_compiled_shapes_are_static(counted_compiles):
         for n in (4, 3, 2, 4):
             s(torch.ones(n, 3), p, True)
     assert [g[0] for g in counted_compiles] == [(4, 3), (3, 3), (2, 3)]  # automatic dynamic shapes: 2 graphs
+
+
+@pytest.mark.parametrize('name', ['LoweringException', 'MissingOperatorWithoutDecomp', 'MissingOperatorWithDecomp',
+                                  'CppCompileError', 'InvalidCxxCompiler', 'BackendCompilerFailed', 'InductorError'])
+def test_each_torchs_compile_errors_in_the_backward_pass_fall_back(monkeypatch, capsys, name):
+    """What compiling the backward raises: before torch 2.7 inductor's errors come out raw (a
+    LoweringException, ...), from 2.7 on as InductorError; dynamo's are BackendCompilerFailed. Each,
+    raised from loss.backward(), ends in one eager step, as if compile had never been asked for."""
+    from torch._dynamo import exc as dynamo_exc
+    from torch._inductor import exc as inductor_exc
+    cls = getattr(inductor_exc, name, None) or getattr(dynamo_exc, name)
+    error = cls.__new__(cls)  # their constructors' arguments changed between versions; what is raised did not
+    Exception.__init__(error, 'made by the test')
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise error
+    monkeypatch.setattr(torch, 'compile', lambda f, **kw: lambda x, w: FailingBackward.apply(f(x, w)))
+    f = engine.compiled(lambda x, w: (x * w).sum(), True, 'prog')
+    w = torch.ones(3, requires_grad=True)
+    optimizer = engine.EagerOnCompileError(torch.optim.SGD([w], 0.1), [f])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = f(torch.arange(3.), w)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    assert capsys.readouterr().err.splitlines() == [f'prog: --compile unavailable here ({name}); running eagerly']
+    assert torch.equal(w.detach(), torch.tensor([1., 0.9, 0.8]))  # one plain SGD step: w - 0.1 x
