@@ -136,17 +136,25 @@ def rank_batch(batch_size, sizes, dist):
     return batch_size // dist.world
 
 
+def rank_seed(seed, rank):
+    """The seed of a rank's own random streams: --seed itself on rank 0 (a one-process run is unchanged),
+    mixed with the rank on the others (SeedSequence), so that no two ranks draw alike."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def data_loader(dataset, train, batch, nthread, seed, device, dist):
     """A DataLoader of this rank's share: under torchrun a seeded DistributedSampler for training
     (a fresh order each epoch, set by the loop) and every world-th image for testing. Workers are not
-    persistent: each epoch seeds fresh ones from the generator, which resume restores."""
+    persistent: each epoch seeds fresh ones from the generator, which resume restores. Each rank's
+    generator has a seed of its own (rank_seed), so that the ranks' workers crop and flip apart; the
+    sampler's seed is the same on every rank, so that their shares make one order."""
     # the 2017 default of 4 workers exceeds small machines' cores; that is fine, say nothing
     warnings.filterwarnings('ignore', message='This DataLoader will create')
     kw = dict(batch_size=batch, num_workers=nthread, pin_memory=device.type == 'cuda')
     if not train:
         return torch.utils.data.DataLoader(dataset, shuffle=False, **kw, **(
             {'sampler': range(dist.rank, len(dataset), dist.world)} if dist.world > 1 else {}))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(rank_seed(seed, dist.rank))
     if dist.world > 1:
         return torch.utils.data.DataLoader(dataset, generator=gen, sampler=DistributedSampler(
             dataset, dist.world, dist.rank, shuffle=True, seed=seed), **kw)

@@ -79,6 +79,14 @@ class Dist:
         torch.distributed.broadcast_object_list(box, 0, device=self.device if self.device.type == 'cuda' else None)
         return box[0]
 
+    def gather_object(self, obj):
+        """Every rank's object, in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        box = [None] * self.world if self.rank == 0 else None
+        torch.distributed.gather_object(obj, box, 0)
+        return box
+
     def rank0_first(self, make):
         """make() on rank 0 first (a download), then on the others; if rank 0 fails, every rank
         stops with rank 0's reason."""
