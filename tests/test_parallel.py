@@ -177,4 +177,5 @@ def test_every_parameter_has_its_gradients_strides(channels_last):
         f(x, params, True)[0].sum().backward()
         trained = {k: v for k, v in params.items() if v.requires_grad}
         assert trained and all(v.grad is not None for v in trained.values()), name
-        assert {k: (v.stride(), v.grad.stride()) for k, v in trained.items() if v.stride() != v.grad.stride()} == {}, name
+        unlike = {k: (v.stride(), v.grad.stride()) for k, v in trained.items() if v.stride() != v.grad.stride()}
+        assert unlike == {}, name
