@@ -193,7 +193,7 @@ def create_loaders(opt, device):
     mean, std = NORMALIZE[opt.normalize]
     kw = dict(batch_size=batch, mean=mean, std=std, device=device, channels_last=opt.channels_last,
               rank=dist.rank, world=dist.world)
-    gen = torch.Generator(device).manual_seed(opt.seed)
+    gen = torch.Generator().manual_seed(opt.seed)  # on the CPU for every device (data.DeviceLoader says why)
     return (DeviceLoader(train_x, train_y, train=True, pad=opt.randomcrop_pad, pad_mode=opt.pad_mode,
                          generator=gen, **kw),
             DeviceLoader(test_x, test_y, train=False, **kw), len(train_set.classes), size)

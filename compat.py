@@ -41,19 +41,39 @@ def installed(package):
         return None
 
 
+# the local tags of PyTorch's own builds (torch 2.4.1+cu121, +rocm6.1, +cpu, +xpu), each with an index
+# of its own that holds the matching torchvision
+PYTORCH_INDEX = 'https://download.pytorch.org/whl/'
+BUILD_TAG = re.compile(r'cu\d+|rocm\d+(\.\d+)*|cpu|xpu')
+
+
 def requirements(lines, torch_version, torchvision_version):
     """requirements.txt's lines as install.sh should install them, given what is installed.
 
     torch at or above the floor is kept (pinned to itself); so is torchvision at or above its floor,
     and where it is missing or older, the torchvision release made for that torch (0.(minor + 15),
-    a rule since torch 2.0). Otherwise the pinned versions, unchanged."""
+    a rule since torch 2.0). Otherwise the pinned versions, unchanged.
+
+    A torch built for one CUDA (a +cuXYZ tag) needs a torchvision built for the same: the default
+    index's may be built for another CUDA major version and fail on import. So its torchvision comes
+    from PyTorch's index for that tag (an --extra-index-url line; pip prefers 0.N.M+cuXYZ to 0.N.M).
+    A tag that is no PyTorch build raises ValueError, saying which torchvision to install by hand."""
     if not meets_floor('torch', torch_version):
         return list(lines)
-    tv = (f'torchvision=={torchvision_version}' if meets_floor('torchvision', torchvision_version)
-          else f'torchvision==0.{version_tuple(torch_version)[1] + 15}.*')
+    release = f'0.{version_tuple(torch_version)[1] + 15}.*'
+    index = []
+    if meets_floor('torchvision', torchvision_version):
+        tv = f'torchvision=={torchvision_version}'
+    else:
+        tv, tag = f'torchvision=={release}', torch_version.partition('+')[2]
+        if tag and not BUILD_TAG.fullmatch(tag):
+            raise ValueError(f'torch {torch_version} is a build of its own (+{tag}) and torchvision is '
+                             f'{"missing" if torchvision_version is None else torchvision_version}: install the '
+                             f'torchvision {release} built for it, then run install.sh again')
+        index = [f'--extra-index-url {PYTORCH_INDEX}{tag}'] if tag else []
     pins = {'torch': f'torch=={torch_version}', 'torchvision': tv}
     name = lambda line: re.match(r'\s*([A-Za-z0-9_.-]*)', line).group(1).lower()  # noqa: E731
-    return [pins.get(name(line), line) for line in lines]
+    return index + [pins.get(name(line), line) for line in lines]
 
 
 # ---------------------------------------------------------------- the guards (torch imported inside)
@@ -104,11 +124,18 @@ def tf32_state():
 
 
 def compile_errors():
-    """The exceptions that mean torch.compile itself failed (no compiler, an unsupported op, ...);
-    InductorError (torch >= 2.7) is a TorchDynamoException, so older torch loses nothing."""
+    """The exceptions that mean torch.compile itself failed (no compiler, an unsupported op, ...).
+
+    What fails while compiling a forward, dynamo wraps in BackendCompilerFailed, a TorchDynamoException on
+    every torch. The backward is compiled lazily, inside loss.backward(), where AOTAutograd calls inductor
+    itself: before torch 2.7 inductor's errors come out of it raw (a LoweringException or another
+    OperatorIssue, a CppCompileError, ...: torch/_inductor/exc.py); from 2.7 on inductor wraps them in
+    InductorError, a BackendCompilerFailed. So: TorchDynamoException, and each of inductor's own error
+    classes that this torch has."""
     from torch._dynamo.exc import TorchDynamoException
     from torch._inductor import exc
-    names = ('InductorError', 'CppCompileError', 'InvalidCxxCompiler', 'CUDACompileError')
+    names = ('InductorError', 'OperatorIssue', 'SubgraphLoweringException', 'CppWrapperCodeGenError',
+             'CppWrapperCodegenError', 'CppCompileError', 'InvalidCxxCompiler', 'CUDACompileError')
     return (TorchDynamoException, *(getattr(exc, n) for n in names if hasattr(exc, n)))
 
 
@@ -123,7 +150,11 @@ def main(argv):
         print(f'compat.py: error: {argv[1]}: {e.strerror}', file=sys.stderr)
         return 2
     torch_v, tv_v = installed('torch'), installed('torchvision')
-    out = requirements(lines, torch_v, tv_v)
+    try:
+        out = requirements(lines, torch_v, tv_v)
+    except ValueError as e:
+        print(f'compat.py: error: {e}', file=sys.stderr)
+        return 1
     if meets_floor('torch', torch_v):
         print(f'compat.py: keeping the installed torch {torch_v} (the floor is {FLOOR["torch"]})', file=sys.stderr)
     print('\n'.join(out))

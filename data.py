@@ -136,17 +136,25 @@ def rank_batch(batch_size, sizes, dist):
     return batch_size // dist.world
 
 
+def rank_seed(seed, rank):
+    """The seed of a rank's own random streams: --seed itself on rank 0 (a one-process run is unchanged),
+    mixed with the rank on the others (SeedSequence), so that no two ranks draw alike."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def data_loader(dataset, train, batch, nthread, seed, device, dist):
     """A DataLoader of this rank's share: under torchrun a seeded DistributedSampler for training
     (a fresh order each epoch, set by the loop) and every world-th image for testing. Workers are not
-    persistent: each epoch seeds fresh ones from the generator, which resume restores."""
+    persistent: each epoch seeds fresh ones from the generator, which resume restores. Each rank's
+    generator has a seed of its own (rank_seed), so that the ranks' workers crop and flip apart; the
+    sampler's seed is the same on every rank, so that their shares make one order."""
     # the 2017 default of 4 workers exceeds small machines' cores; that is fine, say nothing
     warnings.filterwarnings('ignore', message='This DataLoader will create')
     kw = dict(batch_size=batch, num_workers=nthread, pin_memory=device.type == 'cuda')
     if not train:
         return torch.utils.data.DataLoader(dataset, shuffle=False, **kw, **(
             {'sampler': range(dist.rank, len(dataset), dist.world)} if dist.world > 1 else {}))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(rank_seed(seed, dist.rank))
     if dist.world > 1:
         return torch.utils.data.DataLoader(dataset, generator=gen, sampler=DistributedSampler(
             dataset, dist.world, dist.rank, shuffle=True, seed=seed), **kw)
@@ -173,6 +181,12 @@ class DeviceLoader:
     then scaling to [0,1] and normalisation, vectorised over the batch. The
     order is reshuffled every epoch from `generator`. It yields (inputs, targets)
     like a DataLoader, already on the device.
+
+    `generator` is a CPU generator, whatever the device: the order, crops and flips are drawn on the
+    CPU and copied over. A CUDA generator's numbers depend on the GPU model (which element gets which
+    Philox number follows the launch grid, sized by the multiprocessor count: calc_execution_policy in
+    ATen/native/cuda/DistributionTemplates.h), so ranks on different GPUs would read different orders,
+    some images twice and some never; the CPU's numbers are one order for every device.
 
     Under torchrun every rank draws the same numbers from the same seeded generator, for the whole
     global batch, and keeps its own share of images and of crops and flips: the ranks' generators
@@ -206,15 +220,15 @@ class DeviceLoader:
         size, share = x.shape[-2:], slice(self.rank, None, self.world)
         if self.pad:
             x = F.pad(x, [self.pad] * 4, mode=self.pad_mode)  # constant: 0, a black pixel before normalising
-        g, dev = self.generator, x.device
-        top = torch.randint(0, 2 * self.pad + 1, (n_global,), device=dev, generator=g)[share]
-        left = torch.randint(0, 2 * self.pad + 1, (n_global,), device=dev, generator=g)[share]
-        flip = torch.randint(0, 2, (n_global,), device=dev, generator=g).bool()[share]
-        return crop_flip(x, top, left, flip, size)
+        g = self.generator  # on the CPU (see the class): one copy of the three draws to the device
+        draws = torch.stack([torch.randint(0, 2 * self.pad + 1, (n_global,), generator=g),
+                             torch.randint(0, 2 * self.pad + 1, (n_global,), generator=g),
+                             torch.randint(0, 2, (n_global,), generator=g)])[:, share].to(x.device)
+        return crop_flip(x, draws[0], draws[1], draws[2].bool(), size)
 
     def __iter__(self):
         n = len(self.labels)
-        order = (torch.randperm(n, device=self.labels.device, generator=self.generator)
+        order = (torch.randperm(n, generator=self.generator).to(self.labels.device)  # on the CPU: see the class
                  if self.train else torch.arange(n, device=self.labels.device))
         if self.world > 1 and self.train:  # one size for every rank's share, so all take as many steps
             order = torch.cat([order, order[:self.shard_size() * self.world - n]])

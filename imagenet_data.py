@@ -141,11 +141,42 @@ def collate_files(items):
     return (list(files), torch.stack(boxes)), torch.tensor(labels)
 
 
+DECODE_STREAMS = {}  # per GPU: the stream nvjpeg's outputs are allocated on (decode_jpegs_apart)
+
+
+def decode_jpegs_apart(files, device):
+    """decode_jpeg(files, device=GPU), made safe while the current stream still has kernels queued.
+
+    torchvision allocates the decoded images on the caller's current stream and decodes on a private
+    stream, making the current one wait only after the decode (csrc/io/image/cuda/decode_jpegs_cuda.cpp:
+    prepare_buffers, then decode_images, then event.block). The caching allocator hands a block out
+    again as soon as it is freed on its stream, so the decoder can be given memory that queued kernels
+    of the last step still read, and overwrite it: nearly every image corrupted on an H100 upstream
+    (torchvision PR 9606, closed; torchcodec PR 1634 moved the fix there and found that nvJPEG's
+    hardware engine does not keep to stream order at all). Here the outputs come from a stream of
+    their own, whose pool never holds a block the training stream may still use: each decoded image
+    is lent to the training stream with record_stream, and the allocator takes it back only once it
+    has seen, on the host, that stream pass its last use. The training stream waits for the decode.
+    torchvision already waits on the host for the decode, so this costs no time; it costs the memory
+    of the decode stream's own pool (docs/imagenet.md)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    main = torch.cuda.current_stream(device)
+    side = DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(side):
+        images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    main.wait_stream(side)
+    for x in images:
+        x.record_stream(main)
+    return images
+
+
 def decode_batch(files, boxes, device, train):
-    """A batch's uint8 (B, 3, 224, 224) views, decoded on `device` (nvjpeg on a GPU)."""
+    """A batch's uint8 (B, 3, 224, 224) views, decoded on `device` (nvjpeg on a GPU, decode_jpegs_apart)."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     try:
-        images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+        images = (decode_jpegs_apart(files, device) if device.type == 'cuda' else
+                  decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # a file that is no JPEG (ImageNet has a few PNGs): one at a time, on the CPU
         images = [decode_image(f, mode=ImageReadMode.RGB).to(device) for f in files]
     return torch.stack([tensor_view(x, box if train else None) for x, box in zip(images, boxes.tolist())])

@@ -5,7 +5,9 @@
 # the newest setuptools and fail. So: pin a setuptools that still has
 # pkg_resources, and build the sdists against it.
 # A torch already installed at or above the floor (compat.py: 2.4), often a CUDA
-# build, is kept: compat.py pins it (and torchvision) to what is installed.
+# build, is kept: compat.py pins it (and torchvision) to what is installed. Where
+# torchvision is missing, a CUDA build's (+cuXYZ) comes from PyTorch's index for
+# that build; a torch of another local build stops here with one line (compat.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}

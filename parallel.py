@@ -79,6 +79,14 @@ class Dist:
         torch.distributed.broadcast_object_list(box, 0, device=self.device if self.device.type == 'cuda' else None)
         return box[0]
 
+    def gather_object(self, obj):
+        """Every rank's object, in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        box = [None] * self.world if self.rank == 0 else None
+        torch.distributed.gather_object(obj, box, 0)
+        return box
+
     def rank0_first(self, make):
         """make() on rank 0 first (a download), then on the others; if rank 0 fails, every rank
         stops with rank 0's reason."""
@@ -196,10 +204,16 @@ def distributed(model, device):
 
 def place_params(params, device, dtype, channels_last, trained):
     """Moves a param dict to the device (in place). Trained: every tensor but batch-norm statistics
-    learns; otherwise all are frozen (a teacher)."""
+    learns; otherwise all are frozen (a teacher).
+
+    Conv weights get the memory format's own strides, written out in full: .contiguous() keeps a 1x1
+    conv's (C, 1, 1, 1) strides, which already pass as channels_last, while its gradient comes out with
+    (C, 1, C, C). The same memory, but torch 2.4's fused SGD compares strides of size-1 dimensions too
+    and refuses the pair (ATen/native/ForeachUtils.h check_fast_path_restrictions; relaxed in torch
+    PR 134546, 2.5), and DDP warns that the grad strides do not match its bucket views."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for k, v in params.items():
         v = v.to(device, dtype).requires_grad_(False)
-        params[k] = v.contiguous(memory_format=fmt) if v.dim() == 4 else v
+        params[k] = torch.empty_like(v, memory_format=fmt).copy_(v) if v.dim() == 4 else v
     if trained:
         set_requires_grad_except_bn_(params)

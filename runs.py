@@ -23,6 +23,7 @@ import provenance
 from board import Board
 from distill import Distiller
 from engine import Stop, Trainer, compiled, sgd
+from data import rank_seed
 from parallel import Dist, FunctionalNet, data_parallel, distributed, place_params
 from precision import NAMES, Precision
 from formats import append_log, checkpoint_params, load_checkpoint, read_json_stats, repair_log, save_checkpoint
@@ -115,7 +116,12 @@ AT_MODE_HELP = ('AT loss: code (the 2017 code\'s mean of squared differences of 
 
 def at_weight(opt):
     """The AT weight on the mean over the whole batch, whatever the device count. The 2017 code summed
-    one AT loss per GPU, so its --ngpu N trained with N x beta: --at_sum_replicas 1 asks for that."""
+    one AT loss per GPU, so its --ngpu N trained with N x beta: --at_sum_replicas 1 asks for that.
+    It means nothing under torchrun, which is refused rather than ignored."""
+    if opt.at_sum_replicas is not None and int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        raise UserError('--at_sum_replicas weighs the AT loss of --ngpu replicas inside one process; under torchrun '
+                        'each process takes the AT loss of its share and DistributedDataParallel averages the '
+                        'gradients, so beta already weighs the whole batch: drop --at_sum_replicas')
     if opt.ngpu > 1 and opt.beta and opt.at_sum_replicas is None:
         print(f'note: --ngpu {opt.ngpu} --beta {opt.beta:g} weighs the whole batch\'s AT loss by {opt.beta:g}; '
               f'the 2017 code summed one AT loss per GPU, a weight of {opt.ngpu * opt.beta:g}: pass '
@@ -142,6 +148,11 @@ def check_options(opt, positive=(), not_negative=()):
         raise UserError(f'--alpha must be between 0 and 1, got {opt.alpha}')
     if not 0 <= opt.seed < 2 ** 32:  # numpy's seed range
         raise UserError(f'--seed must be between 0 and 2**32 - 1, got {opt.seed}')
+    if opt.ngpu > 1 and opt.compile:
+        # DataParallel's replicas call one compiled function; dynamo guards on the device, so it compiles once
+        # per GPU and, past its recompile limit, runs eagerly after a very long first step
+        raise UserError(f'--compile with --ngpu {opt.ngpu}: the replicas would share one compiled function, which '
+                        f'recompiles for each GPU; use --ngpu 1, or torchrun with one GPU per process')
 
 
 # ---------------------------------------------------------------- the run folder
@@ -174,6 +185,12 @@ def make_save(folder):
 # ---------------------------------------------------------------- random state
 
 def seed_everything(seed):
+    """Seeds torch, numpy and random. Under torchrun each rank takes a seed of its own (data.rank_seed):
+    with --loader torchvision the transforms draw from these streams (with --nthread 0; the workers'
+    from the loader's generator), and alike on every rank they would give every rank's share the same
+    crops and flips. Weights drawn here differ between ranks too, but DistributedDataParallel starts
+    every rank from rank 0's."""
+    seed = rank_seed(seed, Dist(torch.device('cpu')).rank)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -192,13 +209,15 @@ def rng_state(generator=None):
 
 
 def set_rng_state(state, generator=None):
-    """Restores rng_state's states. Those of devices this machine lacks (a run saved on CUDA and
-    resumed on the CPU, or on fewer GPUs) are left out, with one line where it changes the run."""
-    torch.set_rng_state(state['torch'])
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, gauss = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    """Restores rng_state's states (those it holds: see rank_rng_state). Those of devices this machine
+    lacks (a run saved on CUDA and resumed on the CPU, or on fewer GPUs) are left out, with one line
+    where it changes the run."""
+    if 'torch' in state:
+        torch.set_rng_state(state['torch'])
+        version, internal, gauss = state['python']
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, gauss = state['numpy']
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if state.get('cuda') and torch.cuda.is_available():
         for i, s in enumerate(state['cuda'][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
@@ -208,6 +227,26 @@ def set_rng_state(state, generator=None):
         else:  # CPU and CUDA generators keep states of different kinds
             print(f'warning: the checkpoint\'s data order was drawn on another kind of device than '
                   f'{generator.device.type}; it goes on from --seed, not where it left off', file=sys.stderr)
+
+
+def rank_rng_states(dist, generator):
+    """At an epoch's end, on every rank: (rank 0's rng_state, [those of ranks 1 ..]) on rank 0, which
+    saves them (model.pt7's 'rng' and 'rng_ranks'); None on the others. Under torchrun each rank
+    draws augmentations of its own (seed_everything), so each keeps its own state across a resume."""
+    states = dist.gather_object(rng_state(generator))
+    return states and (states[0], states[1:])
+
+
+def rank_rng_state(state, rank):
+    """A checkpoint's random states for `rank`: its own where the checkpoint has them (rank 0's is 'rng');
+    else (a run saved with fewer processes) rank 0's data-order generator alone, which the fast loader
+    keeps in step on every rank, while this rank's own streams go on from its seed."""
+    others = state.get('rng_ranks') or []
+    if rank == 0:
+        return state['rng']
+    if rank <= len(others):
+        return others[rank - 1]
+    return {k: v for k, v in state['rng'].items() if k == 'loader'}
 
 
 # ---------------------------------------------------------------- signals
@@ -288,8 +327,10 @@ class EpochWriter:
         self.n_parameters = sum(v.numel() for v in run.params_s.values())
         self.n_trained = n_trained(run.params_s)
 
-    def __call__(self, stats, optimizer):
+    def __call__(self, stats, optimizer, rng=None):
+        """rng: rank_rng_states' (rank 0's, [other ranks']) under torchrun; else this process's, read here."""
         opt = self.opt
+        rng, rng_ranks = rng or (rng_state(self.generator), [])
         # plain JSON types (meters give numpy floats), which torch.load(weights_only=True) accepts
         record = json.loads(json.dumps({**vars(opt), **stats, 'num_classes': self.run.num_classes,
                                         'n_parameters': self.n_parameters,
@@ -298,7 +339,7 @@ class EpochWriter:
         if self.board:  # the epoch's per-step points reach the disk before model.pt7 says the epoch is done
             self.board.flush()
         save_checkpoint(os.path.join(opt.save, 'model.pt7'), self.run.saved, optimizer, stats['epoch'],
-                        rng=rng_state(self.generator), record=record,
+                        rng=rng, record=record, **({'rng_ranks': rng_ranks} if rng_ranks else {}),
                         **({'scaler': scaler.state_dict()} if scaler else {}))
         self.signals.fire(f'ckpt{stats["epoch"]}')
         append_log(self.log_path, record)
@@ -383,7 +424,16 @@ def fit(opt, run, prog):
               f'{run.num_classes} classes; device {run.device}'
               + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
     if state and state.get('rng'):  # last, after building and restoring drew their own numbers
-        set_rng_state(state['rng'], generator)
+        set_rng_state(rank_rng_state(state, dist.rank), generator)
+        saved = 1 + len(state.get('rng_ranks') or [])
+        if lead and saved < dist.world:
+            print(f'note: {opt.resume} holds the random states of {saved} process(es); ranks {saved} to '
+                  f'{dist.world - 1} draw their augmentation afresh from --seed', file=sys.stderr)
+
+    def epoch_end(stats, optimizer):  # on every rank: each rank's random states go to rank 0, which saves
+        rng = rank_rng_states(dist, generator) if dist.world > 1 else None
+        if lead:
+            writer(stats, optimizer, rng)
 
     def should_stop():
         signals.step_done()
@@ -394,7 +444,7 @@ def fit(opt, run, prog):
                       start_epoch=epoch, topk=run.topk, precision=run.precision,
                       progress=lead and not opt.no_progress, dist=dist,
                       on_epoch_start=run.set_beta if run.scheduled() else None,
-                      on_epoch_end=writer if lead else None, should_stop=should_stop,
+                      on_epoch_end=epoch_end, should_stop=should_stop,
                       scaler_state=(state or {}).get('scaler'), on_steps=writer.board and writer.board.steps,
                       restart_momentum=bool(getattr(opt, 'lr_restart_momentum', 1)),
                       buffers=[v for k, v in run.params_s.items() if not is_trained(k)])

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The driver of scripts/gpu_check.sh: checks a-e on a CUDA machine (or, with --rehearse, on the CPU
+"""The driver of scripts/gpu_check.sh: checks a-f on a CUDA machine (or, with --rehearse, on the CPU
 with tiny sizes), each in processes of its own with a time budget, into one JSON file.
 
     python scripts/gpu_check.py run --out OUT --dataroot DIR/cifar10-jpg [--rehearse] [--budget 480]
@@ -13,12 +13,18 @@ loses figures, not verdicts.
   d_resume       a tiny run: 1 epoch, then --resume auto to 2; the log and the checkpoint's lr
   e_imagenet     imagenet.py, ResNet-18 <- a ResNet-34 export folded by convert_teacher.py, bfloat16,
                  a few steps on a generated ImageFolder of 500x375 JPEGs
+  f_nvjpeg_half  an nvjpeg batch against PIL's views (mean within one level), decoded while queued
+                 kernels still read memory just freed (torchvision PR 9606's race; their sums must
+                 hold); then imagenet.py --dtype half, channels_last, --decoder nvjpeg for a few steps
+                 (fused SGD on fp16, GradScaler)
   b_at_epoch     one AT epoch of cifar.py on the whole dataset: fp32 (TF32 convolutions, torch's
                  default, and so labelled), bf16 + channels_last, and that with --compile; batch 200,
                  which divides both splits, so compiling sees one shape; train/test seconds, accuracy,
-                 peak GPU memory
-  c_benchmark    scripts/benchmark.py: channels_last on/off, fp16 + GradScaler, bf16, compile,
-                 cudnn.benchmark off
+                 peak GPU memory. A compile that fell back to eager is marked so, and fails the check.
+  c_benchmark    scripts/benchmark.py: channels_last on/off, fp16 + GradScaler, bf16, cudnn.benchmark
+                 off (no compile: b measures it; a compile here would start cold, its flags not b's)
+b and c write each sub-result into the JSON as it finishes. Where torch cannot be imported (or, on
+the device, sees no GPU) the run stops after the probe, with the reason in the JSON.
 Before them, the CIFAR JPEGs are decoded once, in parallel, into torchvision's CIFAR-10 batch files,
 which every later process reads (decoding 60,000 JPEGs per process cost each of them seconds).
 Only the standard library is imported at the top: the workers (this file, called as
@@ -43,16 +49,20 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = 'gpu_check'
-CHECKS = ['a_cuda_vs_cpu', 'd_resume', 'e_imagenet', 'b_at_epoch', 'c_benchmark']
-# seconds each check may take at most, and the least left for it to start at all. They sum to 420 of
-# the default 480 s: the rest is for the install, the unpack, the probe and the decode (SETUP_S).
-BUDGETS = {'a_cuda_vs_cpu': 50, 'd_resume': 55, 'e_imagenet': 75, 'b_at_epoch': 150, 'c_benchmark': 90}
-MIN_START = {'a_cuda_vs_cpu': 20, 'd_resume': 30, 'e_imagenet': 40, 'b_at_epoch': 45, 'c_benchmark': 45}
-SETUP_S = {'env': 45, 'decode': 60}  # the environment probe's and the decode's caps
-# (name, flags, cap): an epoch is 250 steps, seconds on an H200; compiling takes most of the third
+CHECKS = ['a_cuda_vs_cpu', 'd_resume', 'e_imagenet', 'f_nvjpeg_half', 'b_at_epoch', 'c_benchmark']
+# seconds each check may take at most, and the least left for it to start at all; with the setup's
+# caps (SETUP_S: gpu_check.sh's install and unpack, the probe, the decode) they sum to 465 of the
+# default 480 s, the rest for the driver's own steps between them
+BUDGETS = {'a_cuda_vs_cpu': 40, 'd_resume': 40, 'e_imagenet': 55, 'f_nvjpeg_half': 50, 'b_at_epoch': 130,
+           'c_benchmark': 45}
+MIN_START = {'a_cuda_vs_cpu': 20, 'd_resume': 25, 'e_imagenet': 35, 'f_nvjpeg_half': 30, 'b_at_epoch': 45,
+             'c_benchmark': 30}
+SETUP_S = {'install': 20, 'unpack': 15, 'env': 30, 'decode': 40}
+# (name, flags, cap): an epoch is 250 steps, seconds on an H200 (estimated); compiling takes most of the third
 B_RUNS = [('fp32', [], 30), ('bf16_cl', ['--dtype', 'bfloat16', '--channels_last', '1'], 25),
-          ('bf16_cl_compile', ['--dtype', 'bfloat16', '--channels_last', '1', '--compile'], 95)]
-BENCH_CONFIGS = 'fast,fast-cl,fast-nocl,fast-half,fast-bf16,fast-compile,fast-nobench'
+          ('bf16_cl_compile', ['--dtype', 'bfloat16', '--channels_last', '1', '--compile'], 75)]
+BENCH_CONFIGS = 'fast,fast-cl,fast-nocl,fast-half,fast-bf16,fast-nobench'
+FELL_BACK = '--compile unavailable here'  # engine.Compiled's line when compiling failed and it ran eagerly
 # check a: rel = max|device - cpu| / max|cpu|, both fp32 with TF32 off
 RTOL = {'grads': 1e-3, 'grad_at_step_grads': 1e-3, 'grad_at_loss': 1e-3}
 RTOL_DEFAULT = 1e-4
@@ -73,7 +83,10 @@ def read_log(folder):
 
 
 def cpu_info():
-    return {'machine': platform.machine(), **project('provenance').cpu()}
+    try:
+        return {'machine': platform.machine(), **project('provenance').cpu()}
+    except ImportError as e:  # provenance imports torch: the probe must still say what it found
+        return {'machine': platform.machine(), 'error': f'{type(e).__name__}: {e}'}
 
 
 def environment():
@@ -163,9 +176,10 @@ class Clock:
         return self.budget - self.now()
 
 
-def run_proc(cmd, timeout, log, cwd=None, env=None, tag=''):
-    """Runs cmd in a process group of its own, its output streamed to the log; on timeout the group
-    is ended (TERM, then KILL). Returns (returncode or None on timeout, output, seconds)."""
+def run_proc(cmd, timeout, log, cwd=None, env=None, tag='', on_line=None):
+    """Runs cmd in a process group of its own, its output streamed to the log (and to on_line, line
+    by line); on timeout the group is ended (TERM, then KILL). Returns (returncode or None on timeout,
+    output, seconds)."""
     log(f'$ {" ".join(map(str, cmd))}' + (f'   (cwd {cwd})' if cwd else '') + f'   [timeout {timeout:.0f}s]')
     t0 = time.perf_counter()
     p = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -177,6 +191,8 @@ def run_proc(cmd, timeout, log, cwd=None, env=None, tag=''):
             line = line.rstrip('\n')
             lines.append(line)
             log(f'  {tag}| {line}')
+            if on_line:
+                on_line(line)
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
@@ -207,14 +223,14 @@ def tail(text, n=3):
     return ' / '.join([line for line in text.strip().splitlines() if not line.startswith('parsed options:')][-n:])
 
 
-def worker(ctx, name, args, timeout, tag):
+def worker(ctx, name, args, timeout, tag, on_line=None):
     """Runs `gpu_check.py worker NAME RESULT -- args`; its result dict, and its output."""
     result = os.path.join(ctx.work, f'{tag}.result.json')
     if os.path.exists(result):
         os.remove(result)
     rc, out, seconds = run_proc([sys.executable, os.path.abspath(__file__), 'worker', name, result,
                                  '--compile-backend', ctx.compile_backend, '--', *args],
-                                timeout, ctx.log, cwd=ctx.work, env=ctx.env, tag=tag)
+                                timeout, ctx.log, cwd=ctx.work, env=ctx.env, tag=tag, on_line=on_line)
     res = {}
     if os.path.exists(result):
         with open(result) as fh:
@@ -224,8 +240,8 @@ def worker(ctx, name, args, timeout, tag):
         res['error'] = f'timed out after {timeout:.0f}s'
     elif rc != 0 and not res.get('error'):
         res['error'] = f'exit {rc}: {tail(out)}'
-    if '--compile unavailable here' in out:  # engine.compiled fell back to eager: say so beside the figures
-        res['compile_fell_back'] = next(line for line in out.splitlines() if '--compile unavailable here' in line)
+    if FELL_BACK in out:  # engine.compiled fell back to eager: say so beside the figures
+        res['compile_fell_back'] = next(line for line in out.splitlines() if FELL_BACK in line)
     return res, out
 
 
@@ -272,12 +288,13 @@ def check_b(ctx, timeout):
         res['flags'] = flags
         if name == 'fp32':  # torch's default: convolutions in TF32 on CUDA
             res['precision'] = precision_label(res.get('tf32'))
-        res['status'] = 'failed' if res.get('error') else 'ok'
-        if not res.get('error') and res.get('epoch') != 1:
-            res['status'], res['error'] = 'failed', f'log.txt has no epoch-1 line ({res.get("epoch")})'
+        res['status'] = sub_status(res, '--compile' in flags)
         if res['status'] == 'failed':
             failed.append(f'{name}: {res["error"]}')
+        elif res['status'] == 'fell_back_to_eager':
+            failed.append(f'{name}: --compile fell back to eager ({res["compile_fell_back"]})')
         runs[name] = res
+        ctx.progress({'runs': runs})  # into the JSON now: a run cut short keeps what finished
     out = {'student': f'WRN-{s["b_depth"]}-1', 'teacher': f'WRN-{s["b_depth"]}-2 (random init)', 'runs': runs,
            'peak_gpu_memory': 'torch.cuda.max_memory_allocated / max_memory_reserved of the process running '
                               'cifar.main (MiB); the dataset on the GPU included'}
@@ -286,10 +303,30 @@ def check_b(ctx, timeout):
     return out
 
 
+def sub_status(res, compiled):
+    """A sub-run's status: 'failed' (an error, or no epoch-1 line), 'fell_back_to_eager' (asked to
+    compile, it ran eagerly: its times are no compiled figures), or 'ok'."""
+    if not res.get('error') and res.get('epoch') != 1:
+        res['error'] = f'log.txt has no epoch-1 line ({res.get("epoch")})'
+    if res.get('error'):
+        return 'failed'
+    return 'fell_back_to_eager' if compiled and res.get('compile_fell_back') else 'ok'
+
+
 def precision_label(tf32):
     """What an fp32 figure measured: 'fp32', or 'tf32 (conv, matmul)' naming the kinds TF32 was on for."""
     on = [k for k, v in (tf32 or {}).items() if v]
     return f'tf32 ({", ".join(on)})' if on else 'fp32'
+
+
+REPEAT_LINE = re.compile(r'^# repeat \d+: (\S+): train ([\d.]+) img/s, eval ([\d.]+) img/s$')
+
+
+def repeats(seen):
+    """benchmark.py's finished repeats, {config: [(train, eval) img/s, ...]}, as medians."""
+    import statistics
+    return {n: {'train_median': statistics.median(t for t, _ in v), 'eval_median': statistics.median(e for _, e in v),
+                'repeats': len(v)} for n, v in seen.items()}
 
 
 def check_c(ctx, timeout):
@@ -297,15 +334,16 @@ def check_c(ctx, timeout):
     out_json = os.path.join(ctx.work, 'c_benchmark.json')
     args = ['benchmark', '--dataroot', ctx.dataroot, '--configs', BENCH_CONFIGS, '--device', ctx.device,
             '--json', out_json, *s['c_flags']]
-    res, out = worker(ctx, 'main', args, timeout, 'c')
-    if not os.path.exists(out_json):  # stopped before its table: the repeats it finished
-        import statistics
-        seen = {}
-        for m in re.finditer(r'^# repeat \d+: (\S+): train ([\d.]+) img/s, eval ([\d.]+) img/s$', out, re.M):
+    seen = {}
+
+    def on_line(line):  # each repeat into the JSON as it finishes: a run cut short keeps them
+        m = REPEAT_LINE.match(line)
+        if m:
             seen.setdefault(m.group(1), []).append((float(m.group(2)), float(m.group(3))))
-        res['partial'] = {n: {'train_median': statistics.median(t for t, _ in v),
-                              'eval_median': statistics.median(e for _, e in v), 'repeats': len(v)}
-                          for n, v in seen.items()}
+            ctx.progress({'partial': repeats(seen)})
+    res, out = worker(ctx, 'main', args, timeout, 'c', on_line=on_line)
+    if not os.path.exists(out_json):  # stopped before its table: the repeats it finished
+        res['partial'] = repeats(seen)
     else:
         with open(out_json) as fh:
             bench = json.load(fh)
@@ -401,23 +439,62 @@ def check_e(ctx, timeout):
     return res
 
 
+def check_f(ctx, timeout):
+    s = ctx.sizes
+    data = project('synthetic').make_image_folder(os.path.join(ctx.work, 'f_data'), 5, s['f_train'], s['f_val'])
+    save = os.path.join(ctx.work, 'f_run')
+    # the CPU has no nvjpeg: the rehearsal runs the same decode_batch on the CPU, and trains with pil
+    decoder = 'nvjpeg' if ctx.device == 'cuda' else 'pil'
+    args = [data, ctx.device, '--imagenetpath', data, '--depth', '18', '--epochs', '1', '--dtype', 'half',
+            '--channels_last', '1', '--decoder', decoder, '--save', save, '--no_progress', '--device', ctx.device,
+            *s['f_flags']]
+    res, _ = worker(ctx, 'f', args, timeout, 'f')
+    log = read_log(save)
+    if log:
+        res.update({k: log[-1].get(k) for k in ('epoch', 'train_time', 'train_loss', 'train_acc', 'test_acc')})
+    res['train_decoder'] = decoder
+    if res.get('error'):
+        raise CheckFailed(res['error'], res)
+    problems = [f'{split}: {d["mean"]:.2f} levels off PIL on average (max {d["max"]:.0f})'
+                for split, d in res['decode'].items() if d['mean'] > 1]
+    if res['provoked']['wrong_sums']:
+        problems.append(f'{res["provoked"]["wrong_sums"]} of {res["provoked"]["tensors"]} queued reads of freed '
+                        f'memory changed under the decode')
+    if not log or not isinstance(res.get('train_loss'), float) or res['train_loss'] != res['train_loss']:
+        problems.append(f'expected one log line with a finite train loss, got {log[-1:] or "none"}')
+    if problems:
+        raise CheckFailed('; '.join(problems), res)
+    return res
+
+
 RUNNERS = {'a_cuda_vs_cpu': check_a, 'b_at_epoch': check_b, 'c_benchmark': check_c, 'd_resume': check_d,
-           'e_imagenet': check_e}
+           'e_imagenet': check_e, 'f_nvjpeg_half': check_f}
 
 # sizes: the real run, and the rehearsal's tiny ones
 SIZES = {
     # b: batch 200 divides both splits (50,000 and 10,000): no partial batch, so --compile sees one
-    # shape; c takes the same, so its compile can reuse b's graphs from inductor's cache on disk
+    # shape; c measures at the same batch, eagerly
     'device': dict(a_batch=128, b_depth=16, b_flags=['--batch_size', '200'],
                    c_flags=['--batch_size', '200', '--steps', '30', '--warmup', '5', '--repeats', '3'],
                    d_train=32, d_test=16, e_classes=5, e_train=64, e_val=10,
-                   e_flags=['--batch_size', '32', '--nthread', '4']),
+                   e_flags=['--batch_size', '32', '--nthread', '4'],
+                   f_train=32, f_val=4, f_flags=['--batch_size', '32', '--nthread', '4']),
     'rehearsal': dict(a_batch=16, b_depth=10, b_flags=['--batch_size', '16'],
                       c_flags=['--depth', '10', '--teacher', '10,2', '--batch_size', '8', '--steps', '1',
                                '--warmup', '1', '--repeats', '2', '--nthread', '0'],
                       d_train=4, d_test=2, e_classes=5, e_train=1, e_val=1,
-                      e_flags=['--batch_size', '5', '--nthread', '0']),
+                      e_flags=['--batch_size', '5', '--nthread', '0'],
+                      f_train=2, f_val=1, f_flags=['--batch_size', '5', '--nthread', '0', '--width', '0.25']),
 }
+
+
+def unusable(env, mode):
+    """Why no check can run on what the probe found (torch not importable; on the device, no GPU), or None."""
+    if 'packages' in env and 'torch' not in env:  # the probe ran, and torch did not import
+        return f'torch cannot be imported by {env.get("executable")} ({env.get("torch_error") or "not installed"})'
+    if mode == 'device' and env.get('cuda_available') is False:
+        return f'torch {env["torch"]} (CUDA {env.get("torch_cuda")}) sees no CUDA GPU'
+    return None
 
 
 def run(args):
@@ -445,23 +522,38 @@ def run(args):
               'compile_backend': backend or 'inductor (torch.compile default)',
               'setup': json.loads(args.setup) if args.setup else {}}
 
+    lock = threading.Lock()
+
     def save():
-        report['seconds'] = round(clock.now(), 1)
-        tmp = json_path + '.tmp'
-        with open(tmp, 'w') as fh:
-            json.dump(report, fh, indent=1, default=str)
-        os.replace(tmp, json_path)
+        with lock:
+            report['seconds'] = round(clock.now(), 1)
+            tmp = json_path + '.tmp'
+            with open(tmp, 'w') as fh:
+                json.dump(report, fh, indent=1, default=str)
+            os.replace(tmp, json_path)
 
     report['environment'] = {'status': 'pending'}
     report['decode'] = {'status': 'pending'}
     for name in CHECKS:
         report[name] = {'status': 'pending'}
     save()  # before anything that can hang: the JSON says how far the run got
+
+    def progress(partial):  # a check's sub-results so far, into the JSON (from the output's thread too)
+        report[current[0]] = {**report[current[0]], **partial}
+        save()
+    current, ctx.progress = [None], progress
     log(f'== environment ({mode})')
     res, _ = worker(ctx, 'env', [], min(SETUP_S['env'], max(clock.left(), 1)), 'env')
     report['environment'] = res
     log(json.dumps(res))
     save()
+    why = unusable(res, mode)
+    if why:  # every check would fail on it: say why at once
+        log(f'== stopped: {why}')
+        report.update(status='failed', error=why, failed=[], decode={'status': 'not run', 'note': why},
+                      **{c: {'status': 'not run', 'note': why} for c in CHECKS})
+        save()
+        return 1
     log('== decode the CIFAR JPEGs once, for every later process')
     decoded = os.path.join(work, 'decoded')
     res, _ = worker(ctx, 'decode', [ctx.dataroot, decoded], min(SETUP_S['decode'], max(clock.left(), 1)), 'decode')
@@ -486,6 +578,7 @@ def run(args):
         else:
             timeout = min(budget, clock.left())
             log(f'== {name} (up to {timeout:.0f}s; {clock.left():.0f}s left)')
+            current[0], report[name] = name, {**entry, 'status': 'running'}
             t = time.perf_counter()
             try:
                 entry.update(RUNNERS[name](ctx, timeout))
@@ -731,7 +824,57 @@ def worker_decode(argv, result):
     return 0
 
 
-WORKERS = {'a': worker_a, 'main': worker_main, 'e': worker_e, 'env': worker_env, 'decode': worker_decode}
+def queue_reads_of_freed_memory(device, tensors=8, numel=1 << 22):
+    """torchvision PR 9606's race, set up: about 100 ms of work queued on the current stream, then one
+    sum per tensor behind it, and the tensors freed while those sums are still queued; what the next
+    allocation on this stream gets is memory they still read. Returns (sums, expected): a decode that
+    writes into that memory before the sums ran changes them."""
+    import torch
+    xs = [torch.full((numel,), float(i + 1), device=device) for i in range(tensors)]
+    a = torch.randn(4096, 4096, device=device)
+    for _ in range(30):
+        a = torch.tanh(a @ a)  # the stall
+    sums = [x.sum() for x in xs]
+    del xs
+    return sums, [float((i + 1) * numel) for i in range(tensors)]
+
+
+def worker_f(argv, result):
+    """An nvjpeg batch (decode_batch, as the training Feed calls it) against PIL's views, decoded behind
+    queued reads of freed memory, then imagenet.py. argv: FOLDER DEVICE imagenet.py-arguments..."""
+    folder, device, rest = argv[0], argv[1], argv[2:]
+    import torch
+    sys.path[:0] = [ROOT]
+    import imagenet_data as D
+    from data import image_folder
+    res = {}
+    diffs = {}
+    for train, split in ((True, 'train'), (False, 'val')):
+        ds = image_folder(os.path.join(folder, split))
+        keys = [(i, 1) if train else i for i in range(len(ds.samples))]
+        ref = torch.stack([D.Images(ds, train, 'pil')[k][0] for k in keys]).permute(0, 3, 1, 2)
+        (files, boxes), _ = D.collate_files([D.Images(ds, train, 'nvjpeg')[k] for k in keys])
+        dev = torch.device(device)
+        sums, expected = queue_reads_of_freed_memory(dev) if dev.type == 'cuda' else ([], [])
+        got = D.decode_batch(files, boxes, dev, train).cpu()
+        wrong = sum(abs(v.item() - e) > 0 for v, e in zip(sums, expected))
+        res.setdefault('provoked', {'tensors': 0, 'wrong_sums': 0})
+        res['provoked']['tensors'] += len(sums)
+        res['provoked']['wrong_sums'] += wrong
+        d = (ref.int() - got.int()).abs().float()
+        diffs[split] = {'images': len(keys), 'max': d.max().item(), 'mean': d.mean().item()}
+    res['decode'] = diffs
+    res['decode_on'] = device + (' (nvjpeg)' if device == 'cuda' else ' (libjpeg-turbo: the CPU has no nvjpeg)')
+    t = time.perf_counter()
+    res['error'] = call_main('imagenet', rest)
+    res['main_seconds'] = round(time.perf_counter() - t, 2)
+    res.update(memory_figures())
+    json.dump(res, open(result, 'w'), indent=1)
+    return 1 if res['error'] else 0
+
+
+WORKERS = {'a': worker_a, 'main': worker_main, 'e': worker_e, 'f': worker_f, 'env': worker_env,
+           'decode': worker_decode}
 
 
 def main(argv=None):
@@ -742,12 +885,17 @@ def main(argv=None):
         if rest[:1] == ['--compile-backend']:
             backend, rest = rest[1], rest[2:]
         rest = rest[1:] if rest[:1] == ['--'] else rest
-        patch_compile(backend)
         try:
+            if name not in ('env', 'decode'):  # those two import no torch: the probe says whether it imports
+                patch_compile(backend)
             return WORKERS[name](rest, result)
         except Exception as e:
             traceback.print_exc()
-            json.dump({'error': f'{type(e).__name__}: {e}', **memory_figures()}, open(result, 'w'))
+            try:
+                figures = memory_figures()
+            except ImportError:
+                figures = {}
+            json.dump({'error': f'{type(e).__name__}: {e}', **figures}, open(result, 'w'))
             return 1
     p = argparse.ArgumentParser(prog='gpu_check.py', description=__doc__.split('\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -757,12 +905,14 @@ def main(argv=None):
     r.add_argument('--rehearse', action='store_true', help='CPU, tiny sizes')
     r.add_argument('--budget', type=float, default=480, help='seconds for the whole run, from --start')
     r.add_argument('--start', type=float, default=0, help='the time (epoch seconds) the budget counts from')
-    r.add_argument('--only', default='', help='comma list of checks to run (letters a-e or names); others are skipped')
+    r.add_argument('--only', default='', help='comma list of checks to run (letters a-f or names); others are skipped')
     r.add_argument('--setup', default='', help='JSON: what the shell script did before (install, unpack)')
     r.add_argument('--work', default='', help='scratch folder (default: a new temporary one), removed at the end')
     r.add_argument('--keep-work', action='store_true')
     r.add_argument('--compile-backend', default=os.environ.get('GPU_CHECK_COMPILE_BACKEND', ''),
                    help='torch.compile backend in the workers (default: inductor, torch\'s own default)')
+    c = sub.add_parser('cap', help="print a setup step's cap in seconds (gpu_check.sh's install and unpack)")
+    c.add_argument('step', choices=list(SETUP_S))
     t = sub.add_parser('tiny-cifar')
     t.add_argument('dir')
     st = sub.add_parser('stop', help='write the JSON of a run that cannot start (no wheels, no archive)')
@@ -770,6 +920,9 @@ def main(argv=None):
     st.add_argument('--reason', required=True)
     st.add_argument('--mode', default='device')
     args = p.parse_args(argv)
+    if args.cmd == 'cap':
+        print(SETUP_S[args.step])
+        return 0
     if args.cmd == 'tiny-cifar':
         project('synthetic').make_tiny_cifar(args.dir)
         return 0

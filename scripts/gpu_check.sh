@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, for one call of a lent CUDA machine (under 8 minutes): installs the carried wheels
 # (torchnet, visdom, hickle and the pure-Python needs the machine lacks), unpacks the carried CIFAR
-# archive, and runs the correctness checks (a, d, e) and then the speed checks (b, c)
+# archive, and runs the correctness checks (a, d, e, f) and then the speed checks (b, c)
 # (scripts/gpu_check.py says what each measures), each with a time budget, into $OUT/gpu_check.json
 # and $OUT/gpu_check.log. A failed check is recorded and the next one runs; the exit status is
-# non-zero if any failed. With no wheels or no archive it writes the JSON with the reason and stops.
+# non-zero if any failed. With no wheels or no archive it writes the JSON with the reason and stops;
+# so does the driver where torch cannot be imported. Every step has a cap (gpu_check.py's SETUP_S
+# and BUDGETS): they sum to less than the 480 s budget.
 #
 #   bash scripts/make_wheelhouse.sh          # here, once: .wheelhouse/ and .gpu_check/cifar10-jpg.tar.gz
 #   bash scripts/gpu_check.sh                # there, carrying .wheelhouse and .gpu_check; $OUT is the
@@ -34,10 +36,10 @@ while [ $# -gt 0 ]; do
 done
 [[ "$BUDGET" =~ ^[0-9]+([.][0-9]+)?$ ]] && [ "${BUDGET%%.*}" -gt 0 ] ||
   { echo "gpu_check.sh: error: --budget must be a positive number of seconds, got '$BUDGET'" >&2; exit 2; }
-CHECK_NAMES="a b c d e a_cuda_vs_cpu b_at_epoch c_benchmark d_resume e_imagenet"
+CHECK_NAMES="a b c d e f a_cuda_vs_cpu b_at_epoch c_benchmark d_resume e_imagenet f_nvjpeg_half"
 for c in ${ONLY//,/ }; do
   [[ " $CHECK_NAMES " == *" $c "* ]] ||
-    { echo "gpu_check.sh: error: --only names checks a-e (or $CHECK_NAMES), got '$c'" >&2; exit 2; }
+    { echo "gpu_check.sh: error: --only names checks a-f (or $CHECK_NAMES), got '$c'" >&2; exit 2; }
 done
 OUT=${OUT:-/tmp/gpu_check}
 PY=${PYTHON:-python3}
@@ -80,7 +82,7 @@ if [ "$INSTALL" = 1 ]; then
   wheels=("$WHEELS"/*.whl)
   shopt -u nullglob
   say "installing ${#wheels[@]} wheels from $WHEELS into $WORK/site"
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  if timeout "$("$PY" scripts/gpu_check.py cap install)" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
        --upgrade --target "$WORK/site" "${wheels[@]}" 2>&1 | tee -a "$LOG"; then
     install=ok
   else
@@ -94,7 +96,7 @@ fi
 t=$(date +%s)
 unpack=failed
 mkdir -p "$WORK/data"
-if tar -xzf "$ARCHIVE" -C "$WORK/data" 2>&1 | tee -a "$LOG" && [ -d "$WORK/data/cifar10-jpg/train" ]; then
+if timeout "$("$PY" scripts/gpu_check.py cap unpack)" tar -xzf "$ARCHIVE" -C "$WORK/data" 2>&1 | tee -a "$LOG" && [ -d "$WORK/data/cifar10-jpg/train" ]; then
   unpack=ok
 else
   say "could not unpack $ARCHIVE into a cifar10-jpg/train folder"

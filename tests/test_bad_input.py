@@ -137,6 +137,32 @@ def test_cifar_flag_combinations(argv, message, data, sandbox, capfd):
     assert message in err[0]
 
 
+# pairs of flags that each pass alone and are refused together: (script, flags, environment, the line)
+PAIRS = [
+    ('cifar', ['--ngpu', '2', '--compile'], {},
+     'cifar.py: error: --compile with --ngpu 2: the replicas would share one compiled function, which recompiles '
+     'for each GPU; use --ngpu 1, or torchrun with one GPU per process'),
+    ('imagenet', ['--ngpu', '2', '--compile'], {},
+     'imagenet.py: error: --compile with --ngpu 2: the replicas would share one compiled function, which '
+     'recompiles for each GPU; use --ngpu 1, or torchrun with one GPU per process'),
+    *[(prog, ['--at_sum_replicas', v], {'WORLD_SIZE': '2', 'RANK': '1'},
+       f'{prog}.py: error: rank 1: --at_sum_replicas weighs the AT loss of --ngpu replicas inside one process; under '
+       'torchrun each process takes the AT loss of its share and DistributedDataParallel averages the gradients, so '
+       'beta already weighs the whole batch: drop --at_sum_replicas') for prog in ('cifar', 'imagenet') for v in '01'],
+]
+
+
+@pytest.mark.parametrize('prog,flags,env,line', PAIRS, ids=[f"{p}:{' '.join(f)}:{','.join(e)}" for p, f, e, _ in PAIRS])
+def test_refused_pairs(prog, flags, env, line, data, tmp_path):
+    """In a process of its own: under torchrun (WORLD_SIZE) a refusal leaves through os._exit."""
+    base = (['--dataroot', str(data / 'cifar'), '--depth', '10'] if prog == 'cifar' else
+            ['--imagenetpath', str(data / 'imagenet'), '--width', '0.25', '--batch_size', '5'])
+    p = subprocess.run([sys.executable, str(ROOT / f'{prog}.py'), *base, '--epochs', '1', '--beta', '1',
+                        '--save', 'logs/run', '--no_progress', *flags], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120, env={**OFFLINE_ENV, **env})
+    assert p.returncode == 1 and p.stderr.splitlines() == [line] and not (tmp_path / 'logs').exists()
+
+
 def test_every_text_flag_has_bad_values():
     missing = [p.values[1] for p in ENTRY if p.values[2] is None]
     assert not missing, f'text flags with no bad values in BAD_TEXT: {missing}'

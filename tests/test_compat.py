@@ -124,12 +124,31 @@ REQ = ['torch==2.14.1', 'torchvision==0.29.1', 'torchnet==0.0.4', 'numpy>=1.26']
 @pytest.mark.parametrize('torch_v, tv_v, want', [
     ('2.11.0+cu128', '0.26.0+cu128', ['torch==2.11.0+cu128', 'torchvision==0.26.0+cu128']),
     ('2.4.1', None, ['torch==2.4.1', 'torchvision==0.19.*']),  # at the floor, no torchvision yet
-    ('2.11.0+cu130', '0.18.1', ['torch==2.11.0+cu130', 'torchvision==0.26.*']),  # torchvision below its floor
+    # torchvision below its floor, or missing, for a CUDA build: the matching build, from PyTorch's index
+    ('2.11.0+cu130', '0.18.1', ['--extra-index-url https://download.pytorch.org/whl/cu130', 'torch==2.11.0+cu130',
+                                'torchvision==0.26.*']),
+    ('2.4.1+cu118', None, ['--extra-index-url https://download.pytorch.org/whl/cu118', 'torch==2.4.1+cu118',
+                           'torchvision==0.19.*']),
+    ('2.6.0+rocm6.1', None, ['--extra-index-url https://download.pytorch.org/whl/rocm6.1', 'torch==2.6.0+rocm6.1',
+                             'torchvision==0.21.*']),
+    ('2.5.1+cpu', None, ['--extra-index-url https://download.pytorch.org/whl/cpu', 'torch==2.5.1+cpu',
+                         'torchvision==0.20.*']),
     ('2.3.1', '0.18.1', REQ[:2]),  # below the floor: the pinned versions
     (None, None, REQ[:2]),  # none: the pinned versions
 ])
 def test_install_keeps_a_torch_at_or_above_the_floor(torch_v, tv_v, want):
     assert compat.requirements(REQ, torch_v, tv_v) == want + REQ[2:]
+
+
+def test_install_stops_for_a_torch_of_its_own_build_without_torchvision(tmp_path, monkeypatch):
+    """A local tag that is no PyTorch build (a source build): no index has its torchvision; one line."""
+    with pytest.raises(ValueError, match=r'^torch 2\.6\.0\+git1a2b3c is a build of its own \(\+git1a2b3c\) and '
+                                         r'torchvision is missing: install the torchvision 0\.21\.\* built for it, '
+                                         r'then run install\.sh again$'):
+        compat.requirements(REQ, '2.6.0+git1a2b3c', None)
+    (tmp_path / 'req.txt').write_text('\n'.join(REQ) + '\n')
+    monkeypatch.setattr(compat, 'installed', {'torch': '2.6.0+git1a2b3c', 'torchvision': None}.get)
+    assert compat.main(['requirements', str(tmp_path / 'req.txt')]) == 1
 
 
 def test_install_plan_from_the_command_line(tmp_path):
@@ -186,3 +205,38 @@ def test_compiled_shapes_are_static(counted_compiles):
         for n in (4, 3, 2, 4):
             s(torch.ones(n, 3), p, True)
     assert [g[0] for g in counted_compiles] == [(4, 3), (3, 3), (2, 3)]  # automatic dynamic shapes: 2 graphs
+
+
+@pytest.mark.parametrize('name', ['LoweringException', 'MissingOperatorWithoutDecomp', 'MissingOperatorWithDecomp',
+                                  'CppCompileError', 'InvalidCxxCompiler', 'BackendCompilerFailed', 'InductorError'])
+def test_each_torchs_compile_errors_in_the_backward_pass_fall_back(monkeypatch, capsys, name):
+    """What compiling the backward raises: before torch 2.7 inductor's errors come out raw (a
+    LoweringException, ...), from 2.7 on as InductorError; dynamo's are BackendCompilerFailed. Each,
+    raised from loss.backward(), ends in one eager step, as if compile had never been asked for."""
+    from torch._dynamo import exc as dynamo_exc
+    from torch._inductor import exc as inductor_exc
+    cls = getattr(inductor_exc, name, None) or getattr(dynamo_exc, name)
+    error = cls.__new__(cls)  # their constructors' arguments changed between versions; what is raised did not
+    Exception.__init__(error, 'made by the test')
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise error
+    monkeypatch.setattr(torch, 'compile', lambda f, **kw: lambda x, w: FailingBackward.apply(f(x, w)))
+    f = engine.compiled(lambda x, w: (x * w).sum(), True, 'prog')
+    w = torch.ones(3, requires_grad=True)
+    optimizer = engine.EagerOnCompileError(torch.optim.SGD([w], 0.1), [f])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = f(torch.arange(3.), w)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    assert capsys.readouterr().err.splitlines() == [f'prog: --compile unavailable here ({name}); running eagerly']
+    assert torch.equal(w.detach(), torch.tensor([1., 0.9, 0.8]))  # one plain SGD step: w - 0.1 x

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,8 @@ def test_two_process_run(odd_data, tmp_path, loader):
     p = torchrun(['--dataroot', odd_data, '--depth', 10, '--batch_size', 16, '--nthread', 0, '--epochs', 2,
                   '--loader', loader, '--save', 'logs/ddp'], tmp_path)
     assert p.returncode == 0, p.stderr
+    # every conv weight has its gradient's strides (channels_last, the CPU's default): DDP's buckets fit them
+    assert 'Grad strides do not match bucket view strides' not in p.stderr
     log = read_log(tmp_path / 'logs/ddp')
     assert [r['epoch'] for r in log] == [1, 2]  # written once, by rank 0
     assert p.stdout.count('==> epoch 1/2') == 1
@@ -40,9 +43,13 @@ def test_two_process_run(odd_data, tmp_path, loader):
     assert nn_test_accuracy(params, 10, 1, odd_data) == pytest.approx(log[-1]['test_acc'], abs=1e-6)
 
 
-def test_two_process_resume_repeats_the_uninterrupted_run(odd_data, tmp_path):
-    """DistributedDataParallel from a checkpoint: the same figures and weights as without the cut."""
-    args = ['--dataroot', odd_data, '--depth', 10, '--batch_size', 16, '--nthread', 0, '--epoch_step', '[]']
+@pytest.mark.parametrize('loader', ['fast', 'torchvision'])
+def test_two_process_resume_repeats_the_uninterrupted_run(odd_data, tmp_path, loader):
+    """DistributedDataParallel from a checkpoint: the same figures and weights as without the cut. With
+    the torchvision loader each rank draws its own crops (--nthread 0: from its own torch stream), so
+    each rank's random state must come back as it was, not rank 0's on every rank."""
+    args = ['--dataroot', odd_data, '--depth', 10, '--batch_size', 16, '--nthread', 0, '--epoch_step', '[]',
+            '--loader', loader]
     for extra in (['--epochs', 3, '--save', 'logs/whole'], ['--epochs', 2, '--save', 'logs/cut'],
                   ['--epochs', 3, '--save', 'logs/cut', '--resume', 'auto']):
         p = torchrun(args + extra, tmp_path)
@@ -52,6 +59,7 @@ def test_two_process_resume_repeats_the_uninterrupted_run(odd_data, tmp_path):
     assert whole == cut and len(cut) == 3
     a, b = (torch.load(tmp_path / 'logs' / n / 'model.pt7', weights_only=True) for n in ('whole', 'cut'))
     assert all(torch.equal(a['params'][k], b['params'][k]) for k in a['params'])
+    assert len(b['rng_ranks']) == 1 and not torch.equal(b['rng']['torch'], b['rng_ranks'][0]['torch'])
 
 
 def test_two_process_gradient_at(odd_data, tmp_path):
@@ -90,3 +98,35 @@ def test_imagenet_two_processes(tmp_path):
     log = read_log(tmp_path / 'logs/d')
     assert len(log) == 1 and len(log[0]['test_acc']) == 2
     torch.load(tmp_path / 'logs/d/model.pt7', weights_only=True)
+
+
+def _crops_worker(rank, init, root, nthread, out):
+    import cifar
+    import runs
+    torch.distributed.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
+    opt = cifar.parse_args(['--dataroot', root, '--loader', 'torchvision', '--nthread', str(nthread),
+                            '--batch_size', '16', '--seed', '0'])
+    runs.seed_everything(opt.seed)  # as cifar.build does, once the process group is up
+    train = cifar.create_loaders(opt, torch.device('cpu'))[0]
+    torch.save(next(iter(train))[0], f'{out}/{rank}.pt')
+    runs.leave()
+
+
+@pytest.mark.parametrize('nthread', [0, 1])
+def test_ranks_crop_and_flip_apart_with_the_torchvision_loader(tmp_path, nthread):
+    """Every image the same: what tells two ranks' batches apart is their crops and flips. Seeded alike,
+    the ranks would draw the same ones, and the global batch would hold B/N distinct augmentations."""
+    from PIL import Image
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    for split, n in (('train', 8), ('test', 2)):
+        for c in ('a', 'b'):
+            (tmp_path / 'data' / split / c).mkdir(parents=True)
+            for i in range(n):
+                image.save(tmp_path / 'data' / split / c / f'{i}.png')
+    torch.multiprocessing.spawn(_crops_worker, nprocs=2, args=(f'file://{tmp_path}/init', str(tmp_path / 'data'),
+                                                               nthread, str(tmp_path)))
+    a, b = (torch.load(tmp_path / f'{r}.pt') for r in (0, 1))
+    assert a.shape == b.shape == (8, 3, 32, 32)
+    views = {x.numpy().tobytes() for x in torch.cat([a, b])}
+    # 16 draws from 162 crops and flips: most of them differ, not each rank's 8 twice
+    assert not torch.equal(a, b) and len(views) > 8

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import OFFLINE_ENV, ROOT
 
-CHECKS = ['a_cuda_vs_cpu', 'd_resume', 'e_imagenet', 'b_at_epoch', 'c_benchmark']  # correctness, then speed
+CHECKS = ['a_cuda_vs_cpu', 'd_resume', 'e_imagenet', 'f_nvjpeg_half', 'b_at_epoch', 'c_benchmark']  # correctness first
 TOP_KEYS = {'mode', 'started_utc', 'budget_s', 'order', 'dataroot', 'compile_backend', 'setup', 'environment',
             'decode', *CHECKS, 'seconds', 'failed', 'status'}
-BENCH = ['fast', 'fast-cl', 'fast-nocl', 'fast-half', 'fast-bf16', 'fast-compile', 'fast-nobench']
+BENCH = ['fast', 'fast-cl', 'fast-nocl', 'fast-half', 'fast-bf16', 'fast-nobench']
 
 
 def log_order(text):
@@ -60,9 +60,9 @@ def test_rehearsal_runs_every_check_in_order(tmp_path, wheelhouse):
     assert set(report) == TOP_KEYS
     assert report['mode'] == 'rehearsal' and report['status'] == 'ok' and report['failed'] == []
     assert report['order'] == CHECKS
-    assert [report[c]['status'] for c in CHECKS] == ['ok'] * 5, {c: report[c].get('error') for c in CHECKS}
+    assert [report[c]['status'] for c in CHECKS] == ['ok'] * 6, {c: report[c].get('error') for c in CHECKS}
     starts = [report[c]['started_s'] for c in CHECKS]
-    assert starts == sorted(starts) and len(set(starts)) == 5
+    assert starts == sorted(starts) and len(set(starts)) == 6
     log = (out / 'gpu_check.log').read_text()
     assert log_order(log) == CHECKS
     assert sorted(os.listdir(out)) == ['gpu_check.json', 'gpu_check.log']  # nothing else comes back
@@ -89,6 +89,9 @@ def test_rehearsal_runs_every_check_in_order(tmp_path, wheelhouse):
     assert d['vs_uninterrupted']['max_param_diff'] == 0  # on the CPU a resumed run repeats the straight one
     e = report['e_imagenet']
     assert len(e['at_losses']) == 4 and e['hkl_equals_pth'] and e['epoch'] == 1 and len(e['test_acc']) == 2
+    f = report['f_nvjpeg_half']  # on the CPU: decode_batch through libjpeg-turbo, and fp16 autocast
+    assert f['epoch'] == 1 and f['decode']['train']['max'] <= 1 and f['decode']['val']['max'] <= 1
+    assert f['provoked'] == {'tensors': 0, 'wrong_sums': 0}
     print(f'rehearsal: {seconds:.0f}s')
 
 
@@ -105,7 +108,7 @@ def test_a_failed_check_is_recorded_and_the_next_ones_run(tmp_path):
     assert report['status'] == 'failed' and report['failed'] == ['a_cuda_vs_cpu']
     assert report['a_cuda_vs_cpu']['error']
     assert report['d_resume']['status'] == 'ok'
-    for c in ('b_at_epoch', 'c_benchmark', 'e_imagenet'):
+    for c in ('b_at_epoch', 'c_benchmark', 'e_imagenet', 'f_nvjpeg_half'):
         assert report[c]['status'] == 'skipped' and 'not selected' in report[c]['note']
 
 
@@ -116,7 +119,7 @@ def test_checks_are_skipped_when_the_budget_is_spent(tmp_path):
                        cwd=tmp_path, env=OFFLINE_ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr  # skipped is not failed
     report = json.loads((out / 'gpu_check.json').read_text())
-    assert [report[c]['status'] for c in CHECKS] == ['skipped'] * 5
+    assert [report[c]['status'] for c in CHECKS] == ['skipped'] * 6
     assert all('budget' in report[c]['note'] for c in CHECKS)
 
 
@@ -145,10 +148,12 @@ def test_caps_fit_the_budget_correctness_first():
     sys.path.insert(0, str(ROOT / 'scripts'))
     import gpu_check
     assert gpu_check.CHECKS == CHECKS
-    # the checks' caps, the setup's and a minute for the install and unpack, within the default 480 s
-    assert sum(gpu_check.BUDGETS.values()) + sum(gpu_check.SETUP_S.values()) + 60 <= 600
-    assert sum(gpu_check.BUDGETS.values()) <= 480 - 60
+    # every cap: the checks', the install's, the unpack's, the probe's and the decode's, within the default 480 s
+    assert set(gpu_check.SETUP_S) == {'install', 'unpack', 'env', 'decode'}
+    assert sum(gpu_check.BUDGETS.values()) + sum(gpu_check.SETUP_S.values()) <= 480 - 10
+    assert set(gpu_check.BUDGETS) == set(gpu_check.MIN_START) == set(CHECKS)
     assert sum(b for _, _, b in gpu_check.B_RUNS) <= gpu_check.BUDGETS['b_at_epoch']
+    assert 'compile' not in gpu_check.BENCH_CONFIGS  # c would compile cold: b's flags are not its
     flags = gpu_check.SIZES['device']['b_flags']
     batch = int(flags[flags.index('--batch_size') + 1])
     assert 50000 % batch == 0 and 10000 % batch == 0  # no partial batch: --compile sees one shape
@@ -187,3 +192,58 @@ def test_decoded_cifar_is_trusted_by_place_and_other_sitecustomize_still_runs(tm
                             'PYTHONPATH': f"{ROOT / 'scripts' / 'gpu_check_site'}{os.pathsep}{tmp_path / 'other'}"})
     assert p.returncode == 0 and p.stdout.split() == ['True', 'False'], p.stderr
     assert (tmp_path / 'ran').exists()
+
+
+def test_no_torch_stops_after_the_probe_with_the_reason(tmp_path):
+    """A torch that does not import: every check would fail, so none runs, and the JSON says why."""
+    (tmp_path / 'shadow' / 'torch').mkdir(parents=True)
+    (tmp_path / 'shadow' / 'torch' / '__init__.py').write_text("raise ImportError('no torch on this machine')\n")
+    out = tmp_path / 'out'
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'gpu_check.py'), 'run', '--rehearse',
+                        '--out', str(out), '--dataroot', str(tmp_path)], cwd=tmp_path,
+                       env={**OFFLINE_ENV, 'PYTHONPATH': str(tmp_path / 'shadow')}, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr
+    report = json.loads((out / 'gpu_check.json').read_text())
+    why = f'torch cannot be imported by {sys.executable} (ImportError: no torch on this machine)'
+    assert report['status'] == 'failed' and report['error'] == why
+    assert report['decode'] == {'status': 'not run', 'note': why}
+    assert all(report[c] == {'status': 'not run', 'note': why} for c in CHECKS)
+    assert f'== stopped: {why}' in (out / 'gpu_check.log').read_text()
+
+
+def test_b_and_c_write_each_sub_result_as_it_finishes_and_a_fallback_is_no_ok(tmp_path, monkeypatch):
+    """The driver's b and c with their processes stood in for: after each sub-run (b) or repeat (c)
+    the JSON holds it; a --compile that ran eagerly is 'fell_back_to_eager' and fails b."""
+    import argparse
+    sys.path.insert(0, str(ROOT / 'scripts'))
+    import gpu_check
+    seen = []
+    ctx = argparse.Namespace(work=str(tmp_path), sizes=gpu_check.SIZES['rehearsal'], classes=10, scale=1,
+                             device='cpu', dataroot=str(tmp_path), progress=lambda partial: seen.append(
+                                 json.loads(json.dumps(partial))))
+
+    def fake_worker(ctx, name, args, timeout, tag, on_line=None):
+        if name == 'main' and args[0] == 'cifar':
+            save = args[args.index('--save') + 1]
+            os.makedirs(save)
+            with open(os.path.join(save, 'log.txt'), 'w') as fh:
+                fh.write('json_stats: ' + json.dumps({'epoch': 1, 'at_losses': [[1.0, 0.0]]}) + '\n')
+            fell = {'compile_fell_back': 'cifar.py: --compile unavailable here (X); running eagerly'}
+            return ({**fell} if '--compile' in args else {}), ''
+        for line in ('# repeat 1: fast: train 10.0 img/s, eval 20.0 img/s', 'other output',
+                     '# repeat 2: fast: train 30.0 img/s, eval 40.0 img/s'):
+            on_line(line)
+        return {'error': 'ended early'}, ''
+    monkeypatch.setattr(gpu_check, 'worker', fake_worker)
+    with pytest.raises(gpu_check.CheckFailed) as e:
+        gpu_check.check_b(ctx, 100)
+    assert [list(p['runs']) for p in seen] == [['fp32'], ['fp32', 'bf16_cl'], ['fp32', 'bf16_cl', 'bf16_cl_compile']]
+    assert [r['status'] for r in seen[-1]['runs'].values()] == ['ok', 'ok', 'fell_back_to_eager']
+    assert e.value.args[0] == ('bf16_cl_compile: --compile fell back to eager '
+                               '(cifar.py: --compile unavailable here (X); running eagerly)')
+    seen.clear()
+    with pytest.raises(gpu_check.CheckFailed):
+        gpu_check.check_c(ctx, 100)
+    assert seen == [{'partial': {'fast': {'train_median': 10.0, 'eval_median': 20.0, 'repeats': 1}}},
+                    {'partial': {'fast': {'train_median': 20.0, 'eval_median': 30.0, 'repeats': 2}}}]

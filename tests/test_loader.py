@@ -152,3 +152,21 @@ def test_a_compile_error_in_the_backward_pass_falls_back_too(monkeypatch, capsys
     assert capsys.readouterr().err.strip().splitlines() == [
         'prog: --compile unavailable here (InductorError); running eagerly']
     assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])
+
+
+def test_the_order_is_drawn_on_the_cpu_whatever_the_device(tmp_path):
+    """A CUDA generator's numbers depend on the GPU model, so the order, crops and flips come from a
+    CPU generator on every device. The meta device stands in for a GPU: its loader takes the same
+    numbers from the same CPU generator as the CPU's, whose order is torch.randperm's of --seed."""
+    import cifar
+    from conftest import make_class_folders
+    root = make_class_folders(tmp_path, classes=3, train_per_class=4, test_per_class=2)
+    opt = cifar.parse_args(['--dataroot', str(root), '--batch_size', '5', '--seed', '3', '--channels_last', '0'])
+    cpu, meta = (cifar.create_loaders(opt, torch.device(d))[0] for d in ('cpu', 'meta'))
+    assert meta.generator.device.type == 'cpu' and meta.images.device.type == 'meta'
+    labels = torch.cat([y for _, y in cpu])
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(labels, cpu.labels[order])
+    shapes = [(tuple(x.shape), tuple(y.shape)) for x, y in meta]
+    assert shapes == [((5, 3, 32, 32), (5,)), ((5, 3, 32, 32), (5,)), ((2, 3, 32, 32), (2,))]
+    assert torch.equal(cpu.generator.get_state(), meta.generator.get_state())  # the same draws, on the CPU

@@ -152,3 +152,30 @@ def test_an_error_on_any_rank_is_one_line_naming_it(tmp_path):
         p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                            env={**os.environ, 'RANK': rank, 'WORLD_SIZE': world})
         assert p.returncode == 1 and p.stderr.strip().splitlines() == [expected]
+
+
+def network_cases():
+    from resnet import CIFAR_MODELS, cifar_model_params, resnet_imagenet, resnet_imagenet_params
+    cases = [(name, CIFAR_MODELS[name], lambda n=name: cifar_model_params(n, 16, 1, 10), 32) for name in CIFAR_MODELS]
+    # an F-ActT adapter is a bare 1x1 conv weight: applied as distill applies it
+    adapter = lambda x, p, mode: (F.conv2d(x, p['w']).sum(1), ())  # noqa: E731
+    return cases + [('resnet18', resnet_imagenet, lambda: resnet_imagenet_params(18, 0.25, 10), 64),
+                    ('adapter', adapter, lambda: {'w': torch.randn(16, 3, 1, 1)}, 8)]
+
+
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_every_parameter_has_its_gradients_strides(channels_last):
+    """torch 2.4's fused SGD refuses a parameter whose strides differ from its gradient's, even in a
+    size-1 dimension (a 1x1 conv's), and DDP warns of them: place_params writes the strides out."""
+    from parallel import place_params
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for name, f, make, size in network_cases():
+        torch.manual_seed(0)
+        params = make()
+        place_params(params, torch.device('cpu'), torch.float32, channels_last, True)
+        x = torch.randn(2, 3, size, size).contiguous(memory_format=fmt)
+        f(x, params, True)[0].sum().backward()
+        trained = {k: v for k, v in params.items() if v.requires_grad}
+        assert trained and all(v.grad is not None for v in trained.values()), name
+        unlike = {k: (v.stride(), v.grad.stride()) for k, v in trained.items() if v.stride() != v.grad.stride()}
+        assert unlike == {}, name
