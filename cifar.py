@@ -10,13 +10,14 @@ import torch
 
 import board
 import runs
-from data import DeviceLoader, check_classes, data_loader, decode_all, image_shape, one_size, open_cifar, rank_batch
+from data import (PAD_MODES, DeviceLoader, check_classes, class_digest, data_loader, decode_all, image_shape, one_size,
+                  open_cifar, rank_batch)
 from distill import factt_adapters
 from parallel import Dist, select_device
 from precision import Precision
 from resnet import CIFAR_MODELS, cifar_model_groups, cifar_model_name, cifar_model_params, wrn_depth_to_blocks
-from teachers import load_teacher_run
-from utils import UserError
+from teachers import check_teacher_data, load_teacher_run
+from errors import UserError
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
@@ -30,8 +31,8 @@ NORMALIZE = {'2017': (MEAN, STD), 'cifar100': ([0.5071, 0.4867, 0.4408], [0.2675
 PRESETS = {'crd': dict(dataset='CIFAR100', epochs=240, batch_size=64, lr=0.05, weight_decay=5e-4,
                        epoch_step='[151,181,211]', lr_decay_ratio=0.1, lr_restart_momentum=0,
                        pad_mode='zeros', normalize='cifar100')}
-DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}
-PAD_MODES = {'reflect': 'reflect', 'zeros': 'constant'}  # --pad_mode: torchvision's names
+DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}  # their class counts: a class-folder copy must have as many
+WIDTH_MODELS = ('wrn', 'nin')  # the networks --width shapes; the benchmark's are fixed by their names
 CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (docs/speed.md); CUDA: not measured yet
 
 
@@ -93,6 +94,7 @@ def build_parser():
       help='TensorBoard event files in the run folder (default: 1 where the tensorboard package is installed)')
     a('--tensorboard_every', default=50, type=int, help='steps between points of the running train loss')
     a('--no_progress', action='store_true', help='no tqdm bars')
+    a('--allow_change', default='', type=str, help=runs.ALLOW_CHANGE_HELP)
     return p
 
 
@@ -103,20 +105,26 @@ def parse_args(argv=None):
         p.set_defaults(**PRESETS[preset])
     opt = p.parse_args(argv)
     board.check_option(opt)
-    runs.check_options(opt, not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
+    if opt.model not in WIDTH_MODELS and opt.width != 1:
+        raise UserError(f'--model {opt.model} has no --width: its name fixes its channels (drop --width {opt.width:g})')
+    runs.check_options(opt, positive=['width'] if opt.model in WIDTH_MODELS else [],
+                       not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
+    if opt.randomcrop_pad != int(opt.randomcrop_pad):
+        raise UserError(f'--randomcrop_pad is a number of pixels, a whole number; got {opt.randomcrop_pad:g}')
     if opt.model == 'wrn':
         try:
             wrn_depth_to_blocks(opt.depth)
         except ValueError as e:
             raise UserError(str(e)) from None
-    if int(16 * opt.width) < 1:
+    if opt.model in WIDTH_MODELS and int(16 * opt.width) < 1:
         raise UserError(f'--width {opt.width} leaves a group with no channels')
     opt.at_weight = runs.at_weight(opt)
     if opt.dataset not in DATASETS:
         raise UserError(f'--dataset must be one of {", ".join(DATASETS)}, got {opt.dataset!r}')
+    if opt.grad_beta and not opt.teacher_id:
+        raise UserError('--grad_beta matches the teacher\'s gradient attention: pass --teacher_id')
+    runs.check_teacher_needed(opt, bool(opt.teacher_id), '--teacher_id', ['beta', 'alpha', 'factt_beta'])
     if opt.grad_beta or opt.sym_beta:
-        if opt.grad_beta and not opt.teacher_id:
-            raise UserError('--grad_beta matches the teacher\'s gradient attention: pass --teacher_id')
         if Precision(opt.dtype).compute or opt.ngpu > 1 or opt.compile:
             raise UserError('--grad_beta and --sym_beta need double backprop, eagerly, in full precision, on one '
                             'device: use --dtype float and --ngpu 1, without --compile')
@@ -136,7 +144,7 @@ def torchvision_transform(pad, train, size=(32, 32), pad_mode='reflect', normali
 
 
 def create_loaders(opt, device):
-    """(train loader, test loader, class count, image (height, width)): the fast device-resident
+    """(train loader, test loader, class names, image (height, width)): the fast device-resident
     loader, or the 2017 one. Any one image size trains (the networks pool globally); train and
     test must share it and their class folders."""
     faithful, dist, where = opt.loader == 'torchvision', Dist(device), f'--dataroot {opt.dataroot}'
@@ -145,6 +153,10 @@ def create_loaders(opt, device):
     if len(train_set) == 0 or len(test_set) == 0:
         raise UserError(f'{where}: empty train or test set')
     check_classes(train_set, test_set, where)
+    count = len(train_set.classes)
+    if count in DATASETS.values() and count != DATASETS[opt.dataset]:  # a copy of the other CIFAR
+        raise UserError(f'{where} has {count} classes, --dataset {opt.dataset} {DATASETS[opt.dataset]}: '
+                        f'pass --dataset {next(k for k, v in DATASETS.items() if v == count)}')
     if faithful:
         sizes = image_shape(train_set), image_shape(test_set)
     else:
@@ -161,14 +173,14 @@ def create_loaders(opt, device):
         train_set.transform = torchvision_transform(opt.randomcrop_pad, True, size, opt.pad_mode, opt.normalize)
         test_set.transform = torchvision_transform(opt.randomcrop_pad, False, normalize=opt.normalize)
         return (data_loader(train_set, True, batch, opt.nthread, opt.seed, device, dist),
-                data_loader(test_set, False, batch, opt.nthread, opt.seed, device, dist), len(train_set.classes), size)
+                data_loader(test_set, False, batch, opt.nthread, opt.seed, device, dist), train_set.classes, size)
     mean, std = NORMALIZE[opt.normalize]
     kw = dict(batch_size=batch, mean=mean, std=std, device=device, channels_last=opt.channels_last,
               rank=dist.rank, world=dist.world)
     gen = torch.Generator(device).manual_seed(opt.seed)
     return (DeviceLoader(train_x, train_y, train=True, pad=opt.randomcrop_pad, pad_mode=opt.pad_mode,
                          generator=gen, **kw),
-            DeviceLoader(test_x, test_y, train=False, **kw), len(train_set.classes), size)
+            DeviceLoader(test_x, test_y, train=False, **kw), train_set.classes, size)
 
 
 # ---------------------------------------------------------------- run
@@ -180,12 +192,15 @@ def build(opt):
         opt.channels_last = int(CHANNELS_LAST[device.type])
     precision = Precision(opt.dtype, device.type, bool(opt.channels_last))
     runs.seed_everything(opt.seed)
-    train_loader, test_loader, num_classes, size = create_loaders(opt, device)
-
+    train_loader, test_loader, classes, size = create_loaders(opt, device)
+    num_classes, data = len(classes), dict(image_size=list(size), class_digest=class_digest(classes))
     params_s = cifar_model_params(opt.model, opt.depth, opt.width, num_classes)
+    check_fits(CIFAR_MODELS[opt.model], params_s, size, cifar_model_name(opt.model, opt.depth, opt.width))
     # KD and gradient AT compare class scores: they need the teacher's classes; attention maps know no classes
     f_t, params_t, info = load_teacher_run(opt.teacher_id, num_classes if opt.alpha or opt.grad_beta else None) \
         if opt.teacher_id else (None, {}, None)
+    if f_t:
+        check_teacher_data(info, dict(normalize=opt.normalize, **data), compare_classes=bool(opt.alpha or opt.grad_beta))
     n_groups = cifar_model_groups(opt.model)
     if f_t and cifar_model_groups(info['model']) != n_groups:
         raise UserError(f'teacher {info["name"]} has {cifar_model_groups(info["model"])} group outputs and student '
@@ -203,13 +218,24 @@ def build(opt):
                 **{'teacher.' + k: v for k, v in params_t.items()},
                 **{'adapter.' + k: v for k, v in adapters.items()}} if f_t else params_s),
         description=f'student {cifar_model_name(opt.model, opt.depth, opt.width)}' + (
-            f', teacher {info["name"]} from {info["folder"]}' if f_t else ''))
+            f', teacher {info["name"]} from {info["folder"]}' if f_t else ''), data=data)
+
+
+def check_fits(f, params, size, name):
+    """A network pools its images down: ones too small for it are one line, not a traceback mid-step."""
+    try:
+        with torch.no_grad():
+            f(torch.zeros(1, 3, *size), params, False)
+    except RuntimeError:
+        raise UserError(f'{name} cannot take {size[0]}x{size[1]} images: they are too small for its '
+                        f'poolings') from None
 
 
 def main(argv=None):
     opt = parse_args(argv)
     print('parsed options:', vars(opt))
     runs.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
+    runs.check_resume(opt, build_parser())
     runs.fit(opt, build(opt), PROG)
 
 

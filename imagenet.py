@@ -19,7 +19,8 @@ from parallel import Dist, select_device
 from precision import Precision
 from resnet import IMAGENET_BLOCKS, resnet_imagenet, resnet_imagenet_params
 from teachers import load_teacher_export
-from utils import UserError, check_params
+from errors import UserError
+from utils import check_params
 
 PROG = 'imagenet.py'
 
@@ -66,6 +67,7 @@ def build_parser():
       help='pil: the 2017 pixels; torchvision: torchvision.io decode and a uint8 resize (faster, at most 1 level off); '
            'nvjpeg: decode on the GPU')
     a('--channels_last', default=1, type=int, choices=[0, 1], help='channels_last memory format for inputs and weights')
+    a('--allow_change', default='', type=str, help=runs.ALLOW_CHANGE_HELP)
     return p
 
 
@@ -86,6 +88,7 @@ def parse_args(argv=None):
     if not groups or not all(0 <= g < 4 for g in groups) or len(set(groups)) != len(groups):
         raise UserError(f'--at_groups must list distinct groups from 0 to 3, like 2,3; got {opt.at_groups!r}')
     opt.at_group_list = groups
+    runs.check_teacher_needed(opt, bool(opt.teacher_params), '--teacher_params', ['beta', 'alpha'])
     opt.at_weight = runs.at_weight(opt)
     if opt.evaluate == 'resume' and not opt.resume:
         raise UserError('--evaluate without a FILE evaluates the --resume checkpoint: pass --resume too')
@@ -168,6 +171,7 @@ def main(argv=None):
         return evaluate_only(opt)
     print('parsed options:', vars(opt))
     runs.check_save(opt, time.strftime('imagenet_%Y%m%d-%H%M%S'))
+    runs.check_resume(opt, build_parser())
     runs.fit(opt, build(opt), PROG)
 
 

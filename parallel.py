@@ -10,7 +10,8 @@ import torch.nn as nn
 import torchnet as tnt
 
 from compat import ddp_no_buffer_sync, sync_buffers_once
-from utils import UserError, set_requires_grad_except_bn_
+from errors import UserError
+from utils import set_requires_grad_except_bn_
 
 
 def select_device(device_name, gpu_id, ngpu):

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import cifar_nets
-from utils import UserError, batch_norm, bn_params, conv_params, flatten, linear_params
+from errors import UserError
+from utils import batch_norm, bn_params, conv_params, flatten, linear_params
 
 
 def wrn_depth_to_blocks(depth):

@@ -22,61 +22,16 @@ import torch
 import provenance
 from board import Board
 from distill import Distiller
-from engine import Stop, Trainer, compiled, sgd
+from engine import Trainer, compiled, sgd
+from errors import Stopped, UserError, cli, die, leave  # noqa: F401 (the scripts' cli)
 from parallel import Dist, FunctionalNet, data_parallel, distributed, place_params
 from precision import NAMES, Precision
 from formats import append_log, checkpoint_params, load_checkpoint, read_json_stats, repair_log, save_checkpoint
-from utils import UserError, beta_schedule, check_params, is_trained, n_trained
+from schedule import Schedule, parse_epoch_step  # noqa: F401
+from utils import check_params, is_trained, n_trained
 
 
 # ---------------------------------------------------------------- the command line
-
-def die(prog, message, code=2):
-    """One line on stderr and exit. Under torchrun each rank says it, naming itself, in one write
-    (so that two ranks' lines never interleave), and leaves without tearing down the process group."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    rank = f'rank {os.environ.get("RANK", "0")}: ' if world > 1 else ''
-    sys.stdout.flush()
-    os.write(2, f'{prog}: error: {rank}{message}\n'.encode())
-    if world > 1:
-        os._exit(code)
-    sys.exit(code)
-
-
-def leave(code=0):
-    """Exits with `code`. Under torchrun, once every rank is done: exit together, without running the
-    gloo/nccl teardown one rank at a time, which can abort a rank whose peers have already gone."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-class Stopped(Exception):
-    """A run stopped cleanly by signal `signum`, after its last whole epoch was saved."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def cli(main, prog):
-    """Runs a script's main: bad input is one line on stderr and exit 1, never a traceback. A run
-    stopped by a signal exits 128 + its number (130 for SIGINT, 143 for SIGTERM), so that a shell
-    script or a batch scheduler stops too."""
-    try:
-        main()
-    except UserError as e:
-        die(prog, e, code=1)
-    except Stopped as e:
-        leave(128 + e.signum)
-    except KeyboardInterrupt:  # before training starts; during it, fit handles the signal
-        print(f'\n{prog}: interrupted', file=sys.stderr)
-        sys.exit(130)
-    leave()
-
 
 # --help's two groups of flags: what a user of the 2017 scripts knows comes first
 FLAGS_2017 = ("2017 flags (same names, types and defaults as the paper's code)",)
@@ -90,22 +45,13 @@ class Parser(argparse.ArgumentParser):
         die(self.prog, message)
 
 
-def parse_epoch_step(text):
-    """--epoch_step: a JSON list of ints."""
-    try:
-        steps = json.loads(text)
-    except json.JSONDecodeError:
-        steps = None
-    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
-        raise UserError(f'--epoch_step must be a JSON list of ints, like [60,120,160]; got {text!r}')
-    if any(s < 1 for s in steps):  # epochs count from 1: an lr step at 0 would never happen
-        raise UserError(f'--epoch_step lists epochs from 1 on, like [60,120,160]; got {text!r}')
-    return steps
-
-
 AT_SUM_REPLICAS_HELP = ('1: with --ngpu N, weigh AT by N x beta, as the 2017 code did by summing one AT loss per '
                         'GPU; 0: beta on the whole batch (the default; without this flag, --ngpu > 1 notes the '
                         'difference)')
+
+
+ALLOW_CHANGE_HELP = ('on resume, options (names without --, comma-separated, e.g. dataroot,teacher_id) that may '
+                     'differ from the checkpoint\'s: a moved dataset or teacher; any other change is refused')
 
 
 def at_weight(opt):
@@ -124,19 +70,66 @@ def check_options(opt, positive=(), not_negative=()):
     for name, value in vars(opt).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f'--{name} must be a finite number, got {value}')
-    parse_epoch_step(opt.epoch_step)
+    Schedule(opt)  # --epoch_step parses
     if opt.dtype not in NAMES:
         raise UserError(f'--dtype must be float, double, half or bfloat16, got {opt.dtype!r}')
-    for name in ('batch_size', 'ngpu', 'width', 'temperature', 'lr_decay_ratio', *positive):
+    for name in ('batch_size', 'epochs', 'ngpu', 'width', 'temperature', 'lr_decay_ratio', *positive):
         if not getattr(opt, name) > 0:
             raise UserError(f'--{name} must be positive, got {getattr(opt, name)}')
-    for name in ('epochs', 'nthread', 'lr', 'weight_decay', 'beta', *not_negative):
+    for name in ('nthread', 'lr', 'weight_decay', 'beta', *not_negative):
         if not getattr(opt, name) >= 0:
             raise UserError(f'--{name} must not be negative, got {getattr(opt, name)}')
     if not 0 <= opt.alpha <= 1:  # the KD term's weight; the cross-entropy's is 1 - alpha
         raise UserError(f'--alpha must be between 0 and 1, got {opt.alpha}')
     if not 0 <= opt.seed < 2 ** 32:  # numpy's seed range
         raise UserError(f'--seed must be between 0 and 2**32 - 1, got {opt.seed}')
+    changeable = [n for n in opt.allow_change.split(',') if n]
+    unknown = [n for n in changeable if n not in vars(opt) or n in MAY_CHANGE]
+    if unknown:
+        raise UserError(f'--allow_change {opt.allow_change}: {unknown[0]!r} is not an option compared on resume '
+                        f'(those are the flags\' names without --, except {", ".join(sorted(MAY_CHANGE))})')
+
+
+def check_teacher_needed(opt, has_teacher, teacher_flag, terms):
+    """Transfer weights (`terms`) and a beta schedule mean nothing without a teacher and a --beta:
+    refused, as --grad_beta was, rather than accepted and ignored."""
+    for name in terms if not has_teacher else ():
+        if getattr(opt, name):
+            raise UserError(f'--{name} {getattr(opt, name):g} transfers from a teacher: pass {teacher_flag}')
+    decay = getattr(opt, 'beta_decay', 'none')
+    if decay != 'none' and not (has_teacher and opt.beta):
+        raise UserError(f'--beta_decay {decay} schedules the AT weight: pass --beta'
+                        + ('' if has_teacher else f' and {teacher_flag}'))
+
+
+# ---------------------------------------------------------------- options compared on resume
+
+# Options that may differ from the checkpoint's on resume: how long, where and how fast a run goes, not
+# what it trains (docs/reliability.md). Every other option must equal the checkpoint's, or be named in
+# --allow_change; one that an older checkpoint lacks compares against its default.
+MAY_CHANGE = {'epochs', 'resume', 'save', 'allow_change', 'nthread', 'no_progress', 'tensorboard', 'tensorboard_every',
+              'device', 'gpu_id', 'cuda', 'compile', 'channels_last', 'evaluate'}
+
+
+def check_resume(opt, parser):
+    """Refuses to resume a checkpoint under options that change what it trains: one line naming the
+    first difference and both values. A checkpoint without the options (2017's) is not compared."""
+    if not opt.resume or os.environ.get('RANK', '0') != '0':  # under torchrun rank 0 reads the checkpoint
+        return
+    saved = load_checkpoint(opt.resume).get('record')
+    if not isinstance(saved, dict):
+        return
+    defaults = {a.dest: a.default for a in parser._actions}
+    allowed = set(MAY_CHANGE) | set(filter(None, opt.allow_change.split(',')))
+    if Schedule(opt).depends_on_epochs:
+        allowed.discard('epochs')  # a linear beta is spread over them
+    for name, value in vars(opt).items():
+        if name in allowed or (name not in saved and name not in defaults):
+            continue
+        before = saved.get(name, defaults.get(name))
+        if json.loads(json.dumps(value)) != before:
+            raise UserError(f'--resume {opt.resume}: --{name} is {before!r} in the checkpoint and {value!r} now; '
+                            f'resume with the run\'s options (or pass --allow_change {name})')
 
 
 # ---------------------------------------------------------------- the run folder
@@ -287,6 +280,7 @@ class EpochWriter:
         opt = self.opt
         # plain JSON types (meters give numpy floats), which torch.load(weights_only=True) accepts
         record = json.loads(json.dumps({**vars(opt), **stats, 'num_classes': self.run.num_classes,
+                                        **(self.run.data or {}),
                                         'n_parameters': self.n_parameters,
                                         **({'beta_now': self.run.distiller.beta} if self.run.scheduled() else {})}))
         scaler = getattr(optimizer, 'scaler', None)  # fp16: the loss scale goes on where it was
@@ -321,15 +315,17 @@ class Run:
     saved: dict                    # the tensors model.pt7 holds, under their 2017 names
     description: str               # student and teacher, for the start-up line
     topk: tuple = (1,)             # accuracies counted: top-1 (CIFAR), or top-1 and top-5 (ImageNet)
+    data: dict = None              # what the inputs are, for log.txt: image_size, class_digest (CIFAR)
+
+    def __post_init__(self):
+        self.schedule = Schedule(self.opt)
 
     def scheduled(self):
-        return getattr(self.opt, 'beta_decay', 'none') != 'none'
+        return self.schedule.scheduled_beta
 
     def set_beta(self, epoch):
         """The AT weight of `epoch` under --beta_decay, set at the epoch's start."""
-        opt = self.opt
-        self.distiller.beta = beta_schedule(opt.at_weight, opt.beta_decay, epoch, opt.epochs,
-                                            parse_epoch_step(opt.epoch_step), opt.lr_decay_ratio)
+        self.distiller.beta = self.schedule.beta(epoch)
 
 
 def make_distiller(opt, prog, device, precision, f_s, params_s, f_t=None, params_t=None, adapters=None, **terms):
@@ -365,7 +361,7 @@ def fit(opt, run, prog):
     writer = EpochWriter(opt, run, generator, signals)
     if lead:
         if state:
-            print(f'resumed from {opt.resume} at epoch {epoch}, lr {optimizer.param_groups[0]["lr"]:g}')
+            print(f'resumed from {opt.resume} at epoch {epoch}, lr {run.schedule.lr(epoch):g}')
         make_save(opt.save)
         if state and state.get('record'):
             repair_log(writer.log_path, state['epoch'], state['record'])
@@ -384,8 +380,7 @@ def fit(opt, run, prog):
         signals.step_done()
         return dist.any(signals.name)
 
-    trainer = Trainer(model, run.make_optimizer, run.device, epochs=opt.epochs,
-                      epoch_step=parse_epoch_step(opt.epoch_step), lr_decay_ratio=opt.lr_decay_ratio,
+    trainer = Trainer(model, run.make_optimizer, run.device, epochs=opt.epochs, schedule=run.schedule,
                       start_epoch=epoch, topk=run.topk, precision=run.precision,
                       progress=lead and not opt.no_progress, dist=dist,
                       on_epoch_start=run.set_beta if run.scheduled() else None,
@@ -395,7 +390,7 @@ def fit(opt, run, prog):
                       buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
     try:
         return trainer.train(run.train_loader, run.test_loader, optimizer)
-    except Stop:
+    except Stopped:
         if lead:
             done = read_json_stats(writer.log_path)[-1]['epoch'] if os.path.exists(writer.log_path) else 0
             kept = f'model.pt7 holds the last whole epoch ({done})' if done else 'no epoch had finished'

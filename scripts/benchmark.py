@@ -54,7 +54,8 @@ from resnet import CIFAR_MODELS, cifar_model_name, wrn_depth_to_blocks  # noqa: 
 from provenance import cpu  # noqa: E402
 from runs import Parser, cli  # noqa: E402
 from synthetic import write_teacher_run  # noqa: E402
-from utils import UserError, at_loss  # noqa: E402
+from errors import UserError  # noqa: E402
+from utils import at_loss  # noqa: E402
 
 PROG = 'benchmark.py'
 

@@ -19,11 +19,13 @@
 #
 # Then: python scripts/summarize.py logs/cifar100 --table cifar100 --out docs/results/cifar100
 set -euo pipefail
+CALLER=$(pwd -P)
 cd "$(dirname "$0")/.."
+ROOT=$(pwd -P)
 PROG=cifar100.sh CIFAR_FLAGS="--preset crd"
 . scripts/grid.sh
 script_args "$@"
-DATAROOT=${DATAROOT:-.}
+DATAROOT=$(from_caller "${DATAROOT:-.}")
 EPOCHS=${EPOCHS:-240}
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
 EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 240 1 150 180 210)}
@@ -33,7 +35,7 @@ ALL_ROWS="wrn_40_2_16_2 wrn_40_2_40_1 resnet56_20 resnet110_20 resnet110_32 resn
 ROWS=${ROWS:-$ALL_ROWS}
 METHODS=${METHODS:-student at kd}
 BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}
-LOGS=${LOGS:-logs/cifar100}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
+LOGS=$(from_caller "${LOGS:-logs/cifar100}"); PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
 check_settings BETA ALPHA
 
 # name: model flags

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from runs import die  # noqa: E402
 from teachers import load_teacher_export  # noqa: E402
-from utils import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 
 PROG = 'convert_teacher.py'
 

@@ -612,7 +612,7 @@ def worker_a(argv, result):
 
 def call_main(module, argv):
     """module.main(argv) as its CLI runs it; the error line, or None."""
-    from utils import UserError
+    from errors import UserError
     try:
         importlib.import_module(module).main(argv)
     except UserError as e:

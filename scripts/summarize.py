@@ -24,9 +24,9 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from formats import read_json_stats  # noqa: E402
+from formats import finished, read_json_stats  # noqa: E402
 from runs import Parser, cli  # noqa: E402
-from utils import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 
 PROG = 'summarize.py'
 
@@ -111,7 +111,7 @@ def collect(logs, epoch=None):
             records = [r for r in records if r.get('epoch', 0) <= epoch]
             done = bool(records) and records[-1].get('epoch') == epoch
         else:
-            done = bool(records) and records[-1].get('epoch') == records[-1].get('epochs')
+            done = finished(os.path.join(logs, name)) is not None  # the one definition of done
         if done:
             runs.setdefault(re.sub(r'_s\d+$', '', name), []).append(records)
     return runs

@@ -17,11 +17,13 @@
 #   BETA [1e+3] ALPHA [0.9] FACTT_BETA [1e+4] GRAD_BETA [1e+3]   transfer weights
 #   LOGS [logs]  PYTHON [python]  EXTRA ['']    EXTRA is added to every cifar.py command
 set -euo pipefail
+CALLER=$(pwd -P)
 cd "$(dirname "$0")/.."
+ROOT=$(pwd -P)
 PROG=table1.sh CIFAR_FLAGS=
 . scripts/grid.sh
 script_args "$@"
-DATAROOT=${DATAROOT:-.}
+DATAROOT=$(from_caller "${DATAROOT:-.}")
 EPOCHS=${EPOCHS:-200}
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
 EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 200 0 60 120 160)}
@@ -31,7 +33,7 @@ ALL_ROWS="nin 16_1_16_2 16_1_40_1 16_2_40_2"
 ROWS=${ROWS:-$ALL_ROWS}
 METHODS=${METHODS:-student at factt kd atkd}
 BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}; FACTT_BETA=${FACTT_BETA:-1e+4}; GRAD_BETA=${GRAD_BETA:-1e+3}
-LOGS=${LOGS:-logs}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
+LOGS=$(from_caller "${LOGS:-logs}"); PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
 check_settings BETA ALPHA FACTT_BETA GRAD_BETA
 
 # name: model flags

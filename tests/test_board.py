@@ -13,7 +13,7 @@ import provenance
 import runs
 from conftest import ROOT, read_log, run_cifar
 from test_robust import start_cifar
-from utils import UserError
+from errors import UserError
 
 pytest.importorskip('tensorboard')
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

@@ -12,7 +12,9 @@ import cifar
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log
 from data import DeviceLoader
 from engine import Trainer
-from utils import UserError, kd_loss
+from errors import UserError
+from schedule import Schedule
+from utils import kd_loss
 
 
 def distill_kl(y_s, y_t, T):
@@ -63,7 +65,8 @@ def test_lr_steps_restart_or_keep_the_momentum(restart):
         return torch.optim.SGD([w], lr, momentum=0.9)
 
     seen = []
-    Trainer(model, make, torch.device('cpu'), epochs=4, epoch_step=[2, 4], lr_decay_ratio=0.1, progress=False,
+    schedule = Schedule(dict(lr=0.05, epoch_step='[2,4]', lr_decay_ratio=0.1, epochs=4))
+    Trainer(model, make, torch.device('cpu'), epochs=4, schedule=schedule, progress=False,
             restart_momentum=restart,
             on_epoch_end=lambda stats, opt: seen.append((opt.param_groups[0]['lr'], w.grad.clone(),
                                                          opt.state[w]['momentum_buffer'].clone()))

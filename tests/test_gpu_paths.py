@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 import parallel  # noqa: E402
 import runs  # noqa: E402
 from data import DeviceLoader  # noqa: E402
-from utils import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 
 SMALL = ['--depth', 10, '--batch_size', 16, '--nthread', 0]
 

@@ -143,9 +143,9 @@ def test_meters_are_combined_over_ranks(tmp_path):
 def test_an_error_on_any_rank_is_one_line_naming_it(tmp_path):
     script = tmp_path / 'fails.py'
     script.write_text(f'import sys; sys.path.insert(0, {str(ROOT)!r})\n'
-                      'import runs, utils\n'
+                      'import errors, runs\n'
                       'def main():\n'
-                      '    raise utils.UserError("only this rank read a broken file")\n'
+                      '    raise errors.UserError("only this rank read a broken file")\n'
                       'runs.cli(main, "prog")\n')
     for rank, world, expected in (('1', '2', 'prog: error: rank 1: only this rank read a broken file'),
                                   ('0', '1', 'prog: error: only this rank read a broken file')):

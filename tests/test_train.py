@@ -289,6 +289,6 @@ def test_deferred_meters_equal_per_step_meters(sync_every):
 
 @pytest.mark.parametrize('sync_every', [1, 3])
 def test_deferred_meters_name_the_first_bad_batch(sync_every):
-    import utils
-    with pytest.raises(utils.UserError, match=r'the loss is nan at epoch 1, batch 5;'):
+    import errors
+    with pytest.raises(errors.UserError, match=r'the loss is nan at epoch 1, batch 5;'):
         deferred_run(sync_every, nan_at=5)
