@@ -195,7 +195,7 @@ def build(opt):
     train_loader, test_loader, classes, size = create_loaders(opt, device)
     num_classes, data = len(classes), dict(image_size=list(size), class_digest=class_digest(classes))
     params_s = cifar_model_params(opt.model, opt.depth, opt.width, num_classes)
-    check_fits(CIFAR_MODELS[opt.model], params_s, size, cifar_model_name(opt.model, opt.depth, opt.width))
+    check_fits(CIFAR_MODELS[opt.model], params_s, size, f'--model {opt.model}')
     # KD and gradient AT compare class scores: they need the teacher's classes; attention maps know no classes
     f_t, params_t, info = load_teacher_run(opt.teacher_id, num_classes if opt.alpha or opt.grad_beta else None) \
         if opt.teacher_id else (None, {}, None)

@@ -110,12 +110,17 @@ def test_no_post_floor_api_outside_compat():
         assert callable(getattr(compat, guard))
 
 
-def test_the_floor_is_declared_where_users_read():
-    floor = compat.FLOOR
-    req = (ROOT / 'requirements.txt').read_text()
-    assert f"torch>={floor['torch']}" in req and f"torchvision>={floor['torchvision']}" in req
-    readme = (ROOT / 'README.md').read_text()
-    assert f"torch {floor['torch']}" in readme and f"torchvision {floor['torchvision']}" in readme
+def test_the_floor_users_read_is_the_one_install_keeps():
+    """README and docs/install.md say which torch is kept; install.sh keeps by compat.requirements:
+    an installed torch at the floor they name is kept, one a minor release below it is replaced."""
+    req = [line for line in (ROOT / 'requirements.txt').read_text().splitlines() if line and not line.startswith('#')]
+    for doc in ('README.md', 'docs/install.md'):
+        torch_v, tv_v = re.search(r'torch (\d+\.\d+) / torchvision (\d+\.\d+)', (ROOT / doc).read_text()).groups()
+        kept = compat.requirements(req, torch_v + '.0', tv_v + '.0')
+        assert f'torch=={torch_v}.0' in kept and f'torchvision=={tv_v}.0' in kept, doc
+        major, minor = map(int, torch_v.split('.'))
+        below = f'{major}.{minor - 1}.0'
+        assert compat.requirements(req, below, tv_v + '.0') == req, doc  # the tested pins instead
 
 
 REQ = ['torch==2.14.1', 'torchvision==0.29.1', 'torchnet==0.0.4', 'numpy>=1.26']
