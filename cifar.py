@@ -44,24 +44,15 @@ def build_parser():
     a('--dataset', default='CIFAR10', type=str, help='CIFAR10 or CIFAR100')
     a('--dataroot', default='.', type=str,
       help='torchvision CIFAR folder (downloaded when missing), or a class-folder dataset with train/ and test/')
-    a('--dtype', default='float', type=str, help='float, double, or half / bfloat16 (autocast)')
+    runs.add_shared(a, 'dtype')
     a('--nthread', default=4, type=int, help='DataLoader workers')
     a('--teacher_id', default='', type=str, help='teacher run: a name under logs/, or a run folder')
-    a('--batch_size', default=128, type=int)
-    a('--lr', default=0.1, type=float)
-    a('--epochs', default=200, type=int)
-    a('--weight_decay', default=0.0005, type=float)
-    a('--epoch_step', default='[60,120,160]', type=str, help='JSON list: epochs at whose start lr *= lr_decay_ratio')
-    a('--lr_decay_ratio', default=0.2, type=float)
-    a('--resume', default='', type=str, help='model.pt7 to continue from, or auto (the one in --save, if any)')
+    runs.add_shared(a, 'batch_size', 'lr', 'epochs', 'weight_decay', 'epoch_step', 'lr_decay_ratio', 'resume',
+                    batch_size=128, epochs=200, weight_decay=0.0005, epoch_step='[60,120,160]', lr_decay_ratio=0.2)
     a('--randomcrop_pad', default=4, type=float, help='reflect padding before the random 32x32 crop')
-    a('--temperature', default=4, type=float, help='KD temperature')
-    a('--alpha', default=0, type=float, help='KD weight')
-    a('--beta', default=0, type=float, help='AT weight')
+    runs.add_shared(a, 'temperature', 'alpha', 'beta')
     a('--cuda', action='store_true', help='(2017 flag, kept for compatibility; see --device)')
-    a('--save', default='', type=str, help='run folder for model.pt7 and log.txt (default: logs/cifar_<time>)')
-    a('--ngpu', default=1, type=int, help='GPUs to split each batch over')
-    a('--gpu_id', default='0', type=str, help='CUDA_VISIBLE_DEVICES')
+    runs.add_shared(a, 'save', 'ngpu', 'gpu_id')
     a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
     a('--model', default='wrn', choices=list(CIFAR_MODELS), metavar='MODEL',
       help='wrn: Wide ResNet (--depth, --width); nin: Network-in-Network (--width); the CIFAR-100 benchmark\'s '
@@ -75,26 +66,19 @@ def build_parser():
       help='padding before the random crop: reflect (2017) or zeros (torchvision RandomCrop\'s default)')
     a('--normalize', default='2017', choices=list(NORMALIZE),
       help='mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 statistics)')
-    a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
-      help=runs.AT_SUM_REPLICAS_HELP)
+    runs.add_shared(a, 'at_sum_replicas')
     a('--beta_decay', default='none', choices=['none', 'step', 'linear'],
       help='AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr drops), '
            'linear (down to beta/epochs at the last epoch)')
     a('--factt_beta', default=0, type=float, help='F-ActT (full-activation transfer) weight')
     a('--grad_beta', default=0, type=float, help='gradient-based AT weight (paper section 3.2; needs a teacher)')
     a('--sym_beta', default=0, type=float, help='flip-symmetry weight on the gradient attention')
-    a('--seed', default=0, type=int, help='seeds torch, numpy, random and the data order')
-    a('--device', default='', type=str, help='cpu or cuda (default: cuda when available)')
+    runs.add_shared(a, 'seed', 'device')
     a('--loader', default='fast', choices=['fast', 'torchvision'],
       help='fast: whole dataset on the device, batched augmentation; torchvision: the 2017 per-image path')
     a('--channels_last', default=None, type=int, choices=[0, 1],
       help='channels_last memory format (default: where it measured faster for this device type)')
-    a('--compile', action='store_true', help='torch.compile the student and teacher forward passes')
-    a('--tensorboard', default=None, type=int, choices=[0, 1],
-      help='TensorBoard event files in the run folder (default: 1 where the tensorboard package is installed)')
-    a('--tensorboard_every', default=50, type=int, help='steps between points of the running train loss')
-    a('--no_progress', action='store_true', help='no tqdm bars')
-    a('--allow_change', default='', type=str, help=runs.ALLOW_CHANGE_HELP)
+    runs.add_shared(a, 'compile', 'tensorboard', 'tensorboard_every', 'no_progress', 'allow_change')
     return p
 
 

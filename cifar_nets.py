@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.init import kaiming_normal_
 
-from utils import batch_norm, flatten
+from utils import batch_norm, count_blocks, flatten
 
 # ---------------------------------------------------------------- initialisation as that code does it
 
@@ -81,11 +81,6 @@ def cifar_resnet(input, params, mode, prefix=''):
         groups.append(o)
     o = F.adaptive_avg_pool2d(o, 1).flatten(1)  # = avg_pool2d(o, 8) on 32x32 inputs
     return F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias']), tuple(groups)
-
-
-def count_blocks(params, group, prefix=''):
-    head = f'{prefix}group{group}.block'
-    return sum(1 for k in params if k.startswith(head) and k.endswith('.conv0'))
 
 
 # ---------------------------------------------------------------- VGG with batch norm, for CIFAR

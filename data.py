@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 
 from errors import UserError
+from precision import memory_format
 
 
 PAD_MODES = {'reflect': 'reflect', 'zeros': 'constant'}  # --pad_mode: torch's and torchvision's names
@@ -199,7 +200,7 @@ class DeviceLoader:
         self.pad_mode = PAD_MODES[pad_mode]
         self.mean, self.std = channel_stats(mean, std, device)
         self.generator = generator
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format(channels_last)
 
     def __len__(self):
         return -(-self.shard_size() // self.batch_size)

@@ -97,11 +97,6 @@ def spare_running_stats(module):
             setattr(module.get_submodule(owner), leaf, b)
 
 
-def at_terms(losses):
-    """The AT terms of a Distiller's losses, in group order."""
-    return [v for k, v in losses.items() if k.startswith(AT_PREFIX)]
-
-
 def factt_adapters(f_s, params_s, f_t, params_t, shape):
     """1x1 convs taking each student group to its teacher group's channels, where they differ."""
     with torch.no_grad():

@@ -31,43 +31,26 @@ def build_parser():
     a('--depth', default=18, type=int, help='18 or 34')
     a('--width', default=1, type=float)
     a('--imagenetpath', default='', type=str, help='folder with train/ and val/ in ImageFolder layout')
-    a('--dtype', default='float', type=str, help='float, double, or half / bfloat16 (autocast)')
+    runs.add_shared(a, 'dtype')
     a('--nthread', default=None, type=int,
       help='loader workers per process (2017: 4; default: the CPUs this process may use / processes per machine)')
     a('--teacher_params', default='', type=str,
       help='teacher export: .pth, .hkl, or torchvision:resnet34[:local_state_dict.pth]')
-    a('--batch_size', default=256, type=int)
-    a('--lr', default=0.1, type=float)
-    a('--epochs', default=100, type=int)
-    a('--weight_decay', default=1e-4, type=float)
-    a('--epoch_step', default='[30,60,90]', type=str)
-    a('--lr_decay_ratio', default=0.1, type=float)
-    a('--resume', default='', type=str)
-    a('--temperature', default=4, type=float)
-    a('--alpha', default=0, type=float)
-    a('--beta', default=0, type=float)
-    a('--save', default='', type=str)
-    a('--ngpu', default=1, type=int)
-    a('--gpu_id', default='0', type=str)
+    runs.add_shared(a, 'batch_size', 'lr', 'epochs', 'weight_decay', 'epoch_step', 'lr_decay_ratio', 'resume',
+                    'temperature', 'alpha', 'beta', 'save', 'ngpu', 'gpu_id',
+                    batch_size=256, epochs=100, weight_decay=1e-4, epoch_step='[30,60,90]', lr_decay_ratio=0.1)
     a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
     a('--cuda', action='store_true', help="(cifar.py's 2017 flag, accepted here too; see --device)")
-    a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
-      help=runs.AT_SUM_REPLICAS_HELP)
+    runs.add_shared(a, 'at_sum_replicas')
     a('--at_groups', default='0,1,2,3', type=str, help='groups whose attention is transferred, e.g. 2,3')
     a('--evaluate', default='', nargs='?', const='resume',
       help='only evaluate on val: the --resume student, or an export file (.pth, .hkl, torchvision:NAME)')
-    a('--seed', default=0, type=int)
-    a('--device', default='', type=str)
-    a('--compile', action='store_true')
-    a('--tensorboard', default=None, type=int, choices=[0, 1],
-      help='TensorBoard event files in the run folder (default: 1 where the tensorboard package is installed)')
-    a('--tensorboard_every', default=50, type=int, help='steps between points of the running train loss')
-    a('--no_progress', action='store_true')
+    runs.add_shared(a, 'seed', 'device', 'compile', 'tensorboard', 'tensorboard_every', 'no_progress')
     a('--decoder', default='pil', choices=imagenet_data.DECODERS,
       help='pil: the 2017 pixels; torchvision: torchvision.io decode and a uint8 resize (faster, at most 1 level off); '
            'nvjpeg: decode on the GPU')
     a('--channels_last', default=1, type=int, choices=[0, 1], help='channels_last memory format for inputs and weights')
-    a('--allow_change', default='', type=str, help=runs.ALLOW_CHANGE_HELP)
+    runs.add_shared(a, 'allow_change')
     return p
 
 

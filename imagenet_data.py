@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from data import channel_stats, normalized
+from precision import memory_format
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE, VAL_RESIZE = 224, 256
@@ -186,10 +187,6 @@ class EpochSampler:
 
     def __len__(self):
         return len(self.sampler)
-
-
-def memory_format(channels_last):
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def normalize(x, channels_last=True):

@@ -11,6 +11,7 @@ import torchnet as tnt
 
 from compat import ddp_no_buffer_sync, sync_buffers_once
 from errors import UserError
+from precision import memory_format
 from utils import set_requires_grad_except_bn_
 
 
@@ -198,7 +199,7 @@ def distributed(model, device):
 def place_params(params, device, dtype, channels_last, trained):
     """Moves a param dict to the device (in place). Trained: every tensor but batch-norm statistics
     learns; otherwise all are frozen (a teacher)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = memory_format(channels_last)
     for k, v in params.items():
         v = v.to(device, dtype).requires_grad_(False)
         params[k] = v.contiguous(memory_format=fmt) if v.dim() == 4 else v

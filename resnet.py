@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import cifar_nets
 from errors import UserError
-from utils import batch_norm, bn_params, conv_params, flatten, linear_params
+from utils import batch_norm, bn_params, conv_params, count_blocks, flatten, linear_params
 
 
 def wrn_depth_to_blocks(depth):
@@ -43,12 +43,6 @@ def wrn_params(depth, width, num_classes):
         'bn': bn_params(widths[2]),
         'fc': linear_params(widths[2], num_classes),
     })
-
-
-def count_blocks(params, group, prefix='', leaf='conv0'):
-    """Blocks in a group, counted from the keys: structure needs no side information."""
-    head = f'{prefix}group{group}.block'
-    return sum(1 for k in params if k.startswith(head) and k.endswith('.' + leaf))
 
 
 def wrn(input, params, mode, prefix=''):

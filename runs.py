@@ -54,6 +54,39 @@ ALLOW_CHANGE_HELP = ('on resume, options (names without --, comma-separated, e.g
                      'differ from the checkpoint\'s: a moved dataset or teacher; any other change is refused')
 
 
+# The flags both scripts take, declared once: type, help and the default where both share it; each
+# script gives its own defaults (add_shared's keywords) and its own order in --help.
+SHARED_FLAGS = {
+    'dtype': dict(default='float', type=str, help='float, double, or half / bfloat16 (autocast)'),
+    'batch_size': dict(type=int), 'lr': dict(default=0.1, type=float), 'epochs': dict(type=int),
+    'weight_decay': dict(type=float),
+    'epoch_step': dict(type=str, help='JSON list: epochs at whose start lr *= lr_decay_ratio'),
+    'lr_decay_ratio': dict(type=float),
+    'resume': dict(default='', type=str, help='model.pt7 to continue from, or auto (the one in --save, if any)'),
+    'temperature': dict(default=4, type=float, help='KD temperature'),
+    'alpha': dict(default=0, type=float, help='KD weight'),
+    'beta': dict(default=0, type=float, help='AT weight'),
+    'save': dict(default='', type=str, help='run folder for model.pt7 and log.txt (default: logs/<script>_<time>)'),
+    'ngpu': dict(default=1, type=int, help='GPUs to split each batch over'),
+    'gpu_id': dict(default='0', type=str, help='CUDA_VISIBLE_DEVICES'),
+    'at_sum_replicas': dict(default=None, type=int, choices=[0, 1], help=AT_SUM_REPLICAS_HELP),
+    'seed': dict(default=0, type=int, help='seeds torch, numpy, random and the data order'),
+    'device': dict(default='', type=str, help='cpu or cuda (default: cuda when available)'),
+    'compile': dict(action='store_true', help='torch.compile the student and teacher forward passes'),
+    'tensorboard': dict(default=None, type=int, choices=[0, 1], help='TensorBoard event files in the run folder '
+                        '(default: 1 where the tensorboard package is installed)'),
+    'tensorboard_every': dict(default=50, type=int, help='steps between points of the running train loss'),
+    'no_progress': dict(action='store_true', help='no tqdm bars'),
+    'allow_change': dict(default='', type=str, help=ALLOW_CHANGE_HELP),
+}
+
+
+def add_shared(add_argument, *names, **defaults):
+    """Adds the SHARED_FLAGS `names`, in that order, with the script's `defaults`."""
+    for name in names:
+        add_argument('--' + name, **{**SHARED_FLAGS[name], **({'default': defaults[name]} if name in defaults else {})})
+
+
 def at_weight(opt):
     """The AT weight on the mean over the whole batch, whatever the device count. The 2017 code summed
     one AT loss per GPU, so its --ngpu N trained with N x beta: --at_sum_replicas 1 asks for that."""

@@ -103,6 +103,12 @@ def flatten(params):
     return out
 
 
+def count_blocks(params, group, prefix='', leaf='conv0'):
+    """Blocks in a group, counted from the keys: structure needs no side information."""
+    head = f'{prefix}group{group}.block'
+    return sum(1 for k in params if k.startswith(head) and k.endswith('.' + leaf))
+
+
 def batch_norm(x, params, base, mode):
     return F.batch_norm(x, weight=params[base + '.weight'], bias=params[base + '.bias'],
                         running_mean=params[base + '.running_mean'],

@@ -531,8 +531,8 @@ def worker_a(argv, result):
     import torch
     sys.path.insert(0, ROOT)
     from cifar import MEAN, STD
-    from data import open_cifar
-    from distill import Distiller, at_terms
+    from data import channel_stats, normalized, open_cifar
+    from distill import Distiller
     from parallel import FunctionalNet, place_params
     from resnet import wrn, wrn_params
     from compat import set_fp32_ieee
@@ -543,11 +543,11 @@ def worker_a(argv, result):
     n = min(a.batch, len(test))
     idx = [round(i * (len(test) - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the classes
     if hasattr(test, 'data'):  # the decoded cache: torchvision's CIFAR10, pixels in memory
-        x = torch.from_numpy(test.data[idx]).permute(0, 3, 1, 2).float().div(255)
+        x = torch.from_numpy(test.data[idx]).permute(0, 3, 1, 2)
     else:
         x = torch.stack([torch.from_numpy(np.asarray(test.loader(test.samples[i][0])).copy()).permute(2, 0, 1)
-                         for i in idx]).float().div(255)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+                         for i in idx])
+    x = normalized(x, *channel_stats(MEAN, STD, 'cpu'))
     y = torch.tensor([test.targets[i] for i in idx])
     torch.manual_seed(0)
     classes = len(test.classes)
@@ -562,7 +562,7 @@ def worker_a(argv, result):
         logits, losses = d(xx, yy, True)
         losses['loss'].backward()
         out = {'logits': logits, 'loss': losses['loss'],
-               **{f'at_loss_{i}': v for i, v in enumerate(at_terms(losses))},
+               **{f'at_loss_{i}': v for i, v in enumerate(v for k, v in losses.items() if k.startswith('at_loss.'))},
                'grads': torch.cat([s[k].grad.flatten() for k in sorted(s) if s[k].grad is not None])}
         with torch.no_grad():
             d.alpha = 0.9  # KD + AT on the same batch
