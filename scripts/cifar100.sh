@@ -6,11 +6,11 @@
 #
 #   scripts/cifar100.sh [--dry-run]
 #
-# Environment (defaults in brackets):
+# Environment (defaults in brackets; relative paths are taken from where you run the script):
 #   DATAROOT [.]          CIFAR-100 (torchvision files, downloaded when missing, or a class-folder copy)
 #   EPOCHS [240]          a short schedule scales EPOCH_STEP with it
 #   EPOCH_STEP [the preset's [151,181,211], i.e. lr x 0.1 after epochs 150, 180, 210, scaled by
-#                         EPOCHS/240, never below 2]
+#                         EPOCHS/240, never below 2, each epoch after the one before]
 #   SEEDS [0]             student seeds ("0 1 2"); TEACHER_SEEDS [0]: students learn from the first
 #   ROWS [wrn_40_2_16_2 wrn_40_2_40_1 resnet56_20 resnet110_20 resnet110_32 resnet32x4_8x4 vgg13_8]
 #   METHODS [student at kd]   (teachers always run)

@@ -11,7 +11,8 @@
 #   LOGS [logs]              the teacher export, the runs r18/ and at_r18_r34/, the table
 #   EPOCHS [100]             a short schedule scales EPOCH_STEP with it
 #   EPOCH_STEP [the 2017 [30,60,90], scaled by EPOCHS/100, never below 2: the lr drops at
-#                            the start of each listed epoch, so 1 would skip the full lr]
+#                            the start of each listed epoch, so 1 would skip the full lr; each
+#                            epoch after the one before]
 #   BATCH [256]              the global batch, whatever LAUNCH
 #   NTHREAD ['']             data loader workers per process (default: imagenet.py's, the CPUs
 #                            each process may use; 2017: 4)

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every cell of the paper's CIFAR-10 Table 1: the 4 teachers, the student baselines, then for each
-# of the 4 pairs AT, F-ActT, KD and AT+KD. Finished runs are skipped, unfinished ones resumed.
+# of the 4 pairs AT, F-ActT, KD and AT+KD. Finished runs are skipped, unfinished ones resumed, and
+# one finished under another schedule is reported, not resumed.
 #
 #   scripts/table1.sh [--dry-run]
 #
-# Environment (defaults in brackets):
+# Environment (defaults in brackets; relative paths are taken from where you run the script):
 #   DATAROOT [.]          CIFAR-10 (torchvision files, or a class-folder dataset)
 #   EPOCHS [200]          a short schedule scales EPOCH_STEP with it
 #   EPOCH_STEP [the 2017 [60,120,160], scaled by EPOCHS/200, never below 2: the lr drops at
-#                         the start of each listed epoch, so 1 would skip the full lr]
+#                         the start of each listed epoch, so 1 would skip the full lr; each
+#                         epoch after the one before]
 #   SEEDS [0]             student seeds ("0 1 2"); the paper reports medians
 #   TEACHER_SEEDS [0]     teachers are trained once per seed here; students use the first
 #   ROWS [nin 16_1_16_2 16_1_40_1 16_2_40_2]
