@@ -9,7 +9,11 @@ import time
 import torch
 
 import board
-import runs
+import errors
+import fit
+import options
+import rng
+import rundir
 from data import (PAD_MODES, DeviceLoader, check_classes, class_digest, data_loader, decode_all, image_shape, one_size,
                   open_cifar, rank_batch)
 from distill import factt_adapters
@@ -37,23 +41,23 @@ CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (docs
 
 
 def build_parser():
-    p = runs.Parser(prog=PROG, description='Wide ResNet training on CIFAR with attention transfer')
-    a = p.add_argument_group(*runs.FLAGS_2017).add_argument
+    p = options.Parser(prog=PROG, description='Wide ResNet training on CIFAR with attention transfer')
+    a = p.add_argument_group(*options.FLAGS_2017).add_argument
     a('--depth', default=16, type=int, help='WRN depth, 6n+4')
     a('--width', default=1, type=float, help='WRN widening factor k; for NIN, 1 is NIN-wide and 0.45 NIN-thin')
     a('--dataset', default='CIFAR10', type=str, help='CIFAR10 or CIFAR100')
     a('--dataroot', default='.', type=str,
       help='torchvision CIFAR folder (downloaded when missing), or a class-folder dataset with train/ and test/')
-    runs.add_shared(a, 'dtype')
+    options.add_shared(a, 'dtype')
     a('--nthread', default=4, type=int, help='DataLoader workers')
     a('--teacher_id', default='', type=str, help='teacher run: a name under logs/, or a run folder')
-    runs.add_shared(a, 'batch_size', 'lr', 'epochs', 'weight_decay', 'epoch_step', 'lr_decay_ratio', 'resume',
+    options.add_shared(a, 'batch_size', 'lr', 'epochs', 'weight_decay', 'epoch_step', 'lr_decay_ratio', 'resume',
                     batch_size=128, epochs=200, weight_decay=0.0005, epoch_step='[60,120,160]', lr_decay_ratio=0.2)
     a('--randomcrop_pad', default=4, type=float, help='reflect padding before the random 32x32 crop')
-    runs.add_shared(a, 'temperature', 'alpha', 'beta')
+    options.add_shared(a, 'temperature', 'alpha', 'beta')
     a('--cuda', action='store_true', help='(2017 flag, kept for compatibility; see --device)')
-    runs.add_shared(a, 'save', 'ngpu', 'gpu_id')
-    a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
+    options.add_shared(a, 'save', 'ngpu', 'gpu_id')
+    a = p.add_argument_group(*options.FLAGS_NEW).add_argument
     a('--model', default='wrn', choices=list(CIFAR_MODELS), metavar='MODEL',
       help='wrn: Wide ResNet (--depth, --width); nin: Network-in-Network (--width); the CIFAR-100 benchmark\'s '
            'resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 (named in full)')
@@ -66,19 +70,19 @@ def build_parser():
       help='padding before the random crop: reflect (2017) or zeros (torchvision RandomCrop\'s default)')
     a('--normalize', default='2017', choices=list(NORMALIZE),
       help='mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 statistics)')
-    runs.add_shared(a, 'at_sum_replicas')
+    options.add_shared(a, 'at_sum_replicas')
     a('--beta_decay', default='none', choices=['none', 'step', 'linear'],
       help='AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr drops), '
            'linear (down to beta/epochs at the last epoch)')
     a('--factt_beta', default=0, type=float, help='F-ActT (full-activation transfer) weight')
     a('--grad_beta', default=0, type=float, help='gradient-based AT weight (paper section 3.2; needs a teacher)')
     a('--sym_beta', default=0, type=float, help='flip-symmetry weight on the gradient attention')
-    runs.add_shared(a, 'seed', 'device')
+    options.add_shared(a, 'seed', 'device')
     a('--loader', default='fast', choices=['fast', 'torchvision'],
       help='fast: whole dataset on the device, batched augmentation; torchvision: the 2017 per-image path')
     a('--channels_last', default=None, type=int, choices=[0, 1],
       help='channels_last memory format (default: where it measured faster for this device type)')
-    runs.add_shared(a, 'compile', 'tensorboard', 'tensorboard_every', 'no_progress', 'allow_change')
+    options.add_shared(a, 'compile', 'tensorboard', 'tensorboard_every', 'no_progress', 'allow_change')
     return p
 
 
@@ -91,7 +95,7 @@ def parse_args(argv=None):
     board.check_option(opt)
     if opt.model not in WIDTH_MODELS and opt.width != 1:
         raise UserError(f'--model {opt.model} has no --width: its name fixes its channels (drop --width {opt.width:g})')
-    runs.check_options(opt, positive=['width'] if opt.model in WIDTH_MODELS else [],
+    options.check_options(opt, positive=['width'] if opt.model in WIDTH_MODELS else [],
                        not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
     if opt.randomcrop_pad != int(opt.randomcrop_pad):
         raise UserError(f'--randomcrop_pad is a number of pixels, a whole number; got {opt.randomcrop_pad:g}')
@@ -102,12 +106,12 @@ def parse_args(argv=None):
             raise UserError(str(e)) from None
     if opt.model in WIDTH_MODELS and int(16 * opt.width) < 1:
         raise UserError(f'--width {opt.width} leaves a group with no channels')
-    opt.at_weight = runs.at_weight(opt)
+    opt.at_weight = options.at_weight(opt)
     if opt.dataset not in DATASETS:
         raise UserError(f'--dataset must be one of {", ".join(DATASETS)}, got {opt.dataset!r}')
     if opt.grad_beta and not opt.teacher_id:
         raise UserError('--grad_beta matches the teacher\'s gradient attention: pass --teacher_id')
-    runs.check_teacher_needed(opt, bool(opt.teacher_id), '--teacher_id', ['beta', 'alpha', 'factt_beta'])
+    options.check_teacher_needed(opt, bool(opt.teacher_id), '--teacher_id', ['beta', 'alpha', 'factt_beta'])
     if opt.grad_beta or opt.sym_beta:
         if Precision(opt.dtype).compute or opt.ngpu > 1 or opt.compile:
             raise UserError('--grad_beta and --sym_beta need double backprop, eagerly, in full precision, on one '
@@ -175,7 +179,7 @@ def build(opt):
     if opt.channels_last is None:
         opt.channels_last = int(CHANNELS_LAST[device.type])
     precision = Precision(opt.dtype, device.type, bool(opt.channels_last))
-    runs.seed_everything(opt.seed)
+    rng.seed_everything(opt.seed)
     train_loader, test_loader, classes, size = create_loaders(opt, device)
     num_classes, data = len(classes), dict(image_size=list(size), class_digest=class_digest(classes))
     params_s = cifar_model_params(opt.model, opt.depth, opt.width, num_classes)
@@ -184,7 +188,8 @@ def build(opt):
     f_t, params_t, info = load_teacher_run(opt.teacher_id, num_classes if opt.alpha or opt.grad_beta else None) \
         if opt.teacher_id else (None, {}, None)
     if f_t:
-        check_teacher_data(info, dict(normalize=opt.normalize, **data), compare_classes=bool(opt.alpha or opt.grad_beta))
+        check_teacher_data(info, dict(normalize=opt.normalize, **data),
+                           compare_classes=bool(opt.alpha or opt.grad_beta))
     n_groups = cifar_model_groups(opt.model)
     if f_t and cifar_model_groups(info['model']) != n_groups:
         raise UserError(f'teacher {info["name"]} has {cifar_model_groups(info["model"])} group outputs and student '
@@ -192,10 +197,10 @@ def build(opt):
     # F-ActT's 1x1 adapters train with the student, and are saved as adapter.*
     adapters = factt_adapters(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, *size)) \
         if f_t and opt.factt_beta else {}
-    distiller, make_optimizer = runs.make_distiller(
+    distiller, make_optimizer = fit.make_distiller(
         opt, PROG, device, precision, CIFAR_MODELS[opt.model], params_s, f_t, params_t, adapters,
         factt_beta=opt.factt_beta, grad_beta=opt.grad_beta, sym_beta=opt.sym_beta)
-    return runs.Run(
+    return fit.Run(
         opt, device, precision, train_loader, test_loader, num_classes, params_s, distiller, make_optimizer,
         # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling
         saved=({**{'student.' + k: v for k, v in params_s.items()},
@@ -218,10 +223,10 @@ def check_fits(f, params, size, name):
 def main(argv=None):
     opt = parse_args(argv)
     print('parsed options:', vars(opt))
-    runs.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
-    runs.check_resume(opt, build_parser())
-    runs.fit(opt, build(opt), PROG)
+    rundir.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
+    options.check_resume(opt, build_parser())
+    fit.fit(opt, build(opt), PROG)
 
 
 if __name__ == '__main__':
-    runs.cli(main, PROG)
+    errors.cli(main, PROG)

@@ -113,7 +113,8 @@ class Trainer:
     first time it is seen, and is logged by name; the AT terms go to the 2017 `at_losses` list.
     make_optimizer(lr) builds a fresh optimizer: at an epoch where the `schedule` (schedule.Schedule)
     drops the lr, the lr becomes the schedule's and the momentum restarts, as in 2017
-    (restart_momentum=False: the optimizer is kept and only its lr changes, as RepDistiller does). on_epoch_start(epoch) runs first in each
+    (restart_momentum=False: the optimizer is kept and only its lr changes, as RepDistiller does).
+    on_epoch_start(epoch) runs first in each
     epoch (a beta schedule); on_epoch_end(stats, optimizer) saves and logs, with the 2017 fields in
     stats. should_stop() is asked after steps (a signal). on_steps(epoch, [(batch, loss), ...]) gets
     the train losses as the meters do (a TensorBoard curve). Under torchrun, `dist` sums the meters

@@ -220,7 +220,7 @@ class Feed:
 
 def image_loader(folder, train, batch, nthread, seed, device, dist, decoder='pil', channels_last=True):
     """A Feed of this rank's share of an ImageFolder: for training a seeded shuffle (a
-    DistributedSampler under torchrun) whose generator runs.fit checkpoints; for val every
+    DistributedSampler under torchrun) whose generator fit.fit checkpoints; for val every
     world-th image. Workers persist across epochs."""
     dataset = Images(folder, train, decoder, seed)
     order = torch.Generator().manual_seed(seed)

@@ -52,7 +52,8 @@ from data import check_classes  # noqa: E402
 from engine import Trainer  # noqa: E402
 from resnet import CIFAR_MODELS, cifar_model_name, wrn_depth_to_blocks  # noqa: E402
 from provenance import cpu  # noqa: E402
-from runs import Parser, cli  # noqa: E402
+from errors import cli  # noqa: E402
+from options import Parser  # noqa: E402
 from synthetic import write_teacher_run  # noqa: E402
 from errors import UserError  # noqa: E402
 from utils import at_loss  # noqa: E402

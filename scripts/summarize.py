@@ -25,7 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from formats import finished, read_json_stats  # noqa: E402
-from runs import Parser, cli  # noqa: E402
+from errors import cli  # noqa: E402
+from options import Parser  # noqa: E402
 from errors import UserError  # noqa: E402
 
 PROG = 'summarize.py'

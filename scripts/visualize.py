@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from cifar import NORMALIZE  # noqa: E402
 from data import channel_stats, check_classes, normalized, open_cifar  # noqa: E402
-from runs import Parser, cli  # noqa: E402
+from errors import cli  # noqa: E402
+from options import Parser  # noqa: E402
 from teachers import load_teacher_export, load_teacher_run  # noqa: E402
 from errors import UserError  # noqa: E402
 from utils import input_grad  # noqa: E402
@@ -52,7 +53,8 @@ def cifar_images(dataroot, dataset, n):
 
 def normalise(images, normalize):
     """uint8 HWC images as a run's inputs: normalised by its own --normalize statistics."""
-    return normalized(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), *channel_stats(*NORMALIZE[normalize], 'cpu'))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return normalized(x, *channel_stats(*NORMALIZE[normalize], 'cpu'))
 
 
 def maps(f, params, x, targets, kind):

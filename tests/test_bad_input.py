@@ -11,7 +11,7 @@ import pytest
 
 import cifar
 import imagenet
-import runs
+import errors
 from resnet import CIFAR_MODELS
 from conftest import OFFLINE_ENV, ROOT, make_class_folders
 
@@ -92,11 +92,11 @@ def sandbox(tmp_path, monkeypatch):
 
 
 def run_inprocess(main, argv, prog, capfd):
-    """(exit status, stderr lines) of `prog argv` as runs.cli runs it; a traceback fails the test."""
+    """(exit status, stderr lines) of `prog argv` as errors.cli runs it; a traceback fails the test."""
     old, sys.argv = sys.argv, [prog, *argv]
     try:
         with pytest.raises(SystemExit) as e:
-            runs.cli(main, prog)
+            errors.cli(main, prog)
     finally:
         sys.argv = old
     out, err = capfd.readouterr()

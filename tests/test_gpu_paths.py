@@ -14,7 +14,7 @@ from conftest import OFFLINE_ENV, ROOT, read_log, run_cifar
 
 sys.path.insert(0, str(ROOT))
 import parallel  # noqa: E402
-import runs  # noqa: E402
+import rng  # noqa: E402
 from data import DeviceLoader  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -52,9 +52,9 @@ def test_rng_states_of_more_gpus_than_visible(two_gpus, monkeypatch):
     restored = []
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, i: restored.append((int(s[0]), i)))
-    state = runs.rng_state()
+    state = rng.rng_state()
     state['cuda'] = [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 8, dtype=torch.uint8)]
-    runs.set_rng_state(state)
+    rng.set_rng_state(state)
     assert restored == [(7, 0)]
 
 

@@ -126,7 +126,7 @@ def test_worker_count_persistence_and_resume_give_the_same_batches(folder):
     cpu = torch.device('cpu')
     alone = D.image_loader(folder, True, 2, 0, 5, cpu, ONE)
     first = batches(alone, [1])[0]
-    state = alone.generator.get_state()  # what runs.fit checkpoints at an epoch's end
+    state = alone.generator.get_state()  # what fit.fit checkpoints at an epoch's end
     second = batches(alone, [2])[0]
     workers = D.image_loader(folder, True, 2, 2, 5, cpu, ONE)  # persistent: alive for both epochs
     assert workers.loader.persistent_workers

@@ -131,7 +131,8 @@ def schedule(**o):
 def test_beta_schedules():
     s = schedule(beta_decay='step')
     assert [s.beta(e) for e in (1, 59, 60, 119, 120, 160, 200)] == pytest.approx([1000, 1000, 200, 200, 40, 8, 8])
-    assert [schedule(beta_decay='linear', epochs=4, epoch_step='[]').beta(e) for e in (1, 2, 3, 4)] == [1000, 750, 500, 250]
+    linear = schedule(beta_decay='linear', epochs=4, epoch_step='[]')
+    assert [linear.beta(e) for e in (1, 2, 3, 4)] == [1000, 750, 500, 250]
     assert schedule(beta_decay='none').beta(150) == 1000
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 from parallel import FunctionalNet  # noqa: E402
-from runs import leave  # noqa: E402
+from errors import leave  # noqa: E402
 from resnet import wrn, wrn_params  # noqa: E402
 from utils import set_requires_grad_except_bn_  # noqa: E402
 
@@ -143,10 +143,10 @@ def test_meters_are_combined_over_ranks(tmp_path):
 def test_an_error_on_any_rank_is_one_line_naming_it(tmp_path):
     script = tmp_path / 'fails.py'
     script.write_text(f'import sys; sys.path.insert(0, {str(ROOT)!r})\n'
-                      'import errors, runs\n'
+                      'import errors\n'
                       'def main():\n'
                       '    raise errors.UserError("only this rank read a broken file")\n'
-                      'runs.cli(main, "prog")\n')
+                      'errors.cli(main, "prog")\n')
     for rank, world, expected in (('1', '2', 'prog: error: rank 1: only this rank read a broken file'),
                                   ('0', '1', 'prog: error: only this rank read a broken file')):
         p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
