@@ -8,20 +8,20 @@ import time
 
 import torch
 
-import board
-import errors
-import fit
-import options
-import rng
-import rundir
-from data import (PAD_MODES, DeviceLoader, check_classes, class_digest, data_loader, decode_all, image_shape, one_size,
+from training import board
+from training import errors
+from training import fit
+from training import options
+from training import rng
+from training import rundir
+from training.data import (PAD_MODES, DeviceLoader, check_classes, class_digest, data_loader, decode_all, image_shape, one_size,
                   open_cifar, rank_batch)
-from distill import factt_adapters
-from parallel import Dist, select_device
-from precision import Precision
+from training.distill import factt_adapters
+from training.parallel import Dist, select_device
+from training.precision import Precision
 from resnet import CIFAR_MODELS, cifar_model_groups, cifar_model_name, cifar_model_params, wrn_depth_to_blocks
-from teachers import check_teacher_data, load_teacher_run
-from errors import UserError
+from training.teachers import check_teacher_data, load_teacher_run
+from training.errors import UserError
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]

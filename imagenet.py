@@ -9,21 +9,21 @@ import time
 
 import torch
 
-import board
-import errors
-import fit
-import options
-import rng
-import rundir
-import imagenet_data
-from data import check_classes, image_folder, rank_batch
-from engine import evaluate
-from formats import checkpoint_params, load_checkpoint
-from parallel import Dist, select_device
-from precision import Precision
+from training import board
+from training import errors
+from training import fit
+from training import options
+from training import rng
+from training import rundir
+from training import imagenet_data
+from training.data import check_classes, image_folder, rank_batch
+from training.engine import evaluate
+from training.formats import checkpoint_params, load_checkpoint
+from training.parallel import Dist, select_device
+from training.precision import Precision
 from resnet import IMAGENET_BLOCKS, resnet_imagenet, resnet_imagenet_params
-from teachers import load_teacher_export
-from errors import UserError
+from training.teachers import load_teacher_export
+from training.errors import UserError
 from utils import check_params
 
 PROG = 'imagenet.py'

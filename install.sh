@@ -4,13 +4,13 @@
 # which setuptools>=81 no longer ships; pip's default isolated build would fetch
 # the newest setuptools and fail. So: pin a setuptools that still has
 # pkg_resources, and build the sdists against it.
-# A torch already installed at or above the floor (compat.py: 2.4), often a CUDA
-# build, is kept: compat.py pins it (and torchvision) to what is installed.
+# A torch already installed at or above the floor (training/compat.py: 2.4), often
+# a CUDA build, is kept: training/compat.py pins it (and torchvision) to what is installed.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 "$PY" -m pip install --upgrade pip 'setuptools>=70,<81' wheel
 REQ=$(mktemp)
 trap 'rm -f "$REQ"' EXIT
-"$PY" compat.py requirements requirements.txt > "$REQ"
+"$PY" -m training.compat requirements requirements.txt > "$REQ"
 "$PY" -m pip install --no-build-isolation -r "$REQ"

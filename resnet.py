@@ -9,8 +9,8 @@ loaded from disk needs no side information to run.
 import torch
 import torch.nn.functional as F
 
-import cifar_nets
-from errors import UserError
+from training import cifar_nets
+from training.errors import UserError
 from utils import batch_norm, bn_params, conv_params, count_blocks, flatten, linear_params
 
 

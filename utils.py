@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.init import kaiming_normal_
 
-from errors import UserError
+from training.errors import UserError
 
 
 # ---------------------------------------------------------------- attention transfer (paper section 3)

@@ -69,11 +69,11 @@ def project(name):
 
 def read_log(folder):
     path = os.path.join(folder, 'log.txt')
-    return project('formats').read_json_stats(path) if os.path.exists(path) else []
+    return project('training.formats').read_json_stats(path) if os.path.exists(path) else []
 
 
 def cpu_info():
-    return {'machine': platform.machine(), **project('provenance').cpu()}
+    return {'machine': platform.machine(), **project('training.provenance').cpu()}
 
 
 def environment():
@@ -95,7 +95,7 @@ def environment():
         env['cuda_available'] = torch.cuda.is_available()
         env['threads'] = torch.get_num_threads()
         sys.path.insert(0, ROOT)
-        from compat import FLOOR, tf32_state
+        from training.compat import FLOOR, tf32_state
         env['torch_floor'], env['tf32_default'] = FLOOR['torch'], tf32_state()
         try:
             env['cpu']['mkldnn_bf16'] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -531,11 +531,11 @@ def worker_a(argv, result):
     import torch
     sys.path.insert(0, ROOT)
     from cifar import MEAN, STD
-    from data import channel_stats, normalized, open_cifar
-    from distill import Distiller
-    from parallel import FunctionalNet, place_params
+    from training.data import channel_stats, normalized, open_cifar
+    from training.distill import Distiller
+    from training.parallel import FunctionalNet, place_params
     from resnet import wrn, wrn_params
-    from compat import set_fp32_ieee
+    from training.compat import set_fp32_ieee
     precision = set_fp32_ieee()  # TF32 off, on every torch (compat.py)
     device = torch.device(a.device)
 
@@ -612,7 +612,7 @@ def worker_a(argv, result):
 
 def call_main(module, argv):
     """module.main(argv) as its CLI runs it; the error line, or None."""
-    from errors import UserError
+    from training.errors import UserError
     try:
         importlib.import_module(module).main(argv)
     except UserError as e:
@@ -643,7 +643,7 @@ def worker_main(argv, result):
     res = {'error': error, 'main_seconds': round(time.perf_counter() - t, 2), **memory_figures()}
     import torch
     if torch.cuda.is_available():  # what "fp32" meant in this process: TF32 where it is on
-        from compat import tf32_state
+        from training.compat import tf32_state
         res['tf32'] = tf32_state()
     json.dump(res, open(result, 'w'), indent=1)
     return 1 if error else 0
@@ -674,7 +674,7 @@ def worker_e(argv, result):
         json.dump(res, open(result, 'w'), indent=1)
         return 1
     sys.path[:0] = [ROOT]
-    from teachers import load_teacher_export
+    from training.teachers import load_teacher_export
     p_pth, p_hkl = load_teacher_export(teacher_out)[1], load_teacher_export(hkl)[1]
     res['hkl_equals_pth'] = set(p_pth) == set(p_hkl) and all(torch.equal(p_pth[k], p_hkl[k]) for k in p_pth)
     t = time.perf_counter()

@@ -58,7 +58,7 @@ shown() {  # shown ARG...: the command line, each argument quoted where the shel
 }
 
 run_status() {  # run_status DIR: new, resume, done, or other<TAB>the schedule it finished (formats.py decides)
-  "$PYTHON" formats.py status "$1" "$EPOCHS" "$EPOCH_STEP" || exit $?
+  "$PYTHON" -m training.formats status "$1" "$EPOCHS" "$EPOCH_STEP" || exit $?
 }
 
 suffix() { [ "$1" = 0 ] && echo "" || echo "_s$1"; }

@@ -22,11 +22,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cifar import NORMALIZE  # noqa: E402
-from data import channel_stats, check_classes, normalized, open_cifar  # noqa: E402
-from errors import cli  # noqa: E402
-from options import Parser  # noqa: E402
-from teachers import load_teacher_export, load_teacher_run  # noqa: E402
-from errors import UserError  # noqa: E402
+from training.data import channel_stats, check_classes, normalized, open_cifar  # noqa: E402
+from training.errors import cli  # noqa: E402
+from training.options import Parser  # noqa: E402
+from training.teachers import load_teacher_export, load_teacher_run  # noqa: E402
+from training.errors import UserError  # noqa: E402
 from utils import input_grad  # noqa: E402
 
 PROG = 'visualize.py'
@@ -111,7 +111,7 @@ def main(argv=None):
     if not args.inputs:
         raise UserError('name CIFAR run folders, or image files with --export')
     if args.export:
-        import imagenet_data
+        from training import imagenet_data
         f, params = load_teacher_export(args.export)
         try:  # imagenet.py's val view: Resize(256), CenterCrop(224), normalised as its loader does
             views = [imagenet_data.pil_view(imagenet_data.open_rgb(path), None) for path in args.inputs]

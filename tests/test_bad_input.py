@@ -11,7 +11,7 @@ import pytest
 
 import cifar
 import imagenet
-import errors
+from training import errors
 from resnet import CIFAR_MODELS
 from conftest import OFFLINE_ENV, ROOT, make_class_folders
 

@@ -6,12 +6,12 @@ import sys
 import pytest
 import torch
 
-import board
+from training import board
 import cifar
-import formats
-import provenance
-import errors
-import options
+from training import formats
+from training import provenance
+from training import errors
+from training import options
 from conftest import ROOT, read_log, run_cifar
 from test_robust import start_cifar
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import cifar
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log
-from data import DeviceLoader
-from engine import Trainer
-from errors import UserError
-from schedule import Schedule
+from training.data import DeviceLoader
+from training.engine import Trainer
+from training.errors import UserError
+from training.schedule import Schedule
 from utils import kd_loss
 
 

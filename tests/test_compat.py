@@ -14,9 +14,9 @@ import torch.nn as nn
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-import compat  # noqa: E402
-import engine  # noqa: E402
-import parallel  # noqa: E402
+from training import compat  # noqa: E402
+from training import engine  # noqa: E402
+from training import parallel  # noqa: E402
 
 
 class DDP24:
@@ -96,7 +96,8 @@ def test_compile_errors_without_inductor_error(monkeypatch):
 
 
 def code_files():
-    return sorted(p for p in [*ROOT.glob('*.py'), *ROOT.glob('scripts/*.py')] if p.name != 'compat.py')
+    return sorted(p for p in [*ROOT.glob('*.py'), *ROOT.glob('training/*.py'), *ROOT.glob('scripts/*.py')]
+                  if p.name != 'compat.py')
 
 
 def test_no_post_floor_api_outside_compat():
@@ -140,12 +141,12 @@ def test_install_keeps_a_torch_at_or_above_the_floor(torch_v, tv_v, want):
 def test_install_plan_from_the_command_line(tmp_path):
     """install.sh's call; this venv's torch (2.14.1, above the floor) is kept as it is."""
     (tmp_path / 'req.txt').write_text('\n'.join(REQ) + '\n')
-    p = subprocess.run([sys.executable, str(ROOT / 'compat.py'), 'requirements', str(tmp_path / 'req.txt')],
+    p = subprocess.run([sys.executable, '-m', 'training.compat', 'requirements', str(tmp_path / 'req.txt')], cwd=ROOT,
                        capture_output=True, text=True)
     here = compat.installed('torch')
     assert p.returncode == 0 and p.stdout.splitlines()[0] == f'torch=={here}'
     assert p.stderr.startswith(f'compat.py: keeping the installed torch {here}')
-    p = subprocess.run([sys.executable, str(ROOT / 'compat.py'), 'requirements', str(tmp_path / 'nope.txt')],
+    p = subprocess.run([sys.executable, '-m', 'training.compat', 'requirements', str(tmp_path / 'nope.txt')], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.splitlines() == [
         f'compat.py: error: {tmp_path / "nope.txt"}: No such file or directory']

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-import provenance
+from training import provenance
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log, run_cifar
 from test_train import nn_test_accuracy
 

@@ -10,8 +10,8 @@ import torchvision.transforms as T
 from PIL import Image
 from torchvision.datasets.folder import default_loader
 
-import imagenet_data as D
-from data import image_folder
+from training import imagenet_data as D
+from training.data import image_folder
 
 SIZES = [(500, 375), (375, 500), (300, 40), (260, 300)]  # (width, height); 300x40 forces get_params' fallback
 ONE = SimpleNamespace(rank=0, world=1)

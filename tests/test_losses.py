@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import errors
+from training import errors
 import utils
-from engine import Trainer
-from schedule import Schedule
+from training.engine import Trainer
+from training.schedule import Schedule
 
 
 def hand_at(x):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import board
+from training import board
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log, run_cifar
 
 SMALL = ['--depth', 10, '--batch_size', 16, '--nthread', 0, '--tensorboard', 0]

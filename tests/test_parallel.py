@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from parallel import FunctionalNet  # noqa: E402
-from errors import leave  # noqa: E402
+from training.parallel import FunctionalNet  # noqa: E402
+from training.errors import leave  # noqa: E402
 from resnet import wrn, wrn_params  # noqa: E402
 from utils import set_requires_grad_except_bn_  # noqa: E402
 
@@ -81,15 +81,15 @@ class Linear(torch.nn.Module):
 
 
 def _fp16_worker(rank, init, out):
-    from engine import Trainer
-    from parallel import Dist, distributed
+    from training.engine import Trainer
+    from training.parallel import Dist, distributed
     torch.distributed.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
     g = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(8, 12, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(5)]
     model = distributed(Linear(rank), torch.device('cpu'))
     params = list(model.parameters())
     sgd = lambda lr: torch.optim.SGD(params, lr)  # noqa: E731
-    from precision import Precision
+    from training.precision import Precision
     trainer = Trainer(model, sgd, torch.device('cpu'), epochs=1, precision=Precision('half'), progress=False,
                       dist=Dist('cpu'))
     trainer.train(batches, None, sgd(0.1))
@@ -115,7 +115,7 @@ def test_fp16_under_ddp_with_an_inf_on_one_rank_ends(tmp_path):
 
 def _meters_worker(rank, init, out):
     import torchnet as tnt
-    from parallel import Dist
+    from training.parallel import Dist
     torch.distributed.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
     acc, loss = tnt.meter.ClassErrorMeter(topk=[1], accuracy=True), tnt.meter.AverageValueMeter()
     # rank 0 gets 3 of 4 right, rank 1 gets 0 of 2; losses 1, 2 and 6
@@ -143,7 +143,7 @@ def test_meters_are_combined_over_ranks(tmp_path):
 def test_an_error_on_any_rank_is_one_line_naming_it(tmp_path):
     script = tmp_path / 'fails.py'
     script.write_text(f'import sys; sys.path.insert(0, {str(ROOT)!r})\n'
-                      'import errors\n'
+                      'from training import errors\n'
                       'def main():\n'
                       '    raise errors.UserError("only this rank read a broken file")\n'
                       'errors.cli(main, "prog")\n')

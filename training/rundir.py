@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-from errors import UserError
-from formats import append_log, checkpoint_params, load_checkpoint, save_checkpoint
-from rng import rng_state
+from training.errors import UserError
+from training.formats import append_log, checkpoint_params, load_checkpoint, save_checkpoint
+from training.rng import rng_state
 from utils import check_params, n_trained
 
 def check_save(opt, default_name):

@@ -1,7 +1,7 @@
 """The files of a run folder, below the loop: model.pt7 (the 2017 {params, optimizer, epoch}, plus
 what this project adds) and log.txt (one `json_stats: {...}` line per finished epoch). Reading a
 teacher, summarizing runs and resuming one all go through here. Without torch loaded (the scripts ask
-`python formats.py status` whether a run is done), only the log is read.
+`python -m training.formats status` whether a run is done), only the log is read.
 
 The one definition of a finished run: its last log.txt record is of the last epoch of its own
 schedule (`epoch` == `epochs`), as the run itself wrote it."""
@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from errors import UserError
+from training.errors import UserError
 
 
 def safe_load(path, what):
@@ -124,7 +124,7 @@ def run_status(folder, epochs, epoch_step):
     """What a script is to do with a run folder asked for `epochs` under `epoch_step` (JSON text):
     'new' (no model.pt7), 'resume', 'done' (finished under that schedule), or 'other' (finished
     under another schedule: reported, never resumed under a new one from its decayed lr)."""
-    from schedule import Schedule
+    from training.schedule import Schedule
     last = finished(folder)
     if last is None:
         return 'resume' if os.path.isfile(os.path.join(folder, 'model.pt7')) else 'new'
@@ -135,15 +135,15 @@ def run_status(folder, epochs, epoch_step):
 
 
 def main(argv):
-    """`python formats.py status FOLDER EPOCHS EPOCH_STEP`: run_status's word; for 'other', a tab and
+    """`python -m training.formats status FOLDER EPOCHS EPOCH_STEP`: run_status's word; for 'other', a tab and
     the run's own schedule."""
     if len(argv) != 4 or argv[0] != 'status' or not argv[2].isdigit():
-        raise UserError('usage: formats.py status FOLDER EPOCHS EPOCH_STEP')
+        raise UserError('usage: python -m training.formats status FOLDER EPOCHS EPOCH_STEP')
     status = run_status(argv[1], int(argv[2]), argv[3])
     last = finished(argv[1]) if status == 'other' else None
     print(status + (f'\tepochs {last["epochs"]}, epoch_step {last["epoch_step"]}' if last else ''))
 
 
 if __name__ == '__main__':
-    from errors import cli
+    from training.errors import cli
     cli(lambda: main(sys.argv[1:]), 'formats.py')

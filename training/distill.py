@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UserError
+from training.errors import UserError
 from utils import AT_PREFIX, at_loss, conv_params, factt_loss, grad_at_loss, input_grad, kd_loss, sym_loss
 
 

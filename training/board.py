@@ -10,8 +10,8 @@ is written, and --tensorboard 1 says in one line how to install it.
 import glob
 import os
 
-from errors import UserError
-from schedule import Schedule
+from training.errors import UserError
+from training.schedule import Schedule
 
 LAST = 'test/loss'  # an epoch's points are written in one flush, this one last: where it is, the epoch is whole
 

@@ -6,7 +6,7 @@ repeated entry drops it once, as 2017's `epoch in epoch_step` did; the scripts' 
 list distinct epochs."""
 import json
 
-from errors import UserError
+from training.errors import UserError
 
 
 def parse_epoch_step(text):

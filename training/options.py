@@ -6,10 +6,10 @@ import json
 import math
 import os
 
-from errors import UserError, die
-from formats import load_checkpoint
-from precision import NAMES
-from schedule import Schedule
+from training.errors import UserError, die
+from training.formats import load_checkpoint
+from training.precision import NAMES
+from training.schedule import Schedule
 
 # --help's two groups of flags: what a user of the 2017 scripts knows comes first
 FLAGS_2017 = ("2017 flags (same names, types and defaults as the paper's code)",)

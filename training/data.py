@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 
-from errors import UserError
-from precision import memory_format
+from training.errors import UserError
+from training.precision import memory_format
 
 
 PAD_MODES = {'reflect': 'reflect', 'zeros': 'constant'}  # --pad_mode: torch's and torchvision's names

@@ -10,18 +10,18 @@ from typing import Callable, Iterable
 
 import torch
 
-import provenance
-from board import Board
-from distill import Distiller
-from engine import Trainer, compiled, sgd
-from errors import Stopped
-from formats import read_json_stats, repair_log
-from parallel import Dist, FunctionalNet, data_parallel, distributed, place_params
-from precision import Precision
-from rng import set_rng_state
-from rundir import EpochWriter, make_save, read_resume, restore
-from schedule import Schedule
-from signals import SignalPlan, Signals
+from training import provenance
+from training.board import Board
+from training.distill import Distiller
+from training.engine import Trainer, compiled, sgd
+from training.errors import Stopped
+from training.formats import read_json_stats, repair_log
+from training.parallel import Dist, FunctionalNet, data_parallel, distributed, place_params
+from training.precision import Precision
+from training.rng import set_rng_state
+from training.rundir import EpochWriter, make_save, read_resume, restore
+from training.schedule import Schedule
+from training.signals import SignalPlan, Signals
 from utils import is_trained
 
 @dataclass

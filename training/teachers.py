@@ -8,8 +8,8 @@ import torch
 
 from resnet import (CIFAR_MODELS, cifar_model_head, cifar_model_name, cifar_model_params, expected_export_shapes,
                     fold_torchvision, folded_resnet, wrn_depth_to_blocks)
-from formats import load_checkpoint, read_json_stats, safe_load, student_params
-from errors import UserError
+from training.formats import load_checkpoint, read_json_stats, safe_load, student_params
+from training.errors import UserError
 from utils import check_params
 
 

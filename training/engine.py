@@ -15,10 +15,10 @@ import torch
 import torchnet as tnt
 from tqdm import tqdm
 
-from compat import compile_errors
-from parallel import Dist
-from precision import Precision
-from errors import Stopped, UserError
+from training.compat import compile_errors
+from training.parallel import Dist
+from training.precision import Precision
+from training.errors import Stopped, UserError
 from utils import AT_PREFIX
 
 

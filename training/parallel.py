@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torchnet as tnt
 
-from compat import ddp_no_buffer_sync, sync_buffers_once
-from errors import UserError
-from precision import memory_format
+from training.compat import ddp_no_buffer_sync, sync_buffers_once
+from training.errors import UserError
+from training.precision import memory_format
 from utils import set_requires_grad_except_bn_
 
 
