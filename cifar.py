@@ -8,16 +8,22 @@ import time
 
 import torch
 
-import board
-import runs
-from data import DeviceLoader, check_classes, data_loader, decode_all, image_shape, one_size, open_cifar, rank_batch
-from distill import factt_adapters
-from parallel import Dist, select_device
-from precision import Precision
+from training import board
+from training import errors
+from training import fit
+from training import options
+from training import rng
+from training import rundir
+from training.data import (PAD_MODES, DeviceLoader, check_classes, class_digest, data_loader, decode_all, image_shape, one_size,
+                  open_cifar, rank_batch)
+from training.distill import factt_adapters
+from training.parallel import Dist, select_device
+from training.precision import Precision
 from resnet import (CIFAR_MODELS, INITS, INITS_OF, cifar_model_groups, cifar_model_name, cifar_model_params,
                     wrn_depth_to_blocks)
-from teachers import load_teacher_run
-from utils import AT_MODES, AT_POOLS, UserError
+from training.teachers import check_teacher_data, load_teacher_run
+from training.errors import UserError
+from utils import AT_MODES, AT_POOLS
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
@@ -35,38 +41,29 @@ PRESETS = {'crd': dict(dataset='CIFAR100', epochs=240, batch_size=64, lr=0.05, w
 # ... and per network: train_student.py and train_teacher.py set lr 0.01 for MobileNetV2 (that code's
 # mobile_half), ShuffleV1 and ShuffleV2, as students and as teachers
 PRESET_MODELS = {'crd': {name: dict(lr=0.01) for name in ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')}}
-DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}
-PAD_MODES = {'reflect': 'reflect', 'zeros': 'constant'}  # --pad_mode: torchvision's names
+DATASETS = {'CIFAR10': 10, 'CIFAR100': 100}  # their class counts: a class-folder copy must have as many
+WIDTH_MODELS = ('wrn', 'nin')  # the networks --width shapes; the benchmark's are fixed by their names
 CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (docs/speed.md); CUDA: not measured yet
 
 
 def build_parser():
-    p = runs.Parser(prog=PROG, description='Wide ResNet training on CIFAR with attention transfer')
-    a = p.add_argument_group(*runs.FLAGS_2017).add_argument
+    p = options.Parser(prog=PROG, description='Wide ResNet training on CIFAR with attention transfer')
+    a = p.add_argument_group(*options.FLAGS_2017).add_argument
     a('--depth', default=16, type=int, help='WRN depth, 6n+4')
     a('--width', default=1, type=float, help='WRN widening factor k; for NIN, 1 is NIN-wide and 0.45 NIN-thin')
     a('--dataset', default='CIFAR10', type=str, help='CIFAR10 or CIFAR100')
     a('--dataroot', default='.', type=str,
       help='torchvision CIFAR folder (downloaded when missing), or a class-folder dataset with train/ and test/')
-    a('--dtype', default='float', type=str, help='float, double, or half / bfloat16 (autocast)')
+    options.add_shared(a, 'dtype')
     a('--nthread', default=4, type=int, help='DataLoader workers')
     a('--teacher_id', default='', type=str, help='teacher run: a name under logs/, or a run folder')
-    a('--batch_size', default=128, type=int)
-    a('--lr', default=0.1, type=float)
-    a('--epochs', default=200, type=int)
-    a('--weight_decay', default=0.0005, type=float)
-    a('--epoch_step', default='[60,120,160]', type=str, help='JSON list: epochs at whose start lr *= lr_decay_ratio')
-    a('--lr_decay_ratio', default=0.2, type=float)
-    a('--resume', default='', type=str, help='model.pt7 to continue from, or auto (the one in --save, if any)')
+    options.add_shared(a, 'batch_size', 'lr', 'epochs', 'weight_decay', 'epoch_step', 'lr_decay_ratio', 'resume',
+                    batch_size=128, epochs=200, weight_decay=0.0005, epoch_step='[60,120,160]', lr_decay_ratio=0.2)
     a('--randomcrop_pad', default=4, type=float, help='reflect padding before the random 32x32 crop')
-    a('--temperature', default=4, type=float, help='KD temperature')
-    a('--alpha', default=0, type=float, help='KD weight')
-    a('--beta', default=0, type=float, help='AT weight')
+    options.add_shared(a, 'temperature', 'alpha', 'beta')
     a('--cuda', action='store_true', help='(2017 flag, kept for compatibility; see --device)')
-    a('--save', default='', type=str, help='run folder for model.pt7 and log.txt (default: logs/cifar_<time>)')
-    a('--ngpu', default=1, type=int, help='GPUs to split each batch over')
-    a('--gpu_id', default='0', type=str, help='CUDA_VISIBLE_DEVICES')
-    a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
+    options.add_shared(a, 'save', 'ngpu', 'gpu_id')
+    a = p.add_argument_group(*options.FLAGS_NEW).add_argument
     a('--model', default='wrn', choices=list(CIFAR_MODELS), metavar='MODEL',
       help='wrn: Wide ResNet (--depth, --width); nin: Network-in-Network (--width); the CIFAR-100 benchmark\'s '
            'resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 (named in full), '
@@ -85,29 +82,23 @@ def build_parser():
       help='padding before the random crop: reflect (2017) or zeros (torchvision RandomCrop\'s default)')
     a('--normalize', default='2017', choices=list(NORMALIZE),
       help='mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 statistics)')
-    a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
-      help=runs.AT_SUM_REPLICAS_HELP)
+    options.add_shared(a, 'at_sum_replicas')
     a('--at_pool', default='attention', choices=AT_POOLS,
       help='AT between maps of different sizes: attention (2017: average-pool the larger attention map; whole '
            'multiples only) or features (RepDistiller: adaptive-average-pool the larger feature map; any sizes)')
-    a('--at_mode', default='code', choices=AT_MODES, help=runs.AT_MODE_HELP)
+    a('--at_mode', default='code', choices=AT_MODES, help=options.AT_MODE_HELP)
     a('--beta_decay', default='none', choices=['none', 'step', 'linear'],
       help='AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr drops), '
            'linear (down to beta/epochs at the last epoch)')
     a('--factt_beta', default=0, type=float, help='F-ActT (full-activation transfer) weight')
     a('--grad_beta', default=0, type=float, help='gradient-based AT weight (paper section 3.2; needs a teacher)')
     a('--sym_beta', default=0, type=float, help='flip-symmetry weight on the gradient attention')
-    a('--seed', default=0, type=int, help='seeds torch, numpy, random and the data order')
-    a('--device', default='', type=str, help='cpu or cuda (default: cuda when available)')
+    options.add_shared(a, 'seed', 'device')
     a('--loader', default='fast', choices=['fast', 'torchvision'],
       help='fast: whole dataset on the device, batched augmentation; torchvision: the 2017 per-image path')
     a('--channels_last', default=None, type=int, choices=[0, 1],
       help='channels_last memory format (default: where it measured faster for this device type)')
-    a('--compile', action='store_true', help='torch.compile the student and teacher forward passes')
-    a('--tensorboard', default=None, type=int, choices=[0, 1],
-      help='TensorBoard event files in the run folder (default: 1 where the tensorboard package is installed)')
-    a('--tensorboard_every', default=50, type=int, help='steps between points of the running train loss')
-    a('--no_progress', action='store_true', help='no tqdm bars')
+    options.add_shared(a, 'compile', 'tensorboard', 'tensorboard_every', 'no_progress', 'allow_change')
     return p
 
 
@@ -119,20 +110,26 @@ def parse_args(argv=None):
     opt = p.parse_args(argv)
     opt.init = check_init(opt)
     board.check_option(opt)
-    runs.check_options(opt, not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
+    if opt.model not in WIDTH_MODELS and opt.width != 1:
+        raise UserError(f'--model {opt.model} has no --width: its name fixes its channels (drop --width {opt.width:g})')
+    options.check_options(opt, positive=['width'] if opt.model in WIDTH_MODELS else [],
+                       not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
+    if opt.randomcrop_pad != int(opt.randomcrop_pad):
+        raise UserError(f'--randomcrop_pad is a number of pixels, a whole number; got {opt.randomcrop_pad:g}')
     if opt.model == 'wrn':
         try:
             wrn_depth_to_blocks(opt.depth)
         except ValueError as e:
             raise UserError(str(e)) from None
-    if int(16 * opt.width) < 1:
+    if opt.model in WIDTH_MODELS and int(16 * opt.width) < 1:
         raise UserError(f'--width {opt.width} leaves a group with no channels')
-    opt.at_weight = runs.at_weight(opt)
+    opt.at_weight = options.at_weight(opt)
     if opt.dataset not in DATASETS:
         raise UserError(f'--dataset must be one of {", ".join(DATASETS)}, got {opt.dataset!r}')
+    if opt.grad_beta and not opt.teacher_id:
+        raise UserError('--grad_beta matches the teacher\'s gradient attention: pass --teacher_id')
+    options.check_teacher_needed(opt, bool(opt.teacher_id), '--teacher_id', ['beta', 'alpha', 'factt_beta'])
     if opt.grad_beta or opt.sym_beta:
-        if opt.grad_beta and not opt.teacher_id:
-            raise UserError('--grad_beta matches the teacher\'s gradient attention: pass --teacher_id')
         if Precision(opt.dtype).compute or opt.ngpu > 1 or opt.compile:
             raise UserError('--grad_beta and --sym_beta need double backprop, eagerly, in full precision, on one '
                             'device: use --dtype float and --ngpu 1, without --compile')
@@ -164,7 +161,7 @@ def torchvision_transform(pad, train, size=(32, 32), pad_mode='reflect', normali
 
 
 def create_loaders(opt, device):
-    """(train loader, test loader, class count, image (height, width)): the fast device-resident
+    """(train loader, test loader, class names, image (height, width)): the fast device-resident
     loader, or the 2017 one. Any one image size trains (the networks pool globally); train and
     test must share it and their class folders."""
     faithful, dist, where = opt.loader == 'torchvision', Dist(device), f'--dataroot {opt.dataroot}'
@@ -173,6 +170,10 @@ def create_loaders(opt, device):
     if len(train_set) == 0 or len(test_set) == 0:
         raise UserError(f'{where}: empty train or test set')
     check_classes(train_set, test_set, where)
+    count = len(train_set.classes)
+    if count in DATASETS.values() and count != DATASETS[opt.dataset]:  # a copy of the other CIFAR
+        raise UserError(f'{where} has {count} classes, --dataset {opt.dataset} {DATASETS[opt.dataset]}: '
+                        f'pass --dataset {next(k for k, v in DATASETS.items() if v == count)}')
     if faithful:
         sizes = image_shape(train_set), image_shape(test_set)
     else:
@@ -189,14 +190,14 @@ def create_loaders(opt, device):
         train_set.transform = torchvision_transform(opt.randomcrop_pad, True, size, opt.pad_mode, opt.normalize)
         test_set.transform = torchvision_transform(opt.randomcrop_pad, False, normalize=opt.normalize)
         return (data_loader(train_set, True, batch, opt.nthread, opt.seed, device, dist),
-                data_loader(test_set, False, batch, opt.nthread, opt.seed, device, dist), len(train_set.classes), size)
+                data_loader(test_set, False, batch, opt.nthread, opt.seed, device, dist), train_set.classes, size)
     mean, std = NORMALIZE[opt.normalize]
     kw = dict(batch_size=batch, mean=mean, std=std, device=device, channels_last=opt.channels_last,
               rank=dist.rank, world=dist.world)
     gen = torch.Generator().manual_seed(opt.seed)  # on the CPU for every device (data.DeviceLoader says why)
     return (DeviceLoader(train_x, train_y, train=True, pad=opt.randomcrop_pad, pad_mode=opt.pad_mode,
                          generator=gen, **kw),
-            DeviceLoader(test_x, test_y, train=False, **kw), len(train_set.classes), size)
+            DeviceLoader(test_x, test_y, train=False, **kw), train_set.classes, size)
 
 
 # ---------------------------------------------------------------- run
@@ -207,13 +208,17 @@ def build(opt):
     if opt.channels_last is None:
         opt.channels_last = int(CHANNELS_LAST[device.type])
     precision = Precision(opt.dtype, device.type, bool(opt.channels_last))
-    runs.seed_everything(opt.seed)
-    train_loader, test_loader, num_classes, size = create_loaders(opt, device)
-
+    rng.seed_everything(opt.seed)
+    train_loader, test_loader, classes, size = create_loaders(opt, device)
+    num_classes, data = len(classes), dict(image_size=list(size), class_digest=class_digest(classes))
     params_s = cifar_model_params(opt.model, opt.depth, opt.width, num_classes, opt.init)
+    check_fits(CIFAR_MODELS[opt.model], params_s, size, f'--model {opt.model}')
     # KD and gradient AT compare class scores: they need the teacher's classes; attention maps know no classes
     f_t, params_t, info = load_teacher_run(opt.teacher_id, num_classes if opt.alpha or opt.grad_beta else None) \
         if opt.teacher_id else (None, {}, None)
+    if f_t:
+        check_teacher_data(info, dict(normalize=opt.normalize, **data),
+                           compare_classes=bool(opt.alpha or opt.grad_beta))
     n_groups, at_groups = cifar_model_groups(opt.model), None
     if f_t and cifar_model_groups(info['model']) != n_groups:
         if opt.beta or opt.factt_beta:
@@ -224,26 +229,37 @@ def build(opt):
     # F-ActT's 1x1 adapters train with the student, and are saved as adapter.*
     adapters = factt_adapters(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, *size)) \
         if f_t and opt.factt_beta else {}
-    distiller, make_optimizer = runs.make_distiller(
+    distiller, make_optimizer = fit.make_distiller(
         opt, PROG, device, precision, CIFAR_MODELS[opt.model], params_s, f_t, params_t, adapters,
         at_groups=at_groups, at_pool=opt.at_pool, factt_beta=opt.factt_beta, grad_beta=opt.grad_beta,
         sym_beta=opt.sym_beta)
-    return runs.Run(
+    return fit.Run(
         opt, device, precision, train_loader, test_loader, num_classes, params_s, distiller, make_optimizer,
         # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling
         saved=({**{'student.' + k: v for k, v in params_s.items()},
                 **{'teacher.' + k: v for k, v in params_t.items()},
                 **{'adapter.' + k: v for k, v in adapters.items()}} if f_t else params_s),
         description=f'student {cifar_model_name(opt.model, opt.depth, opt.width)}' + (
-            f', teacher {info["name"]} from {info["folder"]}' if f_t else ''))
+            f', teacher {info["name"]} from {info["folder"]}' if f_t else ''), data=data)
+
+
+def check_fits(f, params, size, name):
+    """A network pools its images down: ones too small for it are one line, not a traceback mid-step."""
+    try:
+        with torch.no_grad():
+            f(torch.zeros(1, 3, *size), params, False)
+    except RuntimeError:
+        raise UserError(f'{name} cannot take {size[0]}x{size[1]} images: they are too small for its '
+                        f'poolings') from None
 
 
 def main(argv=None):
     opt = parse_args(argv)
     print('parsed options:', vars(opt))
-    runs.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
-    runs.fit(opt, build(opt), PROG)
+    rundir.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
+    options.check_resume(opt, build_parser())
+    fit.fit(opt, build(opt), PROG)
 
 
 if __name__ == '__main__':
-    runs.cli(main, PROG)
+    errors.cli(main, PROG)

@@ -9,64 +9,53 @@ import time
 
 import torch
 
-import board
-import runs
-import imagenet_data
-from data import check_classes, image_folder, rank_batch
-from engine import evaluate
-from formats import checkpoint_params, load_checkpoint
-from parallel import Dist, select_device
-from precision import Precision
+from training import board
+from training import errors
+from training import fit
+from training import options
+from training import rng
+from training import rundir
+from training import imagenet_data
+from training.data import check_classes, image_folder, rank_batch
+from training.engine import evaluate
+from training.formats import checkpoint_params, load_checkpoint
+from training.parallel import Dist, select_device
+from training.precision import Precision
 from resnet import IMAGENET_BLOCKS, resnet_imagenet, resnet_imagenet_params
-from teachers import load_teacher_export
-from utils import AT_MODES, UserError, check_params
+from training.teachers import load_teacher_export
+from training.errors import UserError
+from utils import AT_MODES, check_params
 
 PROG = 'imagenet.py'
 
 
 def build_parser():
-    p = runs.Parser(prog=PROG, description='ResNet training on ImageNet with attention transfer')
-    a = p.add_argument_group(*runs.FLAGS_2017).add_argument
+    p = options.Parser(prog=PROG, description='ResNet training on ImageNet with attention transfer')
+    a = p.add_argument_group(*options.FLAGS_2017).add_argument
     a('--depth', default=18, type=int, help='18 or 34')
     a('--width', default=1, type=float)
     a('--imagenetpath', default='', type=str, help='folder with train/ and val/ in ImageFolder layout')
-    a('--dtype', default='float', type=str, help='float, double, or half / bfloat16 (autocast)')
+    options.add_shared(a, 'dtype')
     a('--nthread', default=None, type=int,
       help='loader workers per process (2017: 4; default: the CPUs this process may use / processes per machine)')
     a('--teacher_params', default='', type=str,
       help='teacher export: .pth, .hkl, or torchvision:resnet34[:local_state_dict.pth]')
-    a('--batch_size', default=256, type=int)
-    a('--lr', default=0.1, type=float)
-    a('--epochs', default=100, type=int)
-    a('--weight_decay', default=1e-4, type=float)
-    a('--epoch_step', default='[30,60,90]', type=str)
-    a('--lr_decay_ratio', default=0.1, type=float)
-    a('--resume', default='', type=str)
-    a('--temperature', default=4, type=float)
-    a('--alpha', default=0, type=float)
-    a('--beta', default=0, type=float)
-    a('--save', default='', type=str)
-    a('--ngpu', default=1, type=int)
-    a('--gpu_id', default='0', type=str)
-    a = p.add_argument_group(*runs.FLAGS_NEW).add_argument
+    options.add_shared(a, 'batch_size', 'lr', 'epochs', 'weight_decay', 'epoch_step', 'lr_decay_ratio', 'resume',
+                    'temperature', 'alpha', 'beta', 'save', 'ngpu', 'gpu_id',
+                    batch_size=256, epochs=100, weight_decay=1e-4, epoch_step='[30,60,90]', lr_decay_ratio=0.1)
+    a = p.add_argument_group(*options.FLAGS_NEW).add_argument
     a('--cuda', action='store_true', help="(cifar.py's 2017 flag, accepted here too; see --device)")
-    a('--at_sum_replicas', default=None, type=int, choices=[0, 1],
-      help=runs.AT_SUM_REPLICAS_HELP)
+    options.add_shared(a, 'at_sum_replicas')
     a('--at_groups', default='0,1,2,3', type=str, help='groups whose attention is transferred, e.g. 2,3')
-    a('--at_mode', default='code', choices=AT_MODES, help=runs.AT_MODE_HELP)
+    a('--at_mode', default='code', choices=AT_MODES, help=options.AT_MODE_HELP)
     a('--evaluate', default='', nargs='?', const='resume',
       help='only evaluate on val: the --resume student, or an export file (.pth, .hkl, torchvision:NAME)')
-    a('--seed', default=0, type=int)
-    a('--device', default='', type=str)
-    a('--compile', action='store_true')
-    a('--tensorboard', default=None, type=int, choices=[0, 1],
-      help='TensorBoard event files in the run folder (default: 1 where the tensorboard package is installed)')
-    a('--tensorboard_every', default=50, type=int, help='steps between points of the running train loss')
-    a('--no_progress', action='store_true')
+    options.add_shared(a, 'seed', 'device', 'compile', 'tensorboard', 'tensorboard_every', 'no_progress')
     a('--decoder', default='pil', choices=imagenet_data.DECODERS,
       help='pil: the 2017 pixels; torchvision: torchvision.io decode and a uint8 resize (faster, at most 1 level off); '
            'nvjpeg: decode on the GPU')
     a('--channels_last', default=1, type=int, choices=[0, 1], help='channels_last memory format for inputs and weights')
+    options.add_shared(a, 'allow_change')
     return p
 
 
@@ -75,7 +64,7 @@ def parse_args(argv=None):
     if opt.nthread is None:  # log.txt records the count chosen
         opt.nthread = imagenet_data.default_workers()
     board.check_option(opt)
-    runs.check_options(opt)
+    options.check_options(opt)
     if int(64 * opt.width) < 1:
         raise UserError(f'--width {opt.width} leaves a group with no channels')
     if opt.depth not in IMAGENET_BLOCKS:
@@ -87,7 +76,8 @@ def parse_args(argv=None):
     if not groups or not all(0 <= g < 4 for g in groups) or len(set(groups)) != len(groups):
         raise UserError(f'--at_groups must list distinct groups from 0 to 3, like 2,3; got {opt.at_groups!r}')
     opt.at_group_list = groups
-    opt.at_weight = runs.at_weight(opt)
+    options.check_teacher_needed(opt, bool(opt.teacher_params), '--teacher_params', ['beta', 'alpha'])
+    opt.at_weight = options.at_weight(opt)
     if opt.evaluate == 'resume' and not opt.resume:
         raise UserError('--evaluate without a FILE evaluates the --resume checkpoint: pass --resume too')
     if not opt.imagenetpath:
@@ -121,7 +111,7 @@ def create_loader(opt, split, device):
 def build(opt):
     device = select_device(opt.device, opt.gpu_id, opt.ngpu)
     precision = Precision(opt.dtype, device.type, bool(opt.channels_last))
-    runs.seed_everything(opt.seed)
+    rng.seed_everything(opt.seed)
     train_loader, num_classes = create_loader(opt, 'train', device)
     val_loader, _ = create_loader(opt, 'val', device)
     check_classes(train_loader.dataset, val_loader.dataset, f'--imagenetpath {opt.imagenetpath}', ('train', 'val'))
@@ -130,10 +120,10 @@ def build(opt):
     if f_t and opt.alpha and params_t['fc.weight'].shape[0] != num_classes:  # attention maps know no classes
         raise UserError(f'teacher {opt.teacher_params} has {params_t["fc.weight"].shape[0]} classes, the dataset '
                         f'{num_classes}: KD (--alpha) compares class scores; AT alone (--alpha 0) would do')
-    distiller, make_optimizer = runs.make_distiller(opt, PROG, device, precision, resnet_imagenet, params_s, f_t,
+    distiller, make_optimizer = fit.make_distiller(opt, PROG, device, precision, resnet_imagenet, params_s, f_t,
                                                     params_t, at_groups=opt.at_group_list)
     # a teacher export is a fixed file: only the student is checkpointed
-    return runs.Run(opt, device, precision, train_loader, val_loader, num_classes, params_s, distiller,
+    return fit.Run(opt, device, precision, train_loader, val_loader, num_classes, params_s, distiller,
                     make_optimizer, saved=params_s, topk=(1, 5),
                     description=f'student ResNet-{opt.depth}' + (f', teacher {opt.teacher_params}' if f_t else ''))
 
@@ -168,9 +158,10 @@ def main(argv=None):
     if opt.evaluate:
         return evaluate_only(opt)
     print('parsed options:', vars(opt))
-    runs.check_save(opt, time.strftime('imagenet_%Y%m%d-%H%M%S'))
-    runs.fit(opt, build(opt), PROG)
+    rundir.check_save(opt, time.strftime('imagenet_%Y%m%d-%H%M%S'))
+    options.check_resume(opt, build_parser())
+    fit.fit(opt, build(opt), PROG)
 
 
 if __name__ == '__main__':
-    runs.cli(main, PROG)
+    errors.cli(main, PROG)

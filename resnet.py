@@ -11,8 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-import cifar_nets
-from utils import UserError, batch_norm, bn_params, conv_params, flatten, linear_params
+from training import cifar_nets
+from training.errors import UserError
+from utils import batch_norm, bn_params, conv_params, count_blocks, flatten, linear_params
 
 
 def wrn_depth_to_blocks(depth):
@@ -57,12 +58,6 @@ def linear_default_weight(ni, no):
 # --init of the WRN: (conv, bn, linear) tensor makers
 WRN_INITS = {'2017': (conv_params, bn_params, linear_params),
              'crd': (cifar_nets.conv_fan_out, cifar_nets.bn_ones, linear_default_weight)}
-
-
-def count_blocks(params, group, prefix='', leaf='conv0'):
-    """Blocks in a group, counted from the keys: structure needs no side information."""
-    head = f'{prefix}group{group}.block'
-    return sum(1 for k in params if k.startswith(head) and k.endswith('.' + leaf))
 
 
 def wrn(input, params, mode, prefix=''):

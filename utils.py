@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.init import kaiming_normal_
 
-
-class UserError(Exception):
-    """Bad input: reported as one line on stderr, never as a traceback."""
+from training.errors import UserError
 
 
 # ---------------------------------------------------------------- attention transfer (paper section 3)
@@ -68,17 +66,6 @@ def factt_loss(s, t):
     return (F.normalize(s.flatten(1)) - F.normalize(t.flatten(1))).pow(2).mean()
 
 
-def beta_schedule(beta, kind, epoch, epochs, epoch_step, ratio):
-    """The AT weight at a (1-based) epoch. none: constant (2017). step: times `ratio` at each
-    epoch of `epoch_step` reached, so exactly when the lr drops (a repeated entry drops it once).
-    linear: from beta at epoch 1 down to beta/epochs at the last epoch."""
-    if kind == 'step':
-        return beta * ratio ** sum(1 for s in set(epoch_step) if s <= epoch)
-    if kind == 'linear':
-        return beta * (epochs - epoch + 1) / epochs
-    return beta
-
-
 # ---------------------------------------------------------------- gradient-based attention (paper section 3.2)
 
 def input_grad(f, params, x, targets, mode, create_graph):
@@ -130,6 +117,12 @@ def flatten(params):
         else:
             out[k] = v
     return out
+
+
+def count_blocks(params, group, prefix='', leaf='conv0', head='group'):
+    """Blocks in a group (or a 'stage'), counted from the keys: structure needs no side information."""
+    head = f'{prefix}{head}{group}.block'
+    return sum(1 for k in params if k.startswith(head) and k.endswith('.' + leaf))
 
 
 def batch_norm(x, params, base, mode):

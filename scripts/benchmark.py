@@ -48,13 +48,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import cifar  # noqa: E402
-from data import check_classes  # noqa: E402
-from engine import Trainer  # noqa: E402
+from training.data import check_classes  # noqa: E402
+from training.engine import Trainer  # noqa: E402
 from resnet import CIFAR_MODELS, cifar_model_name, wrn_depth_to_blocks  # noqa: E402
-from provenance import cpu  # noqa: E402
-from runs import Parser, cli  # noqa: E402
+from training.provenance import cpu  # noqa: E402
+from training.errors import cli  # noqa: E402
+from training.options import Parser  # noqa: E402
 from synthetic import write_teacher_run  # noqa: E402
-from utils import UserError, at_loss  # noqa: E402
+from training.errors import UserError  # noqa: E402
+from utils import at_loss  # noqa: E402
 
 PROG = 'benchmark.py'
 
@@ -140,7 +142,7 @@ def resident_bytes(run, device_type='cuda'):
 def nn_module(shape, num_classes):
     """The torch.nn build of (model, depth, width), from the tests' independent builds."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-    from cifar_nets import RESNETS, VGG_CFGS
+    from training.cifar_nets import RESNETS, VGG_CFGS
     from nn_cifar_nets import NAMED, NNResNet, NNVGG
     from nn_wrn import NNWideResNet
     model, depth, width = shape
@@ -376,7 +378,7 @@ def make_jpegs(root, n, seed=0):
 
 def pipeline_loader(name, folder, batch, workers, device):
     """imagenet.py's train loader: the 2017 one, or imagenet_data's with decoder `name`."""
-    import imagenet_data as D
+    from training import imagenet_data as D
     if name == '2017':
         import torchvision.transforms as T
         from torchvision.datasets.folder import default_loader
@@ -396,7 +398,7 @@ def pipeline_loader(name, folder, batch, workers, device):
 
 def cpu_normalize_ms(batch, repeats=5):
     """Milliseconds to normalise a uint8 batch on the CPU, as imagenet_data.Feed does when training there."""
-    import imagenet_data as D
+    from training import imagenet_data as D
     x = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     times = []
     for _ in range(repeats):
@@ -426,8 +428,8 @@ def time_pipeline(loader, warmup, steps, device):
 
 
 def pipeline_main(args):
-    import imagenet_data as D
-    from data import image_folder
+    from training import imagenet_data as D
+    from training.data import image_folder
     device = cifar.select_device(args.device, '0', 1)
     decoders = ['pil', 'torchvision'] + (['nvjpeg'] if device.type == 'cuda' else [])
     names = ['2017'] + decoders

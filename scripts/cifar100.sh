@@ -8,11 +8,11 @@
 #
 #   scripts/cifar100.sh [--dry-run]
 #
-# Environment (defaults in brackets):
+# Environment (defaults in brackets; relative paths are taken from where you run the script):
 #   DATAROOT [.]          CIFAR-100 (torchvision files, downloaded when missing, or a class-folder copy)
 #   EPOCHS [240]          a short schedule scales EPOCH_STEP with it
 #   EPOCH_STEP [the preset's [151,181,211], i.e. lr x 0.1 after epochs 150, 180, 210, scaled by
-#                         EPOCHS/240, never below 2]
+#                         EPOCHS/240, never below 2, each epoch after the one before]
 #   SEEDS [0]             student seeds ("0 1 2"); TEACHER_SEEDS [0]: students learn from the first
 #   PAIRS [all 13, teacher then student: wrn_40_2_16_2 wrn_40_2_40_1 resnet56_20 resnet110_20
 #         resnet110_32 resnet32x4_8x4 vgg13_8 vgg13_MobileNetV2 ResNet50_MobileNetV2 ResNet50_vgg8
@@ -23,11 +23,13 @@
 #
 # Then: python scripts/summarize.py logs/cifar100 --table cifar100 --out docs/results/cifar100
 set -euo pipefail
+CALLER=$(pwd -P)
 cd "$(dirname "$0")/.."
+ROOT=$(pwd -P)
 PROG=cifar100.sh CIFAR_FLAGS="--preset crd"
 . scripts/grid.sh
 script_args "$@"
-DATAROOT=${DATAROOT:-.}
+DATAROOT=$(from_caller "${DATAROOT:-.}")
 EPOCHS=${EPOCHS:-240}
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
 EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 240 1 150 180 210)}
@@ -39,7 +41,7 @@ ALL_ROWS+=" wrn_40_2_ShuffleV1"  # across families
 ROWS=${PAIRS:-${ROWS:-$ALL_ROWS}}
 METHODS=${METHODS:-student at kd}
 BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}
-LOGS=${LOGS:-logs/cifar100}; PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
+LOGS=$(from_caller "${LOGS:-logs/cifar100}"); PYTHON=${PYTHON:-python}; EXTRA=${EXTRA:-}
 check_settings BETA ALPHA
 
 # name: model flags

@@ -14,9 +14,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import torch  # noqa: E402
 
-from runs import die  # noqa: E402
-from teachers import load_teacher_export  # noqa: E402
-from utils import UserError  # noqa: E402
+from training.errors import die  # noqa: E402
+from training.teachers import load_teacher_export  # noqa: E402
+from training.errors import UserError  # noqa: E402
 
 PROG = 'convert_teacher.py'
 

@@ -79,12 +79,12 @@ def project(name):
 
 def read_log(folder):
     path = os.path.join(folder, 'log.txt')
-    return project('formats').read_json_stats(path) if os.path.exists(path) else []
+    return project('training.formats').read_json_stats(path) if os.path.exists(path) else []
 
 
 def cpu_info():
     try:
-        return {'machine': platform.machine(), **project('provenance').cpu()}
+        return {'machine': platform.machine(), **project('training.provenance').cpu()}
     except ImportError as e:  # provenance imports torch: the probe must still say what it found
         return {'machine': platform.machine(), 'error': f'{type(e).__name__}: {e}'}
 
@@ -108,7 +108,7 @@ def environment():
         env['cuda_available'] = torch.cuda.is_available()
         env['threads'] = torch.get_num_threads()
         sys.path.insert(0, ROOT)
-        from compat import FLOOR, tf32_state
+        from training.compat import FLOOR, tf32_state
         env['torch_floor'], env['tf32_default'] = FLOOR['torch'], tf32_state()
         try:
             env['cpu']['mkldnn_bf16'] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -624,11 +624,11 @@ def worker_a(argv, result):
     import torch
     sys.path.insert(0, ROOT)
     from cifar import MEAN, STD
-    from data import open_cifar
-    from distill import Distiller, at_terms
-    from parallel import FunctionalNet, place_params
+    from training.data import channel_stats, normalized, open_cifar
+    from training.distill import Distiller
+    from training.parallel import FunctionalNet, place_params
     from resnet import wrn, wrn_params
-    from compat import set_fp32_ieee
+    from training.compat import set_fp32_ieee
     precision = set_fp32_ieee()  # TF32 off, on every torch (compat.py)
     device = torch.device(a.device)
 
@@ -636,11 +636,11 @@ def worker_a(argv, result):
     n = min(a.batch, len(test))
     idx = [round(i * (len(test) - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the classes
     if hasattr(test, 'data'):  # the decoded cache: torchvision's CIFAR10, pixels in memory
-        x = torch.from_numpy(test.data[idx]).permute(0, 3, 1, 2).float().div(255)
+        x = torch.from_numpy(test.data[idx]).permute(0, 3, 1, 2)
     else:
         x = torch.stack([torch.from_numpy(np.asarray(test.loader(test.samples[i][0])).copy()).permute(2, 0, 1)
-                         for i in idx]).float().div(255)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+                         for i in idx])
+    x = normalized(x, *channel_stats(MEAN, STD, 'cpu'))
     y = torch.tensor([test.targets[i] for i in idx])
     torch.manual_seed(0)
     classes = len(test.classes)
@@ -655,7 +655,7 @@ def worker_a(argv, result):
         logits, losses = d(xx, yy, True)
         losses['loss'].backward()
         out = {'logits': logits, 'loss': losses['loss'],
-               **{f'at_loss_{i}': v for i, v in enumerate(at_terms(losses))},
+               **{f'at_loss_{i}': v for i, v in enumerate(v for k, v in losses.items() if k.startswith('at_loss.'))},
                'grads': torch.cat([s[k].grad.flatten() for k in sorted(s) if s[k].grad is not None])}
         with torch.no_grad():
             d.alpha = 0.9  # KD + AT on the same batch
@@ -705,7 +705,7 @@ def worker_a(argv, result):
 
 def call_main(module, argv):
     """module.main(argv) as its CLI runs it; the error line, or None."""
-    from utils import UserError
+    from training.errors import UserError
     try:
         importlib.import_module(module).main(argv)
     except UserError as e:
@@ -736,7 +736,7 @@ def worker_main(argv, result):
     res = {'error': error, 'main_seconds': round(time.perf_counter() - t, 2), **memory_figures()}
     import torch
     if torch.cuda.is_available():  # what "fp32" meant in this process: TF32 where it is on
-        from compat import tf32_state
+        from training.compat import tf32_state
         res['tf32'] = tf32_state()
     json.dump(res, open(result, 'w'), indent=1)
     return 1 if error else 0
@@ -767,7 +767,7 @@ def worker_e(argv, result):
         json.dump(res, open(result, 'w'), indent=1)
         return 1
     sys.path[:0] = [ROOT]
-    from teachers import load_teacher_export
+    from training.teachers import load_teacher_export
     p_pth, p_hkl = load_teacher_export(teacher_out)[1], load_teacher_export(hkl)[1]
     res['hkl_equals_pth'] = set(p_pth) == set(p_hkl) and all(torch.equal(p_pth[k], p_hkl[k]) for k in p_pth)
     t = time.perf_counter()
@@ -845,8 +845,8 @@ def worker_f(argv, result):
     folder, device, rest = argv[0], argv[1], argv[2:]
     import torch
     sys.path[:0] = [ROOT]
-    import imagenet_data as D
-    from data import image_folder
+    from training import imagenet_data as D
+    from training.data import image_folder
     res = {}
     diffs = {}
     for train, split in ((True, 'train'), (False, 'val')):

@@ -1,5 +1,6 @@
-# Sourced by table1.sh and cifar100.sh (imagenet.sh takes script_args and scaled_steps): the
-# arguments, the settings checks, the scaled lr schedule and the grid of runs they share.
+# Sourced by table1.sh and cifar100.sh (imagenet.sh takes script_args, scaled_steps, from_caller and
+# run_status): the arguments, the settings checks, the scaled lr schedule, whether a run is done, and
+# the grid of runs they share.
 # The caller sets PROG, then LOGS, EPOCHS, EPOCH_STEP, SEEDS, TEACHER_SEEDS, PYTHON, EXTRA, CIFAR_FLAGS,
 # and for run_grid: ROWS, ALL_ROWS, METHODS, and the NET, PAIR and METHOD arrays.
 
@@ -32,27 +33,55 @@ check_settings() {  # check_settings WEIGHT_VARIABLE...: every setting, before t
 }
 
 scaled_steps() {  # scaled_steps EPOCHS BASE OFFSET STEP...: a BASE-epoch schedule's lr steps for EPOCHS
-  # epochs, rounded half up, plus OFFSET, never below 2: the lr drops at the start of each listed
-  # epoch, so 1 would skip the full lr
-  local epochs=$1 base=$2 offset=$3 s n out=()
+  # epochs, rounded half up, plus OFFSET, never below 2 (the lr drops at the start of each listed
+  # epoch, so 1 would skip the full lr) and each after the one before: distinct epochs, each a drop
+  local epochs=$1 base=$2 offset=$3 s n prev=1 out=()
   shift 3
-  for s in "$@"; do n=$(( (2 * s * epochs + base) / (2 * base) + offset )); out+=($(( n < 2 ? 2 : n ))); done
+  for s in "$@"; do
+    n=$(( (2 * s * epochs + base) / (2 * base) + offset ))
+    (( n <= prev )) && n=$(( prev + 1 ))
+    out+=("$n"); prev=$n
+  done
   echo "[$(IFS=,; echo "${out[*]}")]"
+}
+
+# a path as the caller meant it, usable from the repository root where the commands run (the caller
+# sets CALLER to where it was started and ROOT to the repository root)
+from_caller() { case "$1" in /*|'') echo "$1" ;; *) [ "$CALLER" = "$ROOT" ] && echo "$1" || echo "$CALLER/$1" ;; esac; }
+
+shown() {  # shown ARG...: the command line, each argument quoted where the shell would split or expand it
+  local a out=()
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  echo "${out[*]}"
+}
+
+run_status() {  # run_status DIR: new, resume, done, or other<TAB>the schedule it finished (formats.py decides)
+  "$PYTHON" -m training.formats status "$1" "$EPOCHS" "$EPOCH_STEP" || exit $?
 }
 
 suffix() { [ "$1" = 0 ] && echo "" || echo "_s$1"; }
 
-run() {  # run NAME SEED FLAGS...: skip a finished run, resume an unfinished one, stop where one fails
+run() {  # run NAME SEED ARG...: skip a finished run, resume an unfinished one, stop where one fails
   local name=$1 seed=$2; shift 2
-  local dir="$LOGS/$name" resume="" status=0
-  if [ -f "$dir/log.txt" ] && [ "$(tail -n 1 "$dir/log.txt" | sed -n 's/.*"epoch": \([0-9]*\).*/\1/p')" = "$EPOCHS" ]; then
-    echo "# done: $dir"; return 0
-  fi
-  [ -f "$dir/model.pt7" ] && resume="--resume auto"
-  local cmd="$PYTHON cifar.py${CIFAR_FLAGS:+ $CIFAR_FLAGS} --dataroot $DATAROOT --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --seed $seed --save $dir${resume:+ $resume} $*${EXTRA:+ $EXTRA}"
-  echo "$cmd"
+  local dir="$LOGS/$name" state status=0
+  state=$(run_status "$dir")
+  case "$state" in
+    done) echo "# done: $dir"; return 0 ;;
+    other*) echo "$PROG: $dir finished under another schedule (${state#*$'\t'}), not this one (epochs $EPOCHS, epoch_step $EPOCH_STEP): not resumed; move it away to train it again" >&2
+            return 0 ;;
+  esac
+  # CIFAR_FLAGS, a NET's and a METHOD's flags and EXTRA are words; every path and value is one argument
+  # shellcheck disable=SC2206
+  local cmd=("$PYTHON" cifar.py $CIFAR_FLAGS --dataroot "$DATAROOT" --epochs "$EPOCHS" --epoch_step "$EPOCH_STEP"
+             --seed "$seed" --save "$dir")
+  [ "$state" = resume ] && cmd+=(--resume auto)
+  # shellcheck disable=SC2206
+  cmd+=("$@" $EXTRA)
+  shown "${cmd[@]}"
   [ "$DRY" = 1 ] && return 0
-  eval "$cmd" || status=$?
+  "${cmd[@]}" || status=$?
   [ "$status" = 0 ] && return 0
   # 130/143: cifar.py was stopped by Ctrl-C or SIGTERM with its last whole epoch saved: stop here too.
   # Any other failure: cifar.py has said why in its one line.
@@ -75,17 +104,20 @@ run_grid() {  # run_grid ALL_METHODS: the teachers, then for each seed the stude
   # cifar.py finds a bare --teacher_id under logs/; elsewhere the student is given the folder itself
   local tdir; tdir=$( [ "$LOGS" = logs ] && echo "" || echo "$LOGS/" )
   for t in "${teachers[@]}"; do
-    for s in $TEACHER_SEEDS; do run "${t}_teacher$(suffix "$s")" "$s" "${NET[$t]}"; done
+    # shellcheck disable=SC2086
+    for s in $TEACHER_SEEDS; do run "${t}_teacher$(suffix "$s")" "$s" ${NET[$t]}; done
   done
   for s in $SEEDS; do
     if [[ " $METHODS " == *" student "* ]]; then
-      for st in "${baselines[@]}"; do run "$st$(suffix "$s")" "$s" "${NET[$st]}"; done
+      # shellcheck disable=SC2086
+      for st in "${baselines[@]}"; do run "$st$(suffix "$s")" "$s" ${NET[$st]}; done
     fi
     for row in $ROWS; do
       read -r st t <<< "${PAIR[$row]}"
       for m in $METHODS; do
         [ "$m" = student ] && continue
-        run "${m}_$(pair_name "$row")$(suffix "$s")" "$s" "${NET[$st]} --teacher_id $tdir${t}_teacher$(suffix "$t0") ${METHOD[$m]}"
+        # shellcheck disable=SC2086
+        run "${m}_$(pair_name "$row")$(suffix "$s")" "$s" ${NET[$st]} --teacher_id "$tdir${t}_teacher$(suffix "$t0")" ${METHOD[$m]}
       done
     done
   done

@@ -11,7 +11,8 @@
 #   LOGS [logs]              the teacher export, the runs r18/ and at_r18_r34/, the table
 #   EPOCHS [100]             a short schedule scales EPOCH_STEP with it
 #   EPOCH_STEP [the 2017 [30,60,90], scaled by EPOCHS/100, never below 2: the lr drops at
-#                            the start of each listed epoch, so 1 would skip the full lr]
+#                            the start of each listed epoch, so 1 would skip the full lr; each
+#                            epoch after the one before]
 #   BATCH [256]              the global batch, whatever LAUNCH
 #   NTHREAD ['']             data loader workers per process (default: imagenet.py's, the CPUs
 #                            each process may use; 2017: 4)
@@ -29,13 +30,11 @@
 # it again (a run whose model.pt7 is newer than its eval.txt is evaluated again by itself).
 set -euo pipefail
 PROG=imagenet.sh
-. "$(dirname "$0")/grid.sh"  # die, script_args, scaled_steps
+. "$(dirname "$0")/grid.sh"  # die, script_args, scaled_steps, from_caller, run_status
 script_args "$@"
 CALLER=$(pwd -P)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd -P)
-# a path as the caller meant it, usable from the repository root where the commands run
-from_caller() { case "$1" in /*|'') echo "$1" ;; *) [ "$CALLER" = "$ROOT" ] && echo "$1" || echo "$CALLER/$1" ;; esac; }
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 q() { printf '%q' "$1"; }  # a path inside a printed command
 
@@ -133,13 +132,15 @@ evaluate() {  # evaluate OUT NEWER_THAN FLAGS: the evaluation's output kept in O
 
 logged_epochs() { if [ -f "$1/log.txt" ]; then grep -c '^json_stats: ' "$1/log.txt" || true; else echo 0; fi; }
 
-train() {  # train DIR FLAGS: skip a finished run, resume an unfinished one
-  local dir=$1 flags=$2 done resume=""
-  done=$(logged_epochs "$dir")
-  if [ "$done" -ge "$EPOCHS" ]; then
-    echo "# skip: $dir is done ($done of $EPOCHS epochs logged)"; return 0
-  fi
-  [ -f "$dir/model.pt7" ] && resume=" --resume auto"
+train() {  # train DIR FLAGS: skip a finished run, resume an unfinished one, report one of another schedule
+  local dir=$1 flags=$2 state resume=""
+  state=$(run_status "$dir")
+  case "$state" in
+    done) echo "# skip: $dir is done ($(logged_epochs "$dir") of $EPOCHS epochs logged)"; return 0 ;;
+    other*) echo "imagenet.sh: $dir finished under another schedule (${state#*$'\t'}), not this one (epochs $EPOCHS, epoch_step $EPOCH_STEP): not resumed; move it away to train it again" >&2
+            return 0 ;;
+    resume) resume=" --resume auto" ;;
+  esac
   execute "$TRAIN --imagenetpath $(q "$IMAGENETPATH") --depth 18 --width 1$flags --epochs $EPOCHS --epoch_step '$EPOCH_STEP' --batch_size $BATCH$NTHREAD$GPUS --save $(q "$dir")$resume${EXTRA:+ $EXTRA}"
 }
 

@@ -27,9 +27,10 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from formats import read_json_stats  # noqa: E402
-from runs import Parser, cli  # noqa: E402
-from utils import UserError  # noqa: E402
+from training.formats import finished, read_json_stats  # noqa: E402
+from training.errors import cli  # noqa: E402
+from training.options import Parser  # noqa: E402
+from training.errors import UserError  # noqa: E402
 
 PROG = 'summarize.py'
 
@@ -132,7 +133,7 @@ def collect(logs, epoch=None):
             records = [r for r in records if r.get('epoch', 0) <= epoch]
             done = bool(records) and records[-1].get('epoch') == epoch
         else:
-            done = bool(records) and records[-1].get('epoch') == records[-1].get('epochs')
+            done = finished(os.path.join(logs, name)) is not None  # the one definition of done
         if done:
             runs.setdefault(re.sub(r'_s\d+$', '', name), []).append(records)
     return runs
@@ -228,7 +229,7 @@ def plot(runs, out_dir, pairs, tab):
 
 def provenance(logs, pairs, tab):
     """A Markdown table of where each shown run came from: its run.json's first session, and its resumes."""
-    import provenance as prov
+    from training import provenance as prov
     lines = ['| run | commit | torch | device | sessions |', '|---|---|---|---|---|']
     names = [tab.run_name(p, m) for p in pairs for m in ('teacher', *tab.methods)]
     for folder in sorted(f for f in os.listdir(logs) if re.sub(r'_s\d+$', '', f) in names):

@@ -21,11 +21,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cifar import MEAN, STD  # noqa: E402
-from data import check_classes, open_cifar  # noqa: E402
-from runs import Parser, cli  # noqa: E402
-from teachers import load_teacher_export, load_teacher_run  # noqa: E402
-from utils import UserError, input_grad  # noqa: E402
+from cifar import NORMALIZE  # noqa: E402
+from training.data import channel_stats, check_classes, normalized, open_cifar  # noqa: E402
+from training.errors import cli  # noqa: E402
+from training.options import Parser  # noqa: E402
+from training.teachers import load_teacher_export, load_teacher_run  # noqa: E402
+from training.errors import UserError  # noqa: E402
+from utils import input_grad  # noqa: E402
 
 PROG = 'visualize.py'
 
@@ -49,9 +51,10 @@ def cifar_images(dataroot, dataset, n):
     return images, [ds.targets[i] for i in order], len(ds.classes)
 
 
-def normalise(images, mean, std):
-    x = torch.tensor(np.stack(images), dtype=torch.float32).permute(0, 3, 1, 2) / 255
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+def normalise(images, normalize):
+    """uint8 HWC images as a run's inputs: normalised by its own --normalize statistics."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return normalized(x, *channel_stats(*NORMALIZE[normalize], 'cpu'))
 
 
 def maps(f, params, x, targets, kind):
@@ -108,7 +111,7 @@ def main(argv=None):
     if not args.inputs:
         raise UserError('name CIFAR run folders, or image files with --export')
     if args.export:
-        import imagenet_data
+        from training import imagenet_data
         f, params = load_teacher_export(args.export)
         try:  # imagenet.py's val view: Resize(256), CenterCrop(224), normalised as its loader does
             views = [imagenet_data.pil_view(imagenet_data.open_rgb(path), None) for path in args.inputs]
@@ -127,8 +130,8 @@ def main(argv=None):
             if args.kind == 'grad' and info['num_classes'] != classes:
                 raise UserError(f'{name} has {info["num_classes"]} classes, --dataroot {args.dataroot} {classes}: '
                                 f'--kind grad needs the same classes; --kind act does not')
-        x = normalise(images, MEAN, STD)
-        columns = [(name, maps(f, params, x, torch.tensor(labels), args.kind)) for name, f, params, _ in runs]
+        columns = [(name, maps(f, params, normalise(images, info['normalize']), torch.tensor(labels), args.kind))
+                   for name, f, params, info in runs]
     draw(images, columns, args.out, args.kind)
     print(f'{args.out}: {len(images)} images x {sum(len(c[1][0]) for c in columns)} maps')
 

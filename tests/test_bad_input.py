@@ -11,7 +11,8 @@ import pytest
 
 import cifar
 import imagenet
-import runs
+from training import errors
+from resnet import CIFAR_MODELS
 from conftest import OFFLINE_ENV, ROOT, make_class_folders
 
 sys.path.insert(0, str(ROOT / 'scripts'))
@@ -23,14 +24,15 @@ import visualize  # noqa: E402
 MISSING, A_FILE, A_FOLDER, UNWRITABLE = '<missing>', '<file>', '<folder>', '/proc/at_no_such_dir/run'
 # numbers by type: every int and float flag refuses these (a flag whose choices are listed refuses 'x' and 99)
 BAD_NUMBERS = {int: ['-1', 'x', '1.5', 'nan'], float: ['-1', 'inf', 'nan', 'x']}
-ZERO_IS_BAD = {'depth', 'width', 'batch_size', 'ngpu', 'temperature', 'lr_decay_ratio'}
+ZERO_IS_BAD = {'depth', 'width', 'batch_size', 'ngpu', 'temperature', 'lr_decay_ratio', 'epochs'}
+MORE_BAD = {'randomcrop_pad': ['2.7']}  # pixels: a whole number
 # text flags: the bad values of each; a text flag missing here fails test_every_text_flag_has_bad_values
 BAD_TEXT = {
     'dataset': ['MNIST'], 'dtype': ['int8'], 'dataroot': [MISSING, A_FILE], 'imagenetpath': [MISSING, A_FILE],
     'teacher_id': [MISSING, A_FILE], 'teacher_params': [MISSING, A_FOLDER, A_FILE],
     'epoch_step': ['x', '[0]', '[-1]', '[1.5]', '{}'], 'resume': [MISSING, A_FILE, A_FOLDER],
     'save': [A_FILE, UNWRITABLE], 'device': ['tpu', 'cuda', 'cuda:x'], 'at_groups': ['x', '4', '1,1', ''],
-    'evaluate': [MISSING, A_FILE],
+    'evaluate': [MISSING, A_FILE], 'allow_change': ['x', 'epochs'],
     'gpu_id': [],  # CUDA_VISIBLE_DEVICES: a machine without GPUs has nothing to check it against
 }
 NOT_FLAGS = {'help', 'cuda', 'compile', 'no_progress'}  # switches take no value
@@ -45,7 +47,7 @@ def cases(parser, prog):
         if action.choices:
             values = ['x', '99']
         elif action.type in BAD_NUMBERS:
-            values = BAD_NUMBERS[action.type] + (['0'] if name in ZERO_IS_BAD else [])
+            values = BAD_NUMBERS[action.type] + (['0'] if name in ZERO_IS_BAD else []) + MORE_BAD.get(name, [])
         else:
             values = BAD_TEXT.get(name, [None])
         for v in values:
@@ -57,8 +59,15 @@ ENTRY = [*cases(cifar.build_parser(), 'cifar'), *cases(imagenet.build_parser(), 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
+    from PIL import Image
     root = tmp_path_factory.mktemp('bad')
     make_class_folders(root / 'cifar', classes=3, train_per_class=4, test_per_class=2)
+    make_class_folders(root / 'cifar10', classes=10, train_per_class=1, test_per_class=1)
+    make_class_folders(root / 'cifar100', classes=100, train_per_class=1, test_per_class=1)
+    for split in ('train', 'test'):  # 4x4 images: too small for a VGG's five poolings
+        for c in range(2):
+            (root / 'tiny' / split / f'c{c}').mkdir(parents=True)
+            Image.new('RGB', (4, 4), (60 * c, 0, 0)).save(root / 'tiny' / split / f'c{c}' / '0.png')
     make_class_folders(root / 'imagenet', classes=5, train_per_class=1, test_per_class=1)
     os.rename(root / 'imagenet' / 'test', root / 'imagenet' / 'val')
     (root / 'a_file').write_text('not what was asked for\n')
@@ -83,11 +92,11 @@ def sandbox(tmp_path, monkeypatch):
 
 
 def run_inprocess(main, argv, prog, capfd):
-    """(exit status, stderr lines) of `prog argv` as runs.cli runs it; a traceback fails the test."""
+    """(exit status, stderr lines) of `prog argv` as errors.cli runs it; a traceback fails the test."""
     old, sys.argv = sys.argv, [prog, *argv]
     try:
         with pytest.raises(SystemExit) as e:
-            runs.cli(main, prog)
+            errors.cli(main, prog)
     finally:
         sys.argv = old
     out, err = capfd.readouterr()
@@ -138,7 +147,7 @@ def test_cifar_flag_combinations(argv, message, data, sandbox, capfd):
 
 
 # pairs of flags that each pass alone and are refused together: (script, flags, environment, the line)
-PAIRS = [
+SUBPROCESS_PAIRS = [
     ('cifar', ['--ngpu', '2', '--compile'], {},
      'cifar.py: error: --compile with --ngpu 2: the replicas would share one compiled function, which recompiles '
      'for each GPU; use --ngpu 1, or torchrun with one GPU per process'),
@@ -152,7 +161,7 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize('prog,flags,env,line', PAIRS, ids=[f"{p}:{' '.join(f)}:{','.join(e)}" for p, f, e, _ in PAIRS])
+@pytest.mark.parametrize('prog,flags,env,line', SUBPROCESS_PAIRS, ids=[f"{p}:{' '.join(f)}:{','.join(e)}" for p, f, e, _ in SUBPROCESS_PAIRS])
 def test_refused_pairs(prog, flags, env, line, data, tmp_path):
     """In a process of its own: under torchrun (WORLD_SIZE) a refusal leaves through os._exit."""
     base = (['--dataroot', str(data / 'cifar'), '--depth', '10'] if prog == 'cifar' else
@@ -161,6 +170,45 @@ def test_refused_pairs(prog, flags, env, line, data, tmp_path):
                         '--save', 'logs/run', '--no_progress', *flags], capture_output=True, text=True, cwd=tmp_path,
                        timeout=120, env={**OFFLINE_ENV, **env})
     assert p.returncode == 1 and p.stderr.splitlines() == [line] and not (tmp_path / 'logs').exists()
+
+
+# Flags that cannot go together, generated from the rules that refuse them: (script, flag A, value A,
+# flag B, value B, more flags). A value None is a switch; '<data:NAME>' a data folder of the fixture.
+NEEDS_TEACHER = {'cifar': ('--teacher_id', [('--beta', '1'), ('--alpha', '0.5'), ('--factt_beta', '1'),
+                                            ('--grad_beta', '1'), ('--beta_decay', 'step')]),
+                 'imagenet': ('--teacher_params', [('--beta', '1'), ('--alpha', '0.5')])}
+DOUBLE_BACKPROP = [('--dtype', 'half'), ('--dtype', 'bfloat16'), ('--ngpu', '2'), ('--compile', None)]
+PAIRS = [
+    *[(prog, f, v, teacher, '', []) for prog, (teacher, terms) in NEEDS_TEACHER.items() for f, v in terms],
+    *[('cifar', f, '1', g, w, ['--teacher_id', 't'] if f == '--grad_beta' else [])
+      for f in ('--grad_beta', '--sym_beta') for g, w in DOUBLE_BACKPROP],
+    *[('cifar', '--model', m, '--width', '2', []) for m in CIFAR_MODELS if m not in cifar.WIDTH_MODELS],
+    ('cifar', '--beta_decay', 'step', '--beta', '0', ['--teacher_id', 't']),
+    ('cifar', '--preset', 'crd', '--dataroot', '<data:cifar10>', []),
+    ('cifar', '--dataset', 'CIFAR10', '--dataroot', '<data:cifar100>', []),
+    ('cifar', '--model', 'vgg8', '--dataroot', '<data:tiny>', ['--randomcrop_pad', '0']),
+    ('cifar', '--randomcrop_pad', '32', '--dataroot', '<data:cifar>', []),
+    ('cifar', '--resume', 'auto', '--save', '', []),
+    ('imagenet', '--resume', 'auto', '--save', '', []),
+    ('imagenet', '--evaluate', None, '--resume', '', []),
+    ('imagenet', '--decoder', 'nvjpeg', '--device', 'cpu', []),
+]
+
+
+@pytest.mark.parametrize('prog,flag_a,value_a,flag_b,value_b,more', PAIRS,
+                         ids=[f'{p}{a}={va}+{b}={vb}' for p, a, va, b, vb, _ in PAIRS])
+def test_flags_that_cannot_go_together(prog, flag_a, value_a, flag_b, value_b, more, data, sandbox, capfd):
+    module = {'cifar': cifar, 'imagenet': imagenet}[prog]
+    base = (['--dataroot', str(data / 'cifar'), '--depth', '10'] if prog == 'cifar' else
+            ['--imagenetpath', str(data / 'imagenet'), '--width', '0.25', '--batch_size', '5'])
+    pair = [flag_a, *([] if value_a is None else [value_a]), flag_b, *([] if value_b is None else [value_b])]
+    pair = [str(data / v[6:-1]) if v.startswith('<data:') else v for v in pair]
+    argv = [*base, '--epochs', '1', '--nthread', '0', '--save', 'logs/run', '--no_progress', *more, *pair]
+    before, data_before = tree(sandbox), tree(data)
+    code, err = run_inprocess(module.main, argv, f'{prog}.py', capfd)
+    what = f'{prog}.py {" ".join(pair)}'
+    assert_one_line_refusal(code, err, before, sandbox, data, data_before, what)
+    assert flag_a in err[0] or flag_b in err[0], (what, err)  # the line names what does not go together
 
 
 def test_every_text_flag_has_bad_values():

@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-import board
+from training import board
 import cifar
-import formats
-import provenance
-import runs
+from training import formats
+from training import provenance
+from training import errors
+from training import options
 from conftest import ROOT, read_log, run_cifar
 from test_robust import start_cifar
-from utils import UserError
 
 pytest.importorskip('tensorboard')
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -87,7 +87,7 @@ def test_without_tensorboard(monkeypatch, capfd):
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # as if not installed
     assert cifar.parse_args([]).tensorboard == 0  # runs go on without event files
     with pytest.raises(SystemExit) as e:
-        runs.cli(lambda: cifar.parse_args(['--tensorboard', '1']), 'cifar.py')
+        errors.cli(lambda: cifar.parse_args(['--tensorboard', '1']), 'cifar.py')
     assert e.value.code == 1
     assert capfd.readouterr().err == 'cifar.py: error: --tensorboard 1 needs the tensorboard package: ' \
                                      'pip install tensorboard\n'
@@ -110,10 +110,10 @@ def test_help_lists_the_2017_flags_first():
     for module, old in ((cifar, set(FLAGS_2017_DEFAULTS)), (imagenet, imagenet_2017)):
         parser = module.build_parser()
         groups = {g.title: {a.dest for a in g._group_actions} for g in parser._action_groups}
-        assert groups[runs.FLAGS_2017[0]] == old
-        assert {a.dest for a in parser._actions} - old - {'help'} == groups[runs.FLAGS_NEW[0]]
+        assert groups[options.FLAGS_2017[0]] == old
+        assert {a.dest for a in parser._actions} - old - {'help'} == groups[options.FLAGS_NEW[0]]
         text = parser.format_help()
-        assert text.index(runs.FLAGS_2017[0]) < text.index('\n  --depth ') < text.index(runs.FLAGS_NEW[0])
+        assert text.index(options.FLAGS_2017[0]) < text.index('\n  --depth ') < text.index(options.FLAGS_NEW[0])
 
 
 def test_summarize_shows_provenance_beside_the_table(tmp_path, capsys):

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 import cifar
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log
-from data import DeviceLoader
-from engine import Trainer
+from training.data import DeviceLoader
+from training.engine import Trainer
+from training.errors import UserError
+from training.schedule import Schedule
+from utils import kd_loss
 from resnet import cifar_model_groups, wrn_params
-from utils import UserError, kd_loss
 
 sys.path.insert(0, str(ROOT / 'scripts'))
 import summarize  # noqa: E402
@@ -38,26 +40,23 @@ def test_kd_at_alpha_0_9_equals_distill_kl_weighted_0_9_with_cross_entropy_0_1()
     assert distill_kl(y_s, y_t, 4) > 1  # a KL term of weight, not one divided by the classes too
 
 
-def test_preset_crd_sets_the_recipe_and_leaves_the_2017_defaults_alone():
+def test_preset_crd_trains_repdistillers_lr_and_every_flag_given_wins():
+    """RepDistiller's train_student.py: lr = 0.05 x 0.1^k, k the decay epochs (150, 180, 210) that the
+    1-based epoch exceeds. The preset's schedule, as the loop and TensorBoard read it, against that rule."""
     opt = cifar.parse_args(['--preset', 'crd'])
-    assert (opt.dataset, opt.epochs, opt.batch_size, opt.lr, opt.weight_decay, opt.lr_decay_ratio) == \
-        ('CIFAR100', 240, 64, 0.05, 5e-4, 0.1)
-    # that code drops the lr in the epochs after 150, 180 and 210 (1-based): here, at the start of 151, 181, 211
-    assert [s - 1 for s in json.loads(opt.epoch_step)] == [150, 180, 210]
-    assert (opt.lr_restart_momentum, opt.pad_mode, opt.normalize) == (0, 'zeros', 'cifar100')
-    assert (opt.at_pool, opt.init, opt.at_mode) == ('features', 'crd', 'code')
-    assert cifar.NORMALIZE['cifar100'] == ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761])
-    mine = cifar.parse_args(['--preset', 'crd', '--lr', '0.01', '--lr_restart_momentum', '1', '--at_pool', 'attention',
-                             '--init', '2017'])
-    assert (mine.lr, mine.lr_restart_momentum, mine.batch_size, mine.at_pool, mine.init) == \
-        (0.01, 1, 64, 'attention', '2017')  # flags given win
-    d = cifar.parse_args([])
-    assert (d.dataset, d.epochs, d.batch_size, d.lr, d.weight_decay, d.epoch_step, d.lr_decay_ratio) == \
-        ('CIFAR10', 200, 128, 0.1, 0.0005, '[60,120,160]', 0.2)
-    assert (d.lr_restart_momentum, d.pad_mode, d.normalize, d.preset) == (1, 'reflect', '2017', 'none')
-    assert (d.at_pool, d.init, d.at_mode) == ('attention', '2017', 'code')
+    schedule = Schedule(opt)
+    assert [schedule.lr(e) for e in range(1, 241)] == pytest.approx(
+        [0.05 * 0.1 ** sum(e > d for d in (150, 180, 210)) for e in range(1, 241)], rel=1e-12)
+    assert vars(opt).items() >= cifar.PRESETS['crd'].items()  # every key is an option the parser knows
+    # every value the preset sets gives way to the flag given, and none leaks into a run without it
+    defaults = {a.dest: a.default for a in cifar.build_parser()._actions}
+    for name in cifar.PRESETS['crd']:
+        given = cifar.parse_args(['--preset', 'crd', f'--{name}', str(defaults[name])])
+        assert getattr(given, name) == defaults[name], name
+        assert getattr(cifar.parse_args([]), name) == defaults[name], name
     # the benchmark's networks other than the WRN have their own code's initialisation only, NIN 2017's only
-    assert [cifar.parse_args(['--model', m]).init for m in ('resnet8', 'vgg8', 'nin')] == ['crd', 'crd', '2017']
+    assert [cifar.parse_args(['--model', m]).init for m in ('resnet8', 'vgg8', 'nin', 'wrn')] == ['crd', 'crd', '2017', '2017']
+    assert cifar.parse_args(['--preset', 'crd']).init == 'crd'
 
 
 LR_001 = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')  # train_student.py and train_teacher.py: lr 0.01 for these
@@ -113,7 +112,8 @@ def test_lr_steps_restart_or_keep_the_momentum(restart):
         return torch.optim.SGD([w], lr, momentum=0.9)
 
     seen = []
-    Trainer(model, make, torch.device('cpu'), epochs=4, epoch_step=[2, 4], lr_decay_ratio=0.1, progress=False,
+    schedule = Schedule(dict(lr=0.05, epoch_step='[2,4]', lr_decay_ratio=0.1, epochs=4))
+    Trainer(model, make, torch.device('cpu'), epochs=4, schedule=schedule, progress=False,
             restart_momentum=restart,
             on_epoch_end=lambda stats, opt: seen.append((opt.param_groups[0]['lr'], w.grad.clone(),
                                                          opt.state[w]['momentum_buffer'].clone()))

@@ -14,9 +14,9 @@ import torch.nn as nn
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-import compat  # noqa: E402
-import engine  # noqa: E402
-import parallel  # noqa: E402
+from training import compat  # noqa: E402
+from training import engine  # noqa: E402
+from training import parallel  # noqa: E402
 
 
 class DDP24:
@@ -96,7 +96,8 @@ def test_compile_errors_without_inductor_error(monkeypatch):
 
 
 def code_files():
-    return sorted(p for p in [*ROOT.glob('*.py'), *ROOT.glob('scripts/*.py')] if p.name != 'compat.py')
+    return sorted(p for p in [*ROOT.glob('*.py'), *ROOT.glob('training/*.py'), *ROOT.glob('scripts/*.py')]
+                  if p.name != 'compat.py')
 
 
 def test_no_post_floor_api_outside_compat():
@@ -110,12 +111,17 @@ def test_no_post_floor_api_outside_compat():
         assert callable(getattr(compat, guard))
 
 
-def test_the_floor_is_declared_where_users_read():
-    floor = compat.FLOOR
-    req = (ROOT / 'requirements.txt').read_text()
-    assert f"torch>={floor['torch']}" in req and f"torchvision>={floor['torchvision']}" in req
-    readme = (ROOT / 'README.md').read_text()
-    assert f"torch {floor['torch']}" in readme and f"torchvision {floor['torchvision']}" in readme
+def test_the_floor_users_read_is_the_one_install_keeps():
+    """README and docs/install.md say which torch is kept; install.sh keeps by compat.requirements:
+    an installed torch at the floor they name is kept, one a minor release below it is replaced."""
+    req = [line for line in (ROOT / 'requirements.txt').read_text().splitlines() if line and not line.startswith('#')]
+    for doc in ('README.md', 'docs/install.md'):
+        torch_v, tv_v = re.search(r'torch (\d+\.\d+) / torchvision (\d+\.\d+)', (ROOT / doc).read_text()).groups()
+        kept = compat.requirements(req, torch_v + '.0', tv_v + '.0')
+        assert f'torch=={torch_v}.0' in kept and f'torchvision=={tv_v}.0' in kept, doc
+        major, minor = map(int, torch_v.split('.'))
+        below = f'{major}.{minor - 1}.0'
+        assert compat.requirements(req, below, tv_v + '.0') == req, doc  # the tested pins instead
 
 
 REQ = ['torch==2.14.1', 'torchvision==0.29.1', 'torchnet==0.0.4', 'numpy>=1.26']
@@ -154,12 +160,12 @@ def test_install_stops_for_a_torch_of_its_own_build_without_torchvision(tmp_path
 def test_install_plan_from_the_command_line(tmp_path):
     """install.sh's call; this venv's torch (2.14.1, above the floor) is kept as it is."""
     (tmp_path / 'req.txt').write_text('\n'.join(REQ) + '\n')
-    p = subprocess.run([sys.executable, str(ROOT / 'compat.py'), 'requirements', str(tmp_path / 'req.txt')],
+    p = subprocess.run([sys.executable, '-m', 'training.compat', 'requirements', str(tmp_path / 'req.txt')], cwd=ROOT,
                        capture_output=True, text=True)
     here = compat.installed('torch')
     assert p.returncode == 0 and p.stdout.splitlines()[0] == f'torch=={here}'
     assert p.stderr.startswith(f'compat.py: keeping the installed torch {here}')
-    p = subprocess.run([sys.executable, str(ROOT / 'compat.py'), 'requirements', str(tmp_path / 'nope.txt')],
+    p = subprocess.run([sys.executable, '-m', 'training.compat', 'requirements', str(tmp_path / 'nope.txt')], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.splitlines() == [
         f'compat.py: error: {tmp_path / "nope.txt"}: No such file or directory']

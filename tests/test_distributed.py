@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import provenance
+from training import provenance
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log, run_cifar
 from test_train import nn_test_accuracy
 
@@ -102,14 +102,14 @@ def test_imagenet_two_processes(tmp_path):
 
 def _crops_worker(rank, init, root, nthread, out):
     import cifar
-    import runs
+    from training import errors, rng
     torch.distributed.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
     opt = cifar.parse_args(['--dataroot', root, '--loader', 'torchvision', '--nthread', str(nthread),
                             '--batch_size', '16', '--seed', '0'])
-    runs.seed_everything(opt.seed)  # as cifar.build does, once the process group is up
+    rng.seed_everything(opt.seed)  # as cifar.build does, once the process group is up
     train = cifar.create_loaders(opt, torch.device('cpu'))[0]
     torch.save(next(iter(train))[0], f'{out}/{rank}.pt')
-    runs.leave()
+    errors.leave()
 
 
 @pytest.mark.parametrize('nthread', [0, 1])

@@ -13,10 +13,10 @@ import torch
 from conftest import OFFLINE_ENV, ROOT, read_log, run_cifar
 
 sys.path.insert(0, str(ROOT))
-import parallel  # noqa: E402
-import runs  # noqa: E402
-from data import DeviceLoader  # noqa: E402
-from utils import UserError  # noqa: E402
+from training import parallel  # noqa: E402
+from training import rng  # noqa: E402
+from training.data import DeviceLoader  # noqa: E402
+from training.errors import UserError  # noqa: E402
 
 SMALL = ['--depth', 10, '--batch_size', 16, '--nthread', 0]
 
@@ -52,9 +52,9 @@ def test_rng_states_of_more_gpus_than_visible(two_gpus, monkeypatch):
     restored = []
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, i: restored.append((int(s[0]), i)))
-    state = runs.rng_state()
+    state = rng.rng_state()
     state['cuda'] = [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 8, dtype=torch.uint8)]
-    runs.set_rng_state(state)
+    rng.set_rng_state(state)
     assert restored == [(7, 0)]
 
 
@@ -138,8 +138,8 @@ def test_rank_0_downloads_first_and_every_rank_stops_with_it(tmp_path):
 
 
 def test_fused_sgd_for_fp16_on_gpus_only():
-    from engine import sgd
-    from precision import Precision
+    from training.engine import sgd
+    from training.precision import Precision
     p = {'w': torch.zeros(3, requires_grad=True), 'running_mean': torch.zeros(3)}
     assert sgd(p, 0, Precision('half', 'cuda'))(0.1).defaults['fused'] is True
     assert not sgd(p, 0, Precision('bfloat16', 'cuda'))(0.1).defaults['fused']

@@ -90,8 +90,8 @@ def test_cifar_with_grad_at_and_symmetry(tiny_data, tmp_path):
 def test_the_mirrored_pass_leaves_the_running_statistics_alone(grad_beta):
     """One --sym_beta step moves the batch-norm running statistics exactly as a step without it: the
     mirrored pass is a second look at the same batch, not a second batch."""
-    from distill import Distiller
-    from parallel import FunctionalNet
+    from training.distill import Distiller
+    from training.parallel import FunctionalNet
     x, t = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     stats = {}
     for sym in (0, 1):

@@ -10,8 +10,8 @@ import torchvision.transforms as T
 from PIL import Image
 from torchvision.datasets.folder import default_loader
 
-import imagenet_data as D
-from data import image_folder
+from training import imagenet_data as D
+from training.data import image_folder
 
 SIZES = [(500, 375), (375, 500), (300, 40), (260, 300)]  # (width, height); 300x40 forces get_params' fallback
 ONE = SimpleNamespace(rank=0, world=1)
@@ -126,7 +126,7 @@ def test_worker_count_persistence_and_resume_give_the_same_batches(folder):
     cpu = torch.device('cpu')
     alone = D.image_loader(folder, True, 2, 0, 5, cpu, ONE)
     first = batches(alone, [1])[0]
-    state = alone.generator.get_state()  # what runs.fit checkpoints at an epoch's end
+    state = alone.generator.get_state()  # what fit.fit checkpoints at an epoch's end
     second = batches(alone, [2])[0]
     workers = D.image_loader(folder, True, 2, 2, 5, cpu, ONE)  # persistent: alive for both epochs
     assert workers.loader.persistent_workers

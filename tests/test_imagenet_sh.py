@@ -94,9 +94,9 @@ def test_dry_run_short_schedules(tmp_path):
         found = {re.search(r"--epochs (\d+) --epoch_step '(\[[\d,]*\])'", line).groups() for line in trains}
         assert len(found) == 1
         return found.pop()
-    assert steps(EPOCHS='2') == ('2', '[2,2,2]')  # epoch 1 at the full lr
+    assert steps(EPOCHS='2') == ('2', '[2,3,4]')  # epoch 1 at the full lr; each listed epoch a drop
     assert steps(EPOCHS='10') == ('10', '[3,6,9]')
-    assert steps(EPOCHS='1') == ('1', '[2,2,2]')
+    assert steps(EPOCHS='1') == ('1', '[2,3,4]')
     assert steps(EPOCHS='120') == ('120', '[36,72,108]')
     assert steps(EPOCHS='10', EPOCH_STEP='[5]') == ('10', '[5]')
 
@@ -108,8 +108,9 @@ def test_dry_run_skips_done_steps_and_resumes_unfinished_runs(tmp_path):
     at.mkdir()
     (logs / 'resnet-34-export.pth').write_bytes(b'x')
     (logs / 'resnet-34-export.eval.txt').write_text('t: top-1 error 70.00%, top-5 error 50.00% on 5 images\n')
-    (r18 / 'log.txt').write_text('json_stats: {"epoch": 1}\njson_stats: {"epoch": 2}\n')
-    (at / 'log.txt').write_text('json_stats: {"epoch": 1}\n')
+    (r18 / 'log.txt').write_text(''.join(f'json_stats: {{"epoch": {e}, "epochs": 2, "epoch_step": "[2,3,4]"}}\n'
+                                         for e in (1, 2)))
+    (at / 'log.txt').write_text('json_stats: {"epoch": 1, "epochs": 2, "epoch_step": "[2,3,4]"}\n')
     for run in (r18, at):
         (run / 'model.pt7').write_bytes(b'x')
         (run / 'eval.txt').write_text('m: top-1 error 70.00%, top-5 error 50.00% on 5 images\n')
@@ -122,9 +123,10 @@ def test_dry_run_skips_done_steps_and_resumes_unfinished_runs(tmp_path):
     assert lines[4].startswith(f'{PY} imagenet.py') and f'--resume {r18 / "model.pt7"}' in lines[4]
     assert lines[5].startswith(f'# skip: {at / "eval.txt"} is done')  # (a real run evaluates it again after training)
     assert len(lines) == 7
-    # a longer schedule continues the finished run too
-    lines = dry_run(tmp_path, EPOCHS='3')
-    assert lines[2].endswith(f'--save {r18} --resume auto')
+    # a finished run asked for another schedule is reported, not resumed from its decayed lr
+    p = imagenet_sh('--dry-run', IMAGENETPATH=str(tmp_path / 'data'), LOGS=str(logs), EPOCHS='3')
+    assert p.returncode == 0 and f'--save {r18}' not in p.stdout
+    assert f'imagenet.sh: {r18} finished under another schedule (epochs 2, epoch_step [2,3,4])' in p.stderr
 
 
 def table_rows(text):

@@ -7,10 +7,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import data
-import engine
+from training import data
+from training import engine
 import utils
-from precision import Precision
+from training.precision import Precision
 from cifar import MEAN, STD
 
 
@@ -119,9 +119,9 @@ def test_a_compile_error_in_the_backward_pass_falls_back_too(monkeypatch, capsys
     """torch compiles backward lazily: its error comes out of loss.backward() inside the engine's step.
     The step is taken again eagerly, and the weights end as an eager run's."""
     from torch._inductor.exc import InductorError
-    from data import DeviceLoader
-    from distill import Distiller
-    from parallel import FunctionalNet
+    from training.data import DeviceLoader
+    from training.distill import Distiller
+    from training.parallel import FunctionalNet
     from resnet import wrn, wrn_params
 
     class FailingBackward(torch.autograd.Function):

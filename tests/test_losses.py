@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from training import errors
 import utils
+from training.engine import Trainer
+from training.schedule import Schedule
 
 
 def hand_at(x):
@@ -86,31 +89,71 @@ def test_at_loss_pools_whole_multiples_and_refuses_the_rest():
     expected = ((hand_at(s) - (m / m.norm(dim=1, keepdim=True)).numpy()) ** 2).mean()
     assert utils.at_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
     assert utils.at_loss(t, s).item() == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(utils.UserError, match='whole multiples'):
+    with pytest.raises(errors.UserError, match='whole multiples'):
         utils.at_loss(s, torch.randn(2, 4, 12, 12))
+
+
+def hand_factt(s, t):
+    a, b = (x.numpy().reshape(len(x), -1).astype(np.float64) for x in (s, t))
+    a /= np.sqrt((a ** 2).sum(1, keepdims=True))
+    b /= np.sqrt((b ** 2).sum(1, keepdims=True))
+    return ((a - b) ** 2).mean()
 
 
 def test_factt_loss_is_mean_squared_difference_of_normalised_tensors():
     torch.manual_seed(4)
     s, t = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
-    a, b = s.numpy().reshape(3, -1).astype(np.float64), t.numpy().reshape(3, -1).astype(np.float64)
-    a /= np.sqrt((a ** 2).sum(1, keepdims=True))
-    b /= np.sqrt((b ** 2).sum(1, keepdims=True))
-    assert utils.factt_loss(s, t).item() == pytest.approx(((a - b) ** 2).mean(), rel=1e-6)
-    assert utils.grad_at_loss(s, t).item() == utils.factt_loss(s, t).item()
+    assert utils.factt_loss(s, t).item() == pytest.approx(hand_factt(s, t), rel=1e-6)
+
+
+def test_grad_at_loss_compares_input_gradients_in_direction_not_scale():
+    """Gradient AT on J = dCE/dx of a linear net, J written out by hand: softmax(y) - onehot, times W."""
+    torch.manual_seed(5)
+    w_s, w_t = torch.randn(4, 12, dtype=torch.float64), torch.randn(4, 12, dtype=torch.float64)
+    x, targets = torch.randn(3, 3, 2, 2, dtype=torch.float64), torch.tensor([0, 3, 1])
+
+    def net(w):
+        return lambda x, params, mode: (x.flatten(1) @ w.T, [])
+
+    def hand_j(w):
+        y = x.flatten(1) @ w.T
+        p = torch.softmax(y, 1) - torch.nn.functional.one_hot(targets, 4)
+        return (p @ w / len(x)).reshape(x.shape)
+    j_s, j_t = (utils.input_grad(net(w), None, x, targets, True, False)[0] for w in (w_s, w_t))
+    assert utils.grad_at_loss(j_s, j_t).item() == pytest.approx(hand_factt(hand_j(w_s), hand_j(w_t)), rel=1e-9)
+    assert utils.grad_at_loss(j_s, 7 * j_t).item() == pytest.approx(utils.grad_at_loss(j_s, j_t).item(), rel=1e-9)
+
+
+def schedule(**o):
+    return Schedule(dict(dict(lr=0.1, lr_decay_ratio=0.2, epochs=200, epoch_step='[60,120,160]', beta=1000), **o))
 
 
 def test_beta_schedules():
-    b = [utils.beta_schedule(1000, 'step', e, 200, [60, 120, 160], 0.2) for e in (1, 59, 60, 119, 120, 160, 200)]
-    assert b == pytest.approx([1000, 1000, 200, 200, 40, 8, 8])
-    assert [utils.beta_schedule(1000, 'linear', e, 4, [], 0.2) for e in (1, 2, 3, 4)] == [1000, 750, 500, 250]
-    assert utils.beta_schedule(1000, 'none', 150, 200, [60], 0.2) == 1000
+    s = schedule(beta_decay='step')
+    assert [s.beta(e) for e in (1, 59, 60, 119, 120, 160, 200)] == pytest.approx([1000, 1000, 200, 200, 40, 8, 8])
+    linear = schedule(beta_decay='linear', epochs=4, epoch_step='[]')
+    assert [linear.beta(e) for e in (1, 2, 3, 4)] == [1000, 750, 500, 250]
+    assert schedule(beta_decay='none').beta(150) == 1000
 
 
 def test_step_beta_drops_exactly_when_the_lr_drops():
-    """A repeated epoch_step entry (table1.sh gives [2,2,2] for 2 epochs) drops the lr once: beta too."""
-    assert [utils.beta_schedule(1000, 'step', e, 2, [2, 2, 2], 0.2) for e in (1, 2)] == [1000, pytest.approx(200)]
-    assert utils.beta_schedule(1000, 'step', 9, 9, [3, 3, 6], 0.5) == 250
+    """The loop's optimizer, read at every epoch, against the β the run sets: a repeated --epoch_step
+    entry (2 listed twice) drops both once."""
+    w = torch.zeros(3, 2, requires_grad=True)
+    s = schedule(epochs=6, epoch_step='[2,2,4]', beta_decay='step', lr_decay_ratio=0.5)
+    betas, lrs = [], []
+
+    def model(inputs, targets, mode):
+        y = inputs @ w
+        return y, {'loss': torch.nn.functional.cross_entropy(y, targets)}
+    make = lambda lr: torch.optim.SGD([w], lr, momentum=0.9)  # noqa: E731
+    Trainer(model, make, torch.device('cpu'), epochs=6, schedule=s, progress=False,
+            on_epoch_start=lambda e: betas.append(s.beta(e)),
+            on_epoch_end=lambda stats, opt: lrs.append(opt.param_groups[0]['lr'])
+            ).train([(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))], None, make(0.1))
+    assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025, 0.025])
+    assert [b / 1000 for b in betas] == pytest.approx([lr / 0.1 for lr in lrs])
+    assert [s.lr(e) for e in range(1, 7)] == lrs  # the schedule's lr is the optimizer's, bit for bit
 
 
 def hand_adaptive_pool(x, out_h, out_w):
@@ -184,7 +227,7 @@ class Fixed(torch.nn.Module):
 
 @pytest.mark.parametrize('mode,weight', [('code', 1.0), ('paper', 0.5)])
 def test_distiller_weighs_paper_mode_terms_by_half_beta(mode, weight):
-    from distill import Distiller
+    from training.distill import Distiller
     torch.manual_seed(7)
     g_s = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
     g_t = [torch.randn(2, 5, 8, 8), torch.randn(2, 5, 2, 2)]

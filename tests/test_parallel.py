@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from parallel import FunctionalNet  # noqa: E402
-from runs import leave  # noqa: E402
+from training.parallel import FunctionalNet  # noqa: E402
+from training.errors import leave  # noqa: E402
 from resnet import wrn, wrn_params  # noqa: E402
 from utils import set_requires_grad_except_bn_  # noqa: E402
 
@@ -81,15 +81,15 @@ class Linear(torch.nn.Module):
 
 
 def _fp16_worker(rank, init, out):
-    from engine import Trainer
-    from parallel import Dist, distributed
+    from training.engine import Trainer
+    from training.parallel import Dist, distributed
     torch.distributed.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
     g = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(8, 12, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(5)]
     model = distributed(Linear(rank), torch.device('cpu'))
     params = list(model.parameters())
     sgd = lambda lr: torch.optim.SGD(params, lr)  # noqa: E731
-    from precision import Precision
+    from training.precision import Precision
     trainer = Trainer(model, sgd, torch.device('cpu'), epochs=1, precision=Precision('half'), progress=False,
                       dist=Dist('cpu'))
     trainer.train(batches, None, sgd(0.1))
@@ -115,7 +115,7 @@ def test_fp16_under_ddp_with_an_inf_on_one_rank_ends(tmp_path):
 
 def _meters_worker(rank, init, out):
     import torchnet as tnt
-    from parallel import Dist
+    from training.parallel import Dist
     torch.distributed.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
     acc, loss = tnt.meter.ClassErrorMeter(topk=[1], accuracy=True), tnt.meter.AverageValueMeter()
     # rank 0 gets 3 of 4 right, rank 1 gets 0 of 2; losses 1, 2 and 6
@@ -143,10 +143,10 @@ def test_meters_are_combined_over_ranks(tmp_path):
 def test_an_error_on_any_rank_is_one_line_naming_it(tmp_path):
     script = tmp_path / 'fails.py'
     script.write_text(f'import sys; sys.path.insert(0, {str(ROOT)!r})\n'
-                      'import runs, utils\n'
+                      'from training import errors\n'
                       'def main():\n'
-                      '    raise utils.UserError("only this rank read a broken file")\n'
-                      'runs.cli(main, "prog")\n')
+                      '    raise errors.UserError("only this rank read a broken file")\n'
+                      'errors.cli(main, "prog")\n')
     for rank, world, expected in (('1', '2', 'prog: error: rank 1: only this rank read a broken file'),
                                   ('0', '1', 'prog: error: only this rank read a broken file')):
         p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
@@ -167,7 +167,7 @@ def network_cases():
 def test_every_parameter_has_its_gradients_strides(channels_last):
     """torch 2.4's fused SGD refuses a parameter whose strides differ from its gradient's, even in a
     size-1 dimension (a 1x1 conv's), and DDP warns of them: place_params writes the strides out."""
-    from parallel import place_params
+    from training.parallel import place_params
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for name, f, make, size in network_cases():
         torch.manual_seed(0)

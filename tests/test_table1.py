@@ -36,7 +36,8 @@ def test_seeds_short_schedule_and_rows(tmp_path):
                             'at_16_1_16_2_s1', 'resnet_16_1_s2', 'at_16_1_16_2_s2']
     assert all("--epochs 10 --epoch_step '[3,6,8]'" in line for line in lines)
     # outside logs/ the student is handed the teacher's folder: cifar.py looks for bare names under logs/
-    assert "--epochs 2 --epoch_step '[2,2,2]'" in table1(tmp_path, EPOCHS='2', ROWS='16_1_16_2')[0]  # epoch 1 at full lr
+    # epoch 1 at the full lr, and each listed epoch a drop of its own
+    assert "--epochs 2 --epoch_step '[2,3,4]'" in table1(tmp_path, EPOCHS='2', ROWS='16_1_16_2')[0]
     assert '--seed 2' in lines[-1] and f"--teacher_id {tmp_path / 'logs' / 'resnet_16_2_teacher'} --beta 1e+3" in lines[-1]
     default = subprocess.run(['bash', str(ROOT / 'scripts' / 'table1.sh'), '--dry-run'], capture_output=True, text=True,
                              env={**os.environ, 'ROWS': '16_1_16_2', 'METHODS': 'at', 'LOGS': 'logs'}).stdout
@@ -47,12 +48,31 @@ def test_skips_finished_and_resumes_unfinished(tmp_path):
     done, half = tmp_path / 'logs' / 'resnet_16_2_teacher', tmp_path / 'logs' / 'resnet_16_1'
     done.mkdir(parents=True)
     half.mkdir(parents=True)
-    (done / 'log.txt').write_text('json_stats: {"epoch": 1, "epochs": 2}\njson_stats: {"epoch": 2, "epochs": 2}\n')
-    (half / 'log.txt').write_text('json_stats: {"epoch": 1, "epochs": 2}\n')
+    (done / 'log.txt').write_text(log(1, 2) + log(2, 2))
+    (half / 'log.txt').write_text(log(1, 2))
     (half / 'model.pt7').write_bytes(b'x')
     lines = table1(tmp_path, EPOCHS='2', ROWS='16_1_16_2', METHODS='student')
     assert lines[0] == f'# done: {done}'
     assert '--resume auto' in lines[1] and 'resnet_16_1' in lines[1]
+
+
+def log(epoch, epochs, epoch_step='[2,3,4]'):
+    return 'json_stats: ' + json.dumps(dict(epoch=epoch, epochs=epochs, epoch_step=epoch_step)) + '\n'
+
+
+def test_a_finished_run_asked_for_another_schedule_is_reported_not_resumed(tmp_path):
+    """Raising EPOCHS scales EPOCH_STEP: the finished 2-epoch teacher is not resumed from its decayed lr."""
+    done = tmp_path / 'logs' / 'resnet_16_2_teacher'
+    done.mkdir(parents=True)
+    (done / 'log.txt').write_text(log(1, 2) + log(2, 2))
+    (done / 'model.pt7').write_bytes(b'x')
+    p = subprocess.run(['bash', str(ROOT / 'scripts' / 'table1.sh'), '--dry-run'], capture_output=True, text=True,
+                       env={**os.environ, 'LOGS': str(tmp_path / 'logs'), 'EPOCHS': '3', 'ROWS': '16_1_16_2',
+                            'METHODS': 'student'})
+    assert p.returncode == 0 and f'--save {done}' not in p.stdout
+    assert p.stderr == (f'table1.sh: {done} finished under another schedule (epochs 2, epoch_step [2,3,4]), not this '
+                        f'one (epochs 3, epoch_step [2,3,4]): not resumed; move it away to train it again\n')
+    assert '# done' not in p.stdout and len(p.stdout.splitlines()) == 1  # the student alone
 
 
 def fake_run(logs, name, errors, epochs=2):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import read_log, run_cifar
-from precision import Precision
+from training.precision import Precision
 from nn_wrn import NNWideResNet
 
 SMALL = ['--depth', 10, '--width', 1, '--batch_size', 16, '--nthread', 0]
@@ -246,7 +246,7 @@ def test_autocast_warning_follows_the_cpu_flags(dtype):
 def deferred_run(sync_every, nan_at=None):
     """engine.Trainer on a fixed linear model (lr 0) over 7 random batches, with a test pass."""
     import torchnet as tnt
-    from engine import Trainer
+    from training.engine import Trainer
     g = torch.Generator().manual_seed(0)
     w = torch.randn(12, 10, generator=g, requires_grad=True)
     batches = [(torch.randn(9, 12, generator=g), torch.randint(0, 10, (9,), generator=g)) for _ in range(7)]
@@ -289,6 +289,6 @@ def test_deferred_meters_equal_per_step_meters(sync_every):
 
 @pytest.mark.parametrize('sync_every', [1, 3])
 def test_deferred_meters_name_the_first_bad_batch(sync_every):
-    import utils
-    with pytest.raises(utils.UserError, match=r'the loss is nan at epoch 1, batch 5;'):
+    from training import errors
+    with pytest.raises(errors.UserError, match=r'the loss is nan at epoch 1, batch 5;'):
         deferred_run(sync_every, nan_at=5)

@@ -1,16 +1,20 @@
 """The files of a run folder, below the loop: model.pt7 (the 2017 {params, optimizer, epoch}, plus
 what this project adds) and log.txt (one `json_stats: {...}` line per finished epoch). Reading a
-teacher, summarizing runs and resuming one all go through here."""
+teacher, summarizing runs and resuming one all go through here. Without torch loaded (the scripts ask
+`python -m training.formats status` whether a run is done), only the log is read.
+
+The one definition of a finished run: its last log.txt record is of the last epoch of its own
+schedule (`epoch` == `epochs`), as the run itself wrote it."""
 import json
 import os
+import sys
 
-import torch
-
-from utils import UserError
+from training.errors import UserError
 
 
 def safe_load(path, what):
     """torch.load with weights_only=True (a file cannot run code); bad files raise UserError."""
+    import torch
     if not os.path.isfile(path):
         raise UserError(f'no such {what}: {path}')
     try:
@@ -31,6 +35,7 @@ def load_checkpoint(path):
 def save_checkpoint(path, params, optimizer, epoch, **extra):
     """Writes {params, optimizer, epoch, **extra} atomically: a kill at any instant leaves
     either the previous file or the new one, whole."""
+    import torch
     state = dict(params={k: v.detach().cpu() for k, v in params.items()},
                  optimizer=optimizer.state_dict(), epoch=epoch, **extra)
     tmp = path + '.tmp'
@@ -105,3 +110,40 @@ def checkpoint_params(state, saved):
     names takes the student of a distilled checkpoint."""
     params = state['params']
     return params if any(k.startswith('student.') for k in saved) else student_params(params)
+
+
+def finished(folder):
+    """The last log record of a run that finished its own schedule, else None."""
+    log = os.path.join(folder, 'log.txt')
+    records = read_json_stats(log) if os.path.isfile(log) else []
+    last = records[-1] if records else None
+    return last if last and last.get('epoch') is not None and last.get('epoch') == last.get('epochs') else None
+
+
+def run_status(folder, epochs, epoch_step):
+    """What a script is to do with a run folder asked for `epochs` under `epoch_step` (JSON text):
+    'new' (no model.pt7), 'resume', 'done' (finished under that schedule), or 'other' (finished
+    under another schedule: reported, never resumed under a new one from its decayed lr)."""
+    from training.schedule import Schedule
+    last = finished(folder)
+    if last is None:
+        return 'resume' if os.path.isfile(os.path.join(folder, 'model.pt7')) else 'new'
+    def key(epochs, epoch_step):  # a log without the flag (none of this project's) compares its epochs alone
+        return Schedule(dict(lr=0., lr_decay_ratio=1., epochs=epochs, epoch_step=epoch_step)).key()
+    same = key(last['epochs'], last.get('epoch_step', epoch_step)) == key(epochs, epoch_step)
+    return 'done' if same else 'other'
+
+
+def main(argv):
+    """`python -m training.formats status FOLDER EPOCHS EPOCH_STEP`: run_status's word; for 'other', a tab and
+    the run's own schedule."""
+    if len(argv) != 4 or argv[0] != 'status' or not argv[2].isdigit():
+        raise UserError('usage: python -m training.formats status FOLDER EPOCHS EPOCH_STEP')
+    status = run_status(argv[1], int(argv[2]), argv[3])
+    last = finished(argv[1]) if status == 'other' else None
+    print(status + (f'\tepochs {last["epochs"]}, epoch_step {last["epoch_step"]}' if last else ''))
+
+
+if __name__ == '__main__':
+    from training.errors import cli
+    cli(lambda: main(sys.argv[1:]), 'formats.py')

@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from data import channel_stats, normalized
+from training.data import channel_stats, normalized
+from training.precision import memory_format
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE, VAL_RESIZE = 224, 256
@@ -219,10 +220,6 @@ class EpochSampler:
         return len(self.sampler)
 
 
-def memory_format(channels_last):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def normalize(x, channels_last=True):
     """uint8 (B, 3, H, W) images as float, normalised with the ImageNet mean and std, bit for bit
     as ToTensor and Normalize do (one-off uses; Feed keeps its statistics on the device)."""
@@ -254,7 +251,7 @@ class Feed:
 
 def image_loader(folder, train, batch, nthread, seed, device, dist, decoder='pil', channels_last=True):
     """A Feed of this rank's share of an ImageFolder: for training a seeded shuffle (a
-    DistributedSampler under torchrun) whose generator runs.fit checkpoints; for val every
+    DistributedSampler under torchrun) whose generator fit.fit checkpoints; for val every
     world-th image. Workers persist across epochs."""
     dataset = Images(folder, train, decoder, seed)
     order = torch.Generator().manual_seed(seed)

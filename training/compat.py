@@ -6,7 +6,7 @@ torch.compile runs on Python 3.12, and one that has every unguarded API the code
 (torch.amp.GradScaler(device) came in 2.3, SGD's fused= by then). Anything newer goes through a
 function here; tests/test_compat.py fails where a name in POST_FLOOR appears anywhere else in the code.
 
-`python compat.py requirements FILE` prints FILE for install.sh: where the installed torch is at or
+`python -m training.compat requirements FILE` prints FILE for install.sh: where the installed torch is at or
 above the floor, torch (and torchvision) are pinned to what is installed, so pip keeps a CUDA build.
 Only the standard library is imported at the top: install.sh runs this before torch may exist.
 """
@@ -141,7 +141,7 @@ def compile_errors():
 
 def main(argv):
     if len(argv) != 2 or argv[0] != 'requirements':
-        print('usage: python compat.py requirements FILE', file=sys.stderr)
+        print('usage: python -m training.compat requirements FILE', file=sys.stderr)
         return 2
     try:
         with open(argv[1]) as fh:

@@ -8,10 +8,10 @@ epoch whose points the kill lost. Only rank 0 writes. tensorboard is optional: w
 is written, and --tensorboard 1 says in one line how to install it.
 """
 import glob
-import json
 import os
 
-from utils import UserError
+from training.errors import UserError
+from training.schedule import Schedule
 
 LAST = 'test/loss'  # an epoch's points are written in one flush, this one last: where it is, the epoch is whole
 
@@ -36,9 +36,8 @@ def check_option(opt):
 
 
 def lr_at(record):
-    """The lr of an epoch, from its record's options: the 2017 schedule (lr x ratio at each step reached)."""
-    steps = json.loads(record['epoch_step'])
-    return record['lr'] * record['lr_decay_ratio'] ** sum(s <= record['epoch'] for s in steps)
+    """The lr of an epoch, from its record's options, by the run's one schedule."""
+    return Schedule(record).lr(record['epoch'])
 
 
 def epoch_scalars(record, lr, images):

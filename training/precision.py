@@ -10,6 +10,11 @@ PARAM_DTYPES = {'float': torch.float32, 'float32': torch.float32,
 NAMES = {**AMP_DTYPES, **PARAM_DTYPES}
 
 
+def memory_format(channels_last):
+    """The memory format of images and conv weights under --channels_last."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @dataclass(frozen=True)
 class Precision:
     """--dtype NAME on a device of type `device_type`, handed to whoever needs it.
@@ -40,10 +45,6 @@ class Precision:
     def fused_sgd(self):
         """The fused SGD takes the GradScaler's inf check on the GPU, so the host does not wait for it."""
         return self.device_type == 'cuda' and self.scaled
-
-    @property
-    def memory_format(self):
-        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def autocast(self):
         """Mixed precision: compute in `compute` under autocast, master weights in float32."""

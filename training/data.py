@@ -1,5 +1,6 @@
 """Data: CIFAR and class-folder datasets, the device-resident CIFAR loader, and the per-rank
 loaders that both scripts use under torchrun."""
+import hashlib
 import os
 import shutil
 import warnings
@@ -10,7 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 
-from utils import UserError
+from training.errors import UserError
+from training.precision import memory_format
+
+
+PAD_MODES = {'reflect': 'reflect', 'zeros': 'constant'}  # --pad_mode: torch's and torchvision's names
 
 
 # ---------------------------------------------------------------- datasets
@@ -76,6 +81,12 @@ def check_classes(train, test, where, names=('train', 'test')):
     more, fewer = (names, (train, test)) if len(train.classes) > len(test.classes) else (names[::-1], (test, train))
     raise UserError(f'{where}: {more[0]}/ has a class {fewer[0].classes[len(fewer[1].classes)]!r} that {more[1]}/ '
                     f'lacks; both need the same class folders')
+
+
+def class_digest(names):
+    """A short digest of a dataset's class names, in order: a run's log record keeps it, so that a
+    teacher of other classes is recognised without a list of a thousand names on every line."""
+    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:16]
 
 
 def one_size(sizes, where):
@@ -200,10 +211,10 @@ class DeviceLoader:
         self.images = images.to(device)  # (N, C, H, W) uint8
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
         self.batch_size, self.train, self.pad = batch_size, train, int(pad)
-        self.pad_mode = {'reflect': 'reflect', 'zeros': 'constant'}[pad_mode]
+        self.pad_mode = PAD_MODES[pad_mode]
         self.mean, self.std = channel_stats(mean, std, device)
         self.generator = generator
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format(channels_last)
 
     def __len__(self):
         return -(-self.shard_size() // self.batch_size)

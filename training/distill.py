@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import AT_PREFIX, UserError, at_loss, conv_params, factt_loss, grad_at_loss, input_grad, kd_loss, sym_loss
+from training.errors import UserError
+from utils import AT_PREFIX, at_loss, conv_params, factt_loss, grad_at_loss, input_grad, kd_loss, sym_loss
 
 
 class Distiller(nn.Module):
@@ -98,11 +99,6 @@ def spare_running_stats(module):
         for name, b in buffers:
             owner, _, leaf = name.rpartition('.')
             setattr(module.get_submodule(owner), leaf, b)
-
-
-def at_terms(losses):
-    """The AT terms of a Distiller's losses, in group order."""
-    return [v for k, v in losses.items() if k.startswith(AT_PREFIX)]
 
 
 def factt_adapters(f_s, params_s, f_t, params_t, shape):

@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 import torchnet as tnt
 
-from compat import ddp_no_buffer_sync, sync_buffers_once
-from utils import UserError, set_requires_grad_except_bn_
+from training.compat import ddp_no_buffer_sync, sync_buffers_once
+from training.errors import UserError
+from training.precision import memory_format
+from utils import set_requires_grad_except_bn_
 
 
 def select_device(device_name, gpu_id, ngpu):
@@ -211,7 +213,7 @@ def place_params(params, device, dtype, channels_last, trained):
     (C, 1, C, C). The same memory, but torch 2.4's fused SGD compares strides of size-1 dimensions too
     and refuses the pair (ATen/native/ForeachUtils.h check_fast_path_restrictions; relaxed in torch
     PR 134546, 2.5), and DDP warns that the grad strides do not match its bucket views."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = memory_format(channels_last)
     for k, v in params.items():
         v = v.to(device, dtype).requires_grad_(False)
         params[k] = torch.empty_like(v, memory_format=fmt).copy_(v) if v.dim() == 4 else v

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.init import kaiming_normal_, kaiming_uniform_
 
-from utils import batch_norm, flatten
+from utils import batch_norm, count_blocks, flatten
 
 # ---------------------------------------------------------------- initialisation as that code does it
 
@@ -88,11 +88,6 @@ def cifar_resnet(input, params, mode, prefix=''):
         groups.append(o)
     o = F.adaptive_avg_pool2d(o, 1).flatten(1)  # = avg_pool2d(o, 8) on 32x32 inputs
     return F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias']), tuple(groups)
-
-
-def count_blocks(params, group, prefix='', head='group'):
-    head = f'{prefix}{head}{group}.block'
-    return sum(1 for k in params if k.startswith(head) and k.endswith('.conv0'))
 
 
 # ---------------------------------------------------------------- VGG with batch norm, for CIFAR
@@ -252,7 +247,7 @@ def mobilenetv2(input, params, mode, prefix=''):
     o = F.relu(conv_bn(input, params, prefix, 0, mode, 2))
     groups = []
     for s in range(count_stages(params, prefix, 'stage')):
-        for i in range(count_blocks(params, s, prefix, 'stage')):
+        for i in range(count_blocks(params, s, prefix, head='stage')):
             o = block(o, f'{prefix}stage{s}.block{i}.', MOBILENETV2_STAGES[s][3] if i == 0 else 1)
         if s in MOBILENETV2_GROUPS:
             groups.append(o)

@@ -8,8 +8,9 @@ import torch
 
 from resnet import (CIFAR_MODELS, cifar_model_head, cifar_model_name, cifar_model_params, expected_export_shapes,
                     fold_torchvision, folded_resnet, wrn_depth_to_blocks)
-from formats import load_checkpoint, read_json_stats, safe_load, student_params
-from utils import UserError, check_params
+from training.formats import load_checkpoint, read_json_stats, safe_load, student_params
+from training.errors import UserError
+from utils import check_params
 
 
 def resolve_run_folder(run_id):
@@ -53,7 +54,30 @@ def load_teacher_run(run_id, num_classes=None):
     check_params(params, expected, f'teacher {folder}/model.pt7')
     return CIFAR_MODELS[model], {k: params[k].float() for k in expected}, dict(
         name=cifar_model_name(model, depth, width), folder=folder, num_classes=run_classes, model=model,
-        dataset=info.get('dataset', 'CIFAR10'))
+        dataset=info.get('dataset', 'CIFAR10'), **data_settings(info))
+
+
+def data_settings(record):
+    """What a run's inputs were, from its log record: normalisation (2017 logs name none: theirs),
+    image size and the digest of its class names (where the record gives them)."""
+    return dict(normalize=record.get('normalize', '2017'), image_size=record.get('image_size'),
+                class_digest=record.get('class_digest'))
+
+
+def check_teacher_data(info, student, compare_classes):
+    """A teacher must see inputs made as its own were: the same normalisation and image size, and,
+    where class scores are compared (KD, gradient AT), the same class names in the same order.
+    `student`: data_settings of the student's run."""
+    what = f'teacher {info["folder"]}'
+    if info['normalize'] != student['normalize']:
+        raise UserError(f'{what} was trained on --normalize {info["normalize"]} inputs, the student\'s are '
+                        f'--normalize {student["normalize"]}: the teacher would see inputs it never saw')
+    if info['image_size'] and list(info['image_size']) != list(student['image_size']):
+        raise UserError(f'{what} was trained on {"x".join(map(str, info["image_size"]))} images, the student\'s '
+                        f'are {"x".join(map(str, student["image_size"]))} (height x width)')
+    if compare_classes and info['class_digest'] and info['class_digest'] != student['class_digest']:
+        raise UserError(f'{what} was trained on other class folders (names or order) than the student\'s: '
+                        f'KD (--alpha) and --grad_beta compare class scores')
 
 
 def load_teacher_export(path):

@@ -15,10 +15,11 @@ import torch
 import torchnet as tnt
 from tqdm import tqdm
 
-from compat import compile_errors
-from parallel import Dist
-from precision import Precision
-from utils import AT_PREFIX, UserError
+from training.compat import compile_errors
+from training.parallel import Dist
+from training.precision import Precision
+from training.errors import Stopped, UserError
+from utils import AT_PREFIX
 
 
 def own_code(f):
@@ -110,9 +111,10 @@ class Trainer:
     model(inputs, targets, mode) -> (logits, {'loss': total, and named terms}), as distill.Distiller
     gives: 'at_loss.G' for group G, 'factt_loss', 'grad_at_loss', ... Each term gets a meter the
     first time it is seen, and is logged by name; the AT terms go to the 2017 `at_losses` list.
-    make_optimizer(lr) builds a fresh optimizer: at an epoch in `epoch_step` the lr is multiplied by
-    `lr_decay_ratio` and the momentum restarts, as in 2017 (restart_momentum=False: the optimizer is
-    kept and only its lr changes, as RepDistiller does). on_epoch_start(epoch) runs first in each
+    make_optimizer(lr) builds a fresh optimizer: at an epoch where the `schedule` (schedule.Schedule)
+    drops the lr, the lr becomes the schedule's and the momentum restarts, as in 2017
+    (restart_momentum=False: the optimizer is kept and only its lr changes, as RepDistiller does).
+    on_epoch_start(epoch) runs first in each
     epoch (a beta schedule); on_epoch_end(stats, optimizer) saves and logs, with the 2017 fields in
     stats. should_stop() is asked after steps (a signal). on_steps(epoch, [(batch, loss), ...]) gets
     the train losses as the meters do (a TensorBoard curve). Under torchrun, `dist` sums the meters
@@ -123,14 +125,14 @@ class Trainer:
     checkpoint's) resumes its scale.
     """
 
-    def __init__(self, model, make_optimizer, device, *, epochs, epoch_step=(), lr_decay_ratio=1.,
-                 start_epoch=0, topk=(1,), precision=None, progress=True, sync_every=None, dist=None,
+    def __init__(self, model, make_optimizer, device, *, epochs, schedule=None, start_epoch=0, topk=(1,),
+                 precision=None, progress=True, sync_every=None, dist=None,
                  buffers=(), on_epoch_start=None, on_epoch_end=None, should_stop=None, scaler_state=None,
                  on_steps=None, restart_momentum=True):
         self.model, self.device = model, device
         self.precision = precision or Precision(device_type=device.type)
-        self.epochs, self.epoch_step, self.start_epoch = epochs, epoch_step, start_epoch
-        self.lr_decay_ratio, self.restart_momentum = lr_decay_ratio, restart_momentum
+        self.epochs, self.schedule, self.start_epoch = epochs, schedule, start_epoch
+        self.restart_momentum = restart_momentum
         self.progress, self.buffers = progress, list(buffers)
         self.on_epoch_start, self.on_epoch_end, self.should_stop = on_epoch_start, on_epoch_end, should_stop
         self.on_steps = on_steps
@@ -227,7 +229,7 @@ class Trainer:
 
     def on_update(self, state):
         if self.should_stop and (state['t'] - self.t0) % self.stop_every == 0 and self.should_stop():
-            raise Stop()
+            raise Stopped()
 
     def on_start_epoch(self, state):
         self.epoch = epoch = state['epoch'] + 1
@@ -235,12 +237,13 @@ class Trainer:
             self.on_epoch_start(epoch)
         if hasattr(getattr(self.train_loader, 'sampler', None), 'set_epoch'):
             self.train_loader.sampler.set_epoch(epoch)  # DistributedSampler: a fresh, seeded order
-        if epoch in self.epoch_step:
+        if self.schedule and self.schedule.drops(epoch):
+            lr = self.schedule.lr(epoch)
             if self.restart_momentum:
-                state['optimizer'] = self.make_optimizer(state['optimizer'].param_groups[0]['lr'] * self.lr_decay_ratio)
+                state['optimizer'] = self.make_optimizer(lr)
             else:
                 for group in state['optimizer'].param_groups:
-                    group['lr'] *= self.lr_decay_ratio
+                    group['lr'] = lr
         for m in self.meters(True):
             m.reset()
         self.timer_train.reset()
@@ -280,10 +283,6 @@ class Trainer:
         """Top-1 accuracy (%), or [top-1, top-5] where both are counted (ImageNet), as 2017 logged them."""
         acc = self.classacc.value()
         return acc[0] if len(acc) == 1 else acc
-
-
-class Stop(Exception):
-    """A signal asked the run to stop after the current step."""
 
 
 def evaluate(f, params, loader, device, precision=None, topk=(1, 5), progress=True, dist=None):
