@@ -166,7 +166,7 @@ def test_refused_pairs(prog, flags, env, line, data, tmp_path):
     """In a process of its own: under torchrun (WORLD_SIZE) a refusal leaves through os._exit."""
     base = (['--dataroot', str(data / 'cifar'), '--depth', '10'] if prog == 'cifar' else
             ['--imagenetpath', str(data / 'imagenet'), '--width', '0.25', '--batch_size', '5'])
-    p = subprocess.run([sys.executable, str(ROOT / f'{prog}.py'), *base, '--epochs', '1', '--beta', '1',
+    p = subprocess.run([sys.executable, str(ROOT / f'{prog}.py'), *base, '--epochs', '1',
                         '--save', 'logs/run', '--no_progress', *flags], capture_output=True, text=True, cwd=tmp_path,
                        timeout=120, env={**OFFLINE_ENV, **env})
     assert p.returncode == 1 and p.stderr.splitlines() == [line] and not (tmp_path / 'logs').exists()
