@@ -257,13 +257,14 @@ def test_beta_under_ngpu_and_the_2017_sum_over_replicas(capsys):
     import imagenet
     from training.distill import Distiller
     from training.parallel import FunctionalNet
-    base = ['--imagenetpath', 'x', '--ngpu', '2', '--beta', '1e3']
+    base = ['--imagenetpath', 'x', '--ngpu', '2', '--beta', '1e3', '--teacher_params', 'x.pth']
     assert imagenet.parse_args(base).at_weight == 1000
     note = capsys.readouterr().err.strip().splitlines()
     assert len(note) == 1 and 'by 1000' in note[0] and 'a weight of 2000' in note[0] and '--at_sum_replicas 1' in note[0]
     opt = imagenet.parse_args(base + ['--at_sum_replicas', '1'])
     assert opt.at_weight == 2000 and imagenet.parse_args(base + ['--at_sum_replicas', '0']).at_weight == 1000
-    assert imagenet.parse_args(['--imagenetpath', 'x', '--beta', '1e3', '--at_sum_replicas', '1']).at_weight == 1000
+    assert imagenet.parse_args(['--imagenetpath', 'x', '--beta', '1e3', '--teacher_params', 'x.pth',
+                                '--at_sum_replicas', '1']).at_weight == 1000
     assert capsys.readouterr().err == ''
     torch.manual_seed(0)
     params_s = resnet_imagenet_params(18, 0.25, 6)

@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 from training.errors import UserError, die
 from training.formats import load_checkpoint
