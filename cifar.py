@@ -5,25 +5,28 @@
     python cifar.py --preset crd --model resnet8x4 --teacher_id logs/cifar100/resnet32x4_teacher --beta 1e+3
 """
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from resnet import (CIFAR_MODELS, INITS, INITS_OF, cifar_model_groups, cifar_model_name, cifar_model_params,
+                    wrn_depth_to_blocks)
+from utils import AT_MODES, AT_POOLS
 from training import board
 from training import errors
 from training import fit
 from training import options
 from training import rng
 from training import rundir
-from training.data import (PAD_MODES, DeviceLoader, check_classes, class_digest, data_loader, decode_all, image_shape, one_size,
-                  open_cifar, rank_batch)
+from training.data import (PAD_MODES, DeviceLoader, check_classes, class_digest, data_loader, decode_all,
+                           image_shape, one_size, open_cifar, rank_batch)
 from training.distill import factt_adapters
+from training.errors import UserError
+from training.options import derived, flag, shared
 from training.parallel import Dist, select_device
 from training.precision import Precision
-from resnet import (CIFAR_MODELS, INITS, INITS_OF, cifar_model_groups, cifar_model_name, cifar_model_params,
-                    wrn_depth_to_blocks)
 from training.teachers import check_teacher_data, load_teacher_run
-from training.errors import UserError
-from utils import AT_MODES, AT_POOLS
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
@@ -46,60 +49,77 @@ WIDTH_MODELS = ('wrn', 'nin')  # the networks --width shapes; the benchmark's ar
 CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (docs/speed.md); CUDA: not measured yet
 
 
+@dataclass
+class CifarOptions(options.Options):
+    """cifar.py's options, typed, in --help's order."""
+    depth: int = flag(16, 'WRN depth, 6n+4', v2017=True)
+    width: float = flag(1, 'WRN widening factor k; for NIN, 1 is NIN-wide and 0.45 NIN-thin', v2017=True)
+    dataset: str = flag('CIFAR10', 'CIFAR10 or CIFAR100', v2017=True)
+    dataroot: str = flag('.', 'torchvision CIFAR folder (downloaded when missing), or a class-folder dataset with '
+                              'train/ and test/', v2017=True)
+    dtype: str = shared('dtype', v2017=True)
+    nthread: int = flag(4, 'DataLoader workers', v2017=True, may_change=True)
+    teacher_id: str = flag('', 'teacher run: a name under logs/, or a run folder', v2017=True)
+    batch_size: int = shared('batch_size', 128, v2017=True)
+    lr: float = shared('lr', v2017=True)
+    epochs: int = shared('epochs', 200, v2017=True)
+    weight_decay: float = shared('weight_decay', 0.0005, v2017=True)
+    epoch_step: str = shared('epoch_step', '[60,120,160]', v2017=True)
+    lr_decay_ratio: float = shared('lr_decay_ratio', 0.2, v2017=True)
+    resume: str = shared('resume', v2017=True)
+    randomcrop_pad: float = flag(4, 'reflect padding before the random 32x32 crop', v2017=True)
+    temperature: float = shared('temperature', v2017=True)
+    alpha: float = shared('alpha', v2017=True)
+    beta: float = shared('beta', v2017=True)
+    cuda: bool = flag(False, '(2017 flag, kept for compatibility; see --device)', v2017=True, may_change=True)
+    save: str = shared('save', v2017=True)
+    ngpu: int = shared('ngpu', v2017=True)
+    gpu_id: str = shared('gpu_id', v2017=True)
+    model: str = flag('wrn', 'wrn: Wide ResNet (--depth, --width); nin: Network-in-Network (--width); the CIFAR-100 '
+                      'benchmark\'s resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 '
+                      '(named in full), ResNet50, MobileNetV2, ShuffleV1, ShuffleV2',
+                      choices=list(CIFAR_MODELS), metavar='MODEL')
+    preset: str = flag('none', 'crd: the CIFAR-100 recipe of RepDistiller (240 epochs, batch 64, lr 0.05 (0.01 for '
+                       'MobileNetV2, ShuffleV1, ShuffleV2), x0.1 after 150, 180, 210, momentum kept, zero padding, '
+                       'CIFAR-100 mean/std, --at_pool features, --init crd); flags given override it',
+                       choices=['none', 'crd'])
+    init: Optional[str] = flag(None, 'initialisation of the WRN: 2017 (kaiming fan_in convs, bn weights uniform in '
+                               '[0, 1), kaiming linear) or crd (RepDistiller\'s wrn.py: kaiming fan_out convs, bn '
+                               'weight 1, torch\'s linear weight, zero bias); default: 2017 for wrn and nin, crd for '
+                               'the benchmark\'s other networks (their only one)', choices=list(INITS))
+    lr_restart_momentum: int = flag(1, '1: a fresh optimizer at each lr step, so the momentum restarts (2017); 0: '
+                                    'only the lr changes', choices=[0, 1])
+    pad_mode: str = flag('reflect', 'padding before the random crop: reflect (2017) or zeros (torchvision '
+                         'RandomCrop\'s default)', choices=['reflect', 'zeros'])
+    normalize: str = flag('2017', 'mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 '
+                          'statistics)', choices=list(NORMALIZE))
+    at_sum_replicas: Optional[int] = shared('at_sum_replicas')
+    at_pool: str = flag('attention', 'AT between maps of different sizes: attention (2017: average-pool the larger '
+                        'attention map; whole multiples only) or features (RepDistiller: adaptive-average-pool the '
+                        'larger feature map; any sizes)', choices=AT_POOLS)
+    at_mode: str = flag('code', options.AT_MODE_HELP, choices=AT_MODES)
+    beta_decay: str = flag('none', 'AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr '
+                           'drops), linear (down to beta/epochs at the last epoch)',
+                           choices=['none', 'step', 'linear'])
+    factt_beta: float = flag(0, 'F-ActT (full-activation transfer) weight')
+    grad_beta: float = flag(0, 'gradient-based AT weight (paper section 3.2; needs a teacher)')
+    sym_beta: float = flag(0, 'flip-symmetry weight on the gradient attention')
+    seed: int = shared('seed')
+    device: str = shared('device')
+    loader: str = flag('fast', 'fast: whole dataset on the device, batched augmentation; torchvision: the 2017 '
+                       'per-image path', choices=['fast', 'torchvision'])
+    channels_last: Optional[int] = flag(None, 'channels_last memory format (default: where it measured faster for '
+                                        'this device type)', choices=[0, 1], may_change=True)
+    compile: bool = shared('compile')
+    tensorboard: Optional[int] = shared('tensorboard')
+    tensorboard_every: int = shared('tensorboard_every')
+    no_progress: bool = shared('no_progress')
+    allow_change: str = shared('allow_change')
+    at_weight: Optional[float] = derived()  # beta on the whole batch (options.at_weight)
+
+
 def build_parser():
-    p = options.Parser(prog=PROG, description='Wide ResNet training on CIFAR with attention transfer')
-    a = p.add_argument_group(*options.FLAGS_2017).add_argument
-    a('--depth', default=16, type=int, help='WRN depth, 6n+4')
-    a('--width', default=1, type=float, help='WRN widening factor k; for NIN, 1 is NIN-wide and 0.45 NIN-thin')
-    a('--dataset', default='CIFAR10', type=str, help='CIFAR10 or CIFAR100')
-    a('--dataroot', default='.', type=str,
-      help='torchvision CIFAR folder (downloaded when missing), or a class-folder dataset with train/ and test/')
-    options.add_shared(a, 'dtype')
-    a('--nthread', default=4, type=int, help='DataLoader workers')
-    a('--teacher_id', default='', type=str, help='teacher run: a name under logs/, or a run folder')
-    options.add_shared(a, 'batch_size', 'lr', 'epochs', 'weight_decay', 'epoch_step', 'lr_decay_ratio', 'resume',
-                    batch_size=128, epochs=200, weight_decay=0.0005, epoch_step='[60,120,160]', lr_decay_ratio=0.2)
-    a('--randomcrop_pad', default=4, type=float, help='reflect padding before the random 32x32 crop')
-    options.add_shared(a, 'temperature', 'alpha', 'beta')
-    a('--cuda', action='store_true', help='(2017 flag, kept for compatibility; see --device)')
-    options.add_shared(a, 'save', 'ngpu', 'gpu_id')
-    a = p.add_argument_group(*options.FLAGS_NEW).add_argument
-    a('--model', default='wrn', choices=list(CIFAR_MODELS), metavar='MODEL',
-      help='wrn: Wide ResNet (--depth, --width); nin: Network-in-Network (--width); the CIFAR-100 benchmark\'s '
-           'resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 (named in full), '
-           'ResNet50, MobileNetV2, ShuffleV1, ShuffleV2')
-    a('--preset', default='none', choices=['none', 'crd'],
-      help='crd: the CIFAR-100 recipe of RepDistiller (240 epochs, batch 64, lr 0.05 (0.01 for MobileNetV2, '
-           'ShuffleV1, ShuffleV2), x0.1 after 150, 180, 210, momentum kept, zero padding, CIFAR-100 mean/std, '
-           '--at_pool features, --init crd); flags given override it')
-    a('--init', default=None, choices=list(INITS),
-      help='initialisation of the WRN: 2017 (kaiming fan_in convs, bn weights uniform in [0, 1), kaiming linear) '
-           'or crd (RepDistiller\'s wrn.py: kaiming fan_out convs, bn weight 1, torch\'s linear weight, zero bias); '
-           'default: 2017 for wrn and nin, crd for the benchmark\'s other networks (their only one)')
-    a('--lr_restart_momentum', default=1, type=int, choices=[0, 1],
-      help='1: a fresh optimizer at each lr step, so the momentum restarts (2017); 0: only the lr changes')
-    a('--pad_mode', default='reflect', choices=['reflect', 'zeros'],
-      help='padding before the random crop: reflect (2017) or zeros (torchvision RandomCrop\'s default)')
-    a('--normalize', default='2017', choices=list(NORMALIZE),
-      help='mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 statistics)')
-    options.add_shared(a, 'at_sum_replicas')
-    a('--at_pool', default='attention', choices=AT_POOLS,
-      help='AT between maps of different sizes: attention (2017: average-pool the larger attention map; whole '
-           'multiples only) or features (RepDistiller: adaptive-average-pool the larger feature map; any sizes)')
-    a('--at_mode', default='code', choices=AT_MODES, help=options.AT_MODE_HELP)
-    a('--beta_decay', default='none', choices=['none', 'step', 'linear'],
-      help='AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr drops), '
-           'linear (down to beta/epochs at the last epoch)')
-    a('--factt_beta', default=0, type=float, help='F-ActT (full-activation transfer) weight')
-    a('--grad_beta', default=0, type=float, help='gradient-based AT weight (paper section 3.2; needs a teacher)')
-    a('--sym_beta', default=0, type=float, help='flip-symmetry weight on the gradient attention')
-    options.add_shared(a, 'seed', 'device')
-    a('--loader', default='fast', choices=['fast', 'torchvision'],
-      help='fast: whole dataset on the device, batched augmentation; torchvision: the 2017 per-image path')
-    a('--channels_last', default=None, type=int, choices=[0, 1],
-      help='channels_last memory format (default: where it measured faster for this device type)')
-    options.add_shared(a, 'compile', 'tensorboard', 'tensorboard_every', 'no_progress', 'allow_change')
-    return p
+    return CifarOptions.parser(PROG, 'Wide ResNet training on CIFAR with attention transfer')
 
 
 def parse_args(argv=None):
@@ -107,7 +127,7 @@ def parse_args(argv=None):
     known = p.parse_known_args(argv)[0]
     if known.preset != 'none':
         p.set_defaults(**{**PRESETS[known.preset], **PRESET_MODELS[known.preset].get(known.model, {})})
-    opt = p.parse_args(argv)
+    opt = CifarOptions.from_namespace(p.parse_args(argv))
     opt.init = check_init(opt)
     board.check_option(opt)
     if opt.model not in WIDTH_MODELS and opt.width != 1:
@@ -257,7 +277,7 @@ def main(argv=None):
     opt = parse_args(argv)
     print('parsed options:', vars(opt))
     rundir.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
-    options.check_resume(opt, build_parser())
+    options.check_resume(opt)
     fit.fit(opt, build(opt), PROG)
 
 

@@ -6,61 +6,83 @@
 """
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from resnet import IMAGENET_BLOCKS, resnet_imagenet, resnet_imagenet_params
+from utils import AT_MODES, check_params
 from training import board
 from training import errors
 from training import fit
+from training import imagenet_data
 from training import options
 from training import rng
 from training import rundir
-from training import imagenet_data
 from training.data import check_classes, image_folder, rank_batch
 from training.engine import evaluate
+from training.errors import UserError
 from training.formats import checkpoint_params, load_checkpoint
+from training.options import derived, flag, shared
 from training.parallel import Dist, select_device
 from training.precision import Precision
-from resnet import IMAGENET_BLOCKS, resnet_imagenet, resnet_imagenet_params
 from training.teachers import load_teacher_export
-from training.errors import UserError
-from utils import AT_MODES, check_params
 
 PROG = 'imagenet.py'
 
 
+@dataclass
+class ImagenetOptions(options.Options):
+    """imagenet.py's options, typed, in --help's order."""
+    depth: int = flag(18, '18 or 34', v2017=True)
+    width: float = flag(1, v2017=True)
+    imagenetpath: str = flag('', 'folder with train/ and val/ in ImageFolder layout', v2017=True)
+    dtype: str = shared('dtype', v2017=True)
+    nthread: Optional[int] = flag(None, 'loader workers per process (2017: 4; default: the CPUs this process may use '
+                                  '/ processes per machine)', v2017=True, may_change=True)
+    teacher_params: str = flag('', 'teacher export: .pth, .hkl, or torchvision:resnet34[:local_state_dict.pth]',
+                               v2017=True)
+    batch_size: int = shared('batch_size', 256, v2017=True)
+    lr: float = shared('lr', v2017=True)
+    epochs: int = shared('epochs', 100, v2017=True)
+    weight_decay: float = shared('weight_decay', 1e-4, v2017=True)
+    epoch_step: str = shared('epoch_step', '[30,60,90]', v2017=True)
+    lr_decay_ratio: float = shared('lr_decay_ratio', 0.1, v2017=True)
+    resume: str = shared('resume', v2017=True)
+    temperature: float = shared('temperature', v2017=True)
+    alpha: float = shared('alpha', v2017=True)
+    beta: float = shared('beta', v2017=True)
+    save: str = shared('save', v2017=True)
+    ngpu: int = shared('ngpu', v2017=True)
+    gpu_id: str = shared('gpu_id', v2017=True)
+    cuda: bool = flag(False, "(cifar.py's 2017 flag, accepted here too; see --device)", may_change=True)
+    at_sum_replicas: Optional[int] = shared('at_sum_replicas')
+    at_groups: str = flag('0,1,2,3', 'groups whose attention is transferred, e.g. 2,3')
+    at_mode: str = flag('code', options.AT_MODE_HELP, choices=AT_MODES)
+    evaluate: str = flag('', 'only evaluate on val: the --resume student, or an export file (.pth, .hkl, '
+                         'torchvision:NAME)', may_change=True, nargs='?', const='resume')
+    seed: int = shared('seed')
+    device: str = shared('device')
+    compile: bool = shared('compile')
+    tensorboard: Optional[int] = shared('tensorboard')
+    tensorboard_every: int = shared('tensorboard_every')
+    no_progress: bool = shared('no_progress')
+    decoder: str = flag('pil', 'pil: the 2017 pixels; torchvision: torchvision.io decode and a uint8 resize (faster, '
+                        'at most 1 level off); nvjpeg: decode on the GPU', choices=imagenet_data.DECODERS)
+    channels_last: int = flag(1, 'channels_last memory format for inputs and weights', choices=[0, 1],
+                              may_change=True)
+    allow_change: str = shared('allow_change')
+    at_group_list: Optional[list] = derived()  # --at_groups as numbers
+    at_weight: Optional[float] = derived()  # beta on the whole batch (options.at_weight)
+
+
 def build_parser():
-    p = options.Parser(prog=PROG, description='ResNet training on ImageNet with attention transfer')
-    a = p.add_argument_group(*options.FLAGS_2017).add_argument
-    a('--depth', default=18, type=int, help='18 or 34')
-    a('--width', default=1, type=float)
-    a('--imagenetpath', default='', type=str, help='folder with train/ and val/ in ImageFolder layout')
-    options.add_shared(a, 'dtype')
-    a('--nthread', default=None, type=int,
-      help='loader workers per process (2017: 4; default: the CPUs this process may use / processes per machine)')
-    a('--teacher_params', default='', type=str,
-      help='teacher export: .pth, .hkl, or torchvision:resnet34[:local_state_dict.pth]')
-    options.add_shared(a, 'batch_size', 'lr', 'epochs', 'weight_decay', 'epoch_step', 'lr_decay_ratio', 'resume',
-                    'temperature', 'alpha', 'beta', 'save', 'ngpu', 'gpu_id',
-                    batch_size=256, epochs=100, weight_decay=1e-4, epoch_step='[30,60,90]', lr_decay_ratio=0.1)
-    a = p.add_argument_group(*options.FLAGS_NEW).add_argument
-    a('--cuda', action='store_true', help="(cifar.py's 2017 flag, accepted here too; see --device)")
-    options.add_shared(a, 'at_sum_replicas')
-    a('--at_groups', default='0,1,2,3', type=str, help='groups whose attention is transferred, e.g. 2,3')
-    a('--at_mode', default='code', choices=AT_MODES, help=options.AT_MODE_HELP)
-    a('--evaluate', default='', nargs='?', const='resume',
-      help='only evaluate on val: the --resume student, or an export file (.pth, .hkl, torchvision:NAME)')
-    options.add_shared(a, 'seed', 'device', 'compile', 'tensorboard', 'tensorboard_every', 'no_progress')
-    a('--decoder', default='pil', choices=imagenet_data.DECODERS,
-      help='pil: the 2017 pixels; torchvision: torchvision.io decode and a uint8 resize (faster, at most 1 level off); '
-           'nvjpeg: decode on the GPU')
-    a('--channels_last', default=1, type=int, choices=[0, 1], help='channels_last memory format for inputs and weights')
-    options.add_shared(a, 'allow_change')
-    return p
+    return ImagenetOptions.parser(PROG, 'ResNet training on ImageNet with attention transfer')
 
 
 def parse_args(argv=None):
-    opt = build_parser().parse_args(argv)
+    opt = ImagenetOptions.from_namespace(build_parser().parse_args(argv))
     if opt.nthread is None:  # log.txt records the count chosen
         opt.nthread = imagenet_data.default_workers()
     board.check_option(opt)
@@ -159,7 +181,7 @@ def main(argv=None):
         return evaluate_only(opt)
     print('parsed options:', vars(opt))
     rundir.check_save(opt, time.strftime('imagenet_%Y%m%d-%H%M%S'))
-    options.check_resume(opt, build_parser())
+    options.check_resume(opt)
     fit.fit(opt, build(opt), PROG)
 
 

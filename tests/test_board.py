@@ -110,10 +110,10 @@ def test_help_lists_the_2017_flags_first():
     for module, old in ((cifar, set(FLAGS_2017_DEFAULTS)), (imagenet, imagenet_2017)):
         parser = module.build_parser()
         groups = {g.title: {a.dest for a in g._group_actions} for g in parser._action_groups}
-        assert groups[options.FLAGS_2017[0]] == old
-        assert {a.dest for a in parser._actions} - old - {'help'} == groups[options.FLAGS_NEW[0]]
+        assert groups[options.GROUP_2017] == old
+        assert {a.dest for a in parser._actions} - old - {'help'} == groups[options.GROUP_NEW]
         text = parser.format_help()
-        assert text.index(options.FLAGS_2017[0]) < text.index('\n  --depth ') < text.index(options.FLAGS_NEW[0])
+        assert text.index(options.GROUP_2017) < text.index('\n  --depth ') < text.index(options.GROUP_NEW)
 
 
 def test_summarize_shows_provenance_beside_the_table(tmp_path, capsys):

@@ -74,6 +74,16 @@ def test_an_option_an_older_checkpoint_lacks_compares_against_its_default(crd_ru
     assert 'resumed from' in p.stdout
 
 
+def test_a_checkpoint_option_of_the_wrong_type_is_one_line(crd_run, tmp_path):
+    shutil.copytree(crd_run / 'logs/crd', tmp_path / 'bad')
+    state = torch.load(tmp_path / 'bad/model.pt7', weights_only=True)
+    state['record']['batch_size'] = '16'  # a hand-edited record
+    torch.save(state, tmp_path / 'bad/model.pt7')
+    p = run_cifar([*SMALL, '--preset', 'crd', '--dataroot', 'data', '--epochs', 2, '--resume', 'auto',
+                   '--save', tmp_path / 'bad'], crd_run, check=False)
+    assert refusal(p).endswith("bad/model.pt7: its option batch_size is '16', not of type int")
+
+
 def test_a_teacher_of_other_inputs_is_refused(crd_run):
     p = run_cifar([*SMALL, '--dataroot', 'data', '--epochs', 1, '--save', 'logs/s', '--teacher_id', 'crd',
                    '--beta', 1e3], crd_run, check=False)

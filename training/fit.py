@@ -1,7 +1,6 @@
 """A run, and fit(): what cifar.py and imagenet.py build from their options (a Run), trained epoch
 by epoch into its run folder, through kills and resumes. Beside model.pt7 and log.txt rank 0 writes
 run.json (provenance.py) and TensorBoard event files (board.py), which go on through resumes too."""
-import argparse
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ from training.distill import Distiller
 from training.engine import Trainer, compiled, sgd
 from training.errors import Stopped
 from training.formats import read_json_stats, repair_log
+from training.options import Options
 from training.parallel import Dist, FunctionalNet, data_parallel, distributed, place_params
 from training.precision import Precision
 from training.rng import rank_rng_state, rank_rng_states, set_rng_state
@@ -27,7 +27,7 @@ from utils import is_trained
 @dataclass
 class Run:
     """What fit() trains, as cifar.build and imagenet.build make it from the parsed options."""
-    opt: argparse.Namespace        # the options it was built from (the beta schedule reads them)
+    opt: Options                   # the options it was built from (the beta schedule reads them)
     device: torch.device           # where this process computes: the CPU, or its GPU under torchrun
     precision: Precision           # --dtype on that device: autocast, GradScaler, memory format
     train_loader: Iterable         # this process's training batches, (inputs, targets)

@@ -1,11 +1,14 @@
-"""The command line of cifar.py and imagenet.py: the flags they share, declared once, and the checks
-of the parsed options, the ones compared on resume among them. The parsed options are the run's one
-record of what it trains: log.txt and model.pt7 hold them, and a resume is checked against them."""
+"""The options of cifar.py and imagenet.py as one typed object (Options, a dataclass): its fields build
+the command line, the flags both scripts share are declared once, and the parsed options are checked.
+They are the run's one record of what it trains: log.txt and model.pt7 hold them, and a resume reads
+the checkpoint's back, typed, and compares them."""
 import argparse
 import json
 import math
 import os
 import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import get_args
 
 from training.errors import UserError, die
 from training.formats import load_checkpoint
@@ -13,8 +16,8 @@ from training.precision import NAMES
 from training.schedule import Schedule
 
 # --help's two groups of flags: what a user of the 2017 scripts knows comes first
-FLAGS_2017 = ("2017 flags (same names, types and defaults as the paper's code)",)
-FLAGS_NEW = ('new in this project',)
+GROUP_2017 = '2017 flags (same names, types and defaults as the paper\'s code)'
+GROUP_NEW = 'new in this project'
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,37 +36,108 @@ ALLOW_CHANGE_HELP = ('on resume, options (names without --, comma-separated, e.g
                      'differ from the checkpoint\'s: a moved dataset or teacher; any other change is refused')
 
 
-# The flags both scripts take, declared once: type, help and the default where both share it; each
-# script gives its own defaults (add_shared's keywords) and its own order in --help.
+def flag(default, help=None, *, v2017=False, may_change=False, **argparse_kw):
+    """A command-line option, declared as a field of an Options dataclass: its annotation is its type,
+    `v2017` puts it in the 2017 group of --help, and `may_change` lets it differ from the checkpoint's
+    on resume (how long, where or how fast a run goes, not what it trains; docs/reliability.md)."""
+    return field(default=default, metadata=dict(help=help, group=GROUP_2017 if v2017 else GROUP_NEW,
+                                                may_change=may_change, argparse=argparse_kw))
+
+
+def derived():
+    """An option decided from the others after parsing (at_weight): saved and compared with them, but
+    no flag. None until decided, and not compared against a checkpoint that lacks it."""
+    return field(default=None, metadata=dict(derived=True))
+
+
+# The flags both scripts take, declared once: help, whether they may change on resume, and the default
+# where both share it; each script gives its own defaults, group and order (shared's arguments).
 SHARED_FLAGS = {
-    'dtype': dict(default='float', type=str, help='float, double, or half / bfloat16 (autocast)'),
-    'batch_size': dict(type=int), 'lr': dict(default=0.1, type=float), 'epochs': dict(type=int),
-    'weight_decay': dict(type=float),
-    'epoch_step': dict(type=str, help='JSON list: epochs at whose start lr *= lr_decay_ratio'),
-    'lr_decay_ratio': dict(type=float),
-    'resume': dict(default='', type=str, help='model.pt7 to continue from, or auto (the one in --save, if any)'),
-    'temperature': dict(default=4, type=float, help='KD temperature'),
-    'alpha': dict(default=0, type=float, help='KD weight'),
-    'beta': dict(default=0, type=float, help='AT weight'),
-    'save': dict(default='', type=str, help='run folder for model.pt7 and log.txt (default: logs/<script>_<time>)'),
-    'ngpu': dict(default=1, type=int, help='GPUs to split each batch over'),
-    'gpu_id': dict(default='0', type=str, help='CUDA_VISIBLE_DEVICES'),
-    'at_sum_replicas': dict(default=None, type=int, choices=[0, 1], help=AT_SUM_REPLICAS_HELP),
-    'seed': dict(default=0, type=int, help='seeds torch, numpy, random and the data order'),
-    'device': dict(default='', type=str, help='cpu or cuda (default: cuda when available)'),
-    'compile': dict(action='store_true', help='torch.compile the student and teacher forward passes'),
-    'tensorboard': dict(default=None, type=int, choices=[0, 1], help='TensorBoard event files in the run folder '
-                        '(default: 1 where the tensorboard package is installed)'),
-    'tensorboard_every': dict(default=50, type=int, help='steps between points of the running train loss'),
-    'no_progress': dict(action='store_true', help='no tqdm bars'),
-    'allow_change': dict(default='', type=str, help=ALLOW_CHANGE_HELP),
+    'dtype': dict(default='float', help='float, double, or half / bfloat16 (autocast)'),
+    'batch_size': dict(), 'lr': dict(default=0.1), 'epochs': dict(may_change=True),
+    'weight_decay': dict(),
+    'epoch_step': dict(help='JSON list: epochs at whose start lr *= lr_decay_ratio'),
+    'lr_decay_ratio': dict(),
+    'resume': dict(default='', may_change=True, help='model.pt7 to continue from, or auto (the one in --save, if any)'),
+    'temperature': dict(default=4, help='KD temperature'),
+    'alpha': dict(default=0, help='KD weight'),
+    'beta': dict(default=0, help='AT weight'),
+    'save': dict(default='', may_change=True,
+                 help='run folder for model.pt7 and log.txt (default: logs/<script>_<time>)'),
+    'ngpu': dict(default=1, help='GPUs to split each batch over'),
+    'gpu_id': dict(default='0', may_change=True, help='CUDA_VISIBLE_DEVICES'),
+    'at_sum_replicas': dict(default=None, choices=[0, 1], help=AT_SUM_REPLICAS_HELP),
+    'seed': dict(default=0, help='seeds torch, numpy, random and the data order'),
+    'device': dict(default='', may_change=True, help='cpu or cuda (default: cuda when available)'),
+    'compile': dict(default=False, may_change=True, help='torch.compile the student and teacher forward passes'),
+    'tensorboard': dict(default=None, may_change=True, choices=[0, 1],
+                        help='TensorBoard event files in the run folder (default: 1 where the tensorboard package '
+                             'is installed)'),
+    'tensorboard_every': dict(default=50, may_change=True, help='steps between points of the running train loss'),
+    'no_progress': dict(default=False, may_change=True, help='no tqdm bars'),
+    'allow_change': dict(default='', may_change=True, help=ALLOW_CHANGE_HELP),
 }
 
 
-def add_shared(add_argument, *names, **defaults):
-    """Adds the SHARED_FLAGS `names`, in that order, with the script's `defaults`."""
-    for name in names:
-        add_argument('--' + name, **{**SHARED_FLAGS[name], **({'default': defaults[name]} if name in defaults else {})})
+def shared(name, default=MISSING, v2017=False):
+    """The field of SHARED_FLAGS[name], with this script's default where it has its own."""
+    spec = dict(SHARED_FLAGS[name])
+    spec['default'] = spec['default'] if default is MISSING else default
+    return flag(v2017=v2017, **spec)
+
+
+def _scalar(annotation):
+    """int for int and Optional[int]; the type argparse converts a flag's text with."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+@dataclass
+class Options:
+    """A run's options, one typed object: a subclass declares them as fields (flag, shared, derived),
+    from which its command line is built. log.txt and model.pt7 hold them (record()); a resume reads
+    the checkpoint's back into the same type (from_record) and compares them field by field."""
+
+    @classmethod
+    def parser(cls, prog, description):
+        p = Parser(prog=prog, description=description)
+        groups = {}
+        for f in fields(cls):
+            if 'group' not in f.metadata:
+                continue  # derived
+            group = groups.get(f.metadata['group']) or groups.setdefault(
+                f.metadata['group'], p.add_argument_group(f.metadata['group']))
+            kw = dict(action='store_true') if f.type is bool else dict(default=f.default, type=_scalar(f.type))
+            group.add_argument('--' + f.name, help=f.metadata['help'], **kw, **f.metadata['argparse'])
+        return p
+
+    @classmethod
+    def from_namespace(cls, namespace):
+        return cls(**vars(namespace))
+
+    @classmethod
+    def may_change(cls):
+        return {f.name for f in fields(cls) if f.metadata.get('may_change')}
+
+    def record(self):
+        """The options as plain JSON values, as log.txt and model.pt7 hold them."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_record(cls, record, where):
+        """A saved record's options, typed: a value of the wrong type is one line naming it. Options
+        the record lacks (it is older) take their defaults."""
+        values = {}
+        for f in fields(cls):
+            if f.name not in record:
+                continue
+            value, kind = record[f.name], _scalar(f.type)
+            ok = (value is None and kind is not f.type) or (type(value) is kind) or (
+                kind is float and type(value) is int)
+            if not ok:
+                raise UserError(f'{where}: its option {f.name} is {value!r}, not of type {kind.__name__}')
+            values[f.name] = value
+        return cls(**values)
 
 
 AT_MODE_HELP = ('AT loss: code (the 2017 code\'s mean of squared differences of the maps; --beta 1e+3 is the '
@@ -111,10 +185,10 @@ def check_options(opt, positive=(), not_negative=()):
         raise UserError(f'--compile with --ngpu {opt.ngpu}: the replicas would share one compiled function, which '
                         f'recompiles for each GPU; use --ngpu 1, or torchrun with one GPU per process')
     changeable = [n for n in opt.allow_change.split(',') if n]
-    unknown = [n for n in changeable if n not in vars(opt) or n in MAY_CHANGE]
+    unknown = [n for n in changeable if n not in vars(opt) or n in opt.may_change()]
     if unknown:
         raise UserError(f'--allow_change {opt.allow_change}: {unknown[0]!r} is not an option compared on resume '
-                        f'(those are the flags\' names without --, except {", ".join(sorted(MAY_CHANGE))})')
+                        f'(those are the flags\' names without --, except {", ".join(sorted(opt.may_change()))})')
 
 
 def check_teacher_needed(opt, has_teacher, teacher_flag, terms):
@@ -131,29 +205,25 @@ def check_teacher_needed(opt, has_teacher, teacher_flag, terms):
 
 # ---------------------------------------------------------------- options compared on resume
 
-# Options that may differ from the checkpoint's on resume: how long, where and how fast a run goes, not
-# what it trains (docs/reliability.md). Every other option must equal the checkpoint's, or be named in
-# --allow_change; one that an older checkpoint lacks compares against its default, where it has one.
-MAY_CHANGE = {'epochs', 'resume', 'save', 'allow_change', 'nthread', 'no_progress', 'tensorboard', 'tensorboard_every',
-              'device', 'gpu_id', 'cuda', 'compile', 'channels_last', 'evaluate'}
-
-
-def check_resume(opt, parser):
+def check_resume(opt):
     """Refuses to resume a checkpoint under options that change what it trains: one line naming the
-    first difference and both values. A checkpoint without the options (2017's) is not compared."""
+    first difference and both values. Which options may change is declared with each (flag's
+    may_change). A checkpoint without the options (2017's) is not compared."""
     if not opt.resume or os.environ.get('RANK', '0') != '0':  # under torchrun rank 0 reads the checkpoint
         return
-    saved = load_checkpoint(opt.resume).get('record')
-    if not isinstance(saved, dict):
+    record = load_checkpoint(opt.resume).get('record')
+    if not isinstance(record, dict):
         return
-    defaults = {a.dest: a.default for a in parser._actions}
-    allowed = set(MAY_CHANGE) | set(filter(None, opt.allow_change.split(',')))
+    saved = type(opt).from_record(record, f'--resume {opt.resume}')
+    allowed = opt.may_change() | set(filter(None, opt.allow_change.split(',')))
     if Schedule(opt).depends_on_epochs:
         allowed.discard('epochs')  # a linear beta is spread over them
-    for name, value in vars(opt).items():
-        if name in allowed or (name not in saved and defaults.get(name) is None):
+    now = opt.record()
+    for f in fields(opt):
+        if f.name in allowed or (f.name not in record and f.default is None):
             continue  # a None default is decided from other options (--init from --model), compared themselves
-        before = saved.get(name, defaults.get(name))
-        if json.loads(json.dumps(value)) != before:
-            raise UserError(f'--resume {opt.resume}: --{name} is {before!r} in the checkpoint and {value!r} now; '
-                            f'resume with the run\'s options (or pass --allow_change {name})')
+        before = getattr(saved, f.name)
+        if now[f.name] != before:
+            raise UserError(f'--resume {opt.resume}: --{f.name} is {before!r} in the checkpoint and '
+                            f'{getattr(opt, f.name)!r} now; resume with the run\'s options (or pass --allow_change '
+                            f'{f.name})')

@@ -85,7 +85,7 @@ class EpochWriter:
         opt = self.opt
         rng, rng_ranks = rng or (rng_state(self.generator), [])
         # plain JSON types (meters give numpy floats), which torch.load(weights_only=True) accepts
-        record = json.loads(json.dumps({**vars(opt), **stats, 'num_classes': self.run.num_classes,
+        record = json.loads(json.dumps({**opt.record(), **stats, 'num_classes': self.run.num_classes,
                                         **(self.run.data or {}),
                                         'n_parameters': self.n_parameters,
                                         **({'beta_now': self.run.distiller.beta} if self.run.scheduled() else {})}))

@@ -1,0 +1,64 @@
+"""The options are one typed object (training/options.py): each script's dataclass builds its command
+line, is what log.txt and model.pt7 hold, and is read back, typed, where a resume compares it."""
+import re
+from dataclasses import fields
+
+import pytest
+
+import cifar
+import imagenet
+from conftest import ROOT
+from training import options
+from training.errors import UserError
+
+SCRIPTS = [(cifar, cifar.CifarOptions, ['--dataroot', 'x']),
+           (imagenet, imagenet.ImagenetOptions, ['--imagenetpath', 'x'])]
+GIVEN = ['--lr', '1', '--width', '2', '--batch_size', '3', '--seed', '5', '--temperature', '7', '--epoch_step', '[1]',
+         '--compile', '--tensorboard', '0']
+
+
+@pytest.mark.parametrize('module,cls,base', SCRIPTS, ids=['cifar', 'imagenet'])
+def test_parsed_options_are_the_scripts_typed_object(module, cls, base):
+    opt = module.parse_args(base + GIVEN)
+    assert type(opt) is cls
+    assert (type(opt.lr), type(opt.width), type(opt.batch_size), type(opt.seed), type(opt.temperature)) == \
+        (float, float, int, int, float)
+    assert (opt.lr, opt.width, opt.batch_size, opt.seed, opt.epoch_step, opt.compile) == (1.0, 2.0, 3, 5, '[1]', True)
+    assert opt.at_weight == 0  # derived after parsing: no teacher, no AT
+
+
+@pytest.mark.parametrize('module,cls,base', SCRIPTS, ids=['cifar', 'imagenet'])
+def test_a_record_reads_back_as_the_same_options(module, cls, base):
+    opt = module.parse_args(base + GIVEN)
+    assert cls.from_record(opt.record(), 'here') == opt
+    assert cls.from_record({}, 'here') == cls()  # an older record: every option at its default
+
+
+@pytest.mark.parametrize('name,value,kind', [('batch_size', '16', 'int'), ('batch_size', 1.5, 'int'),
+                                             ('lr', 'abc', 'float'), ('lr', None, 'float'),
+                                             ('compile', 1, 'bool'), ('seed', True, 'int')])
+def test_a_record_value_of_the_wrong_type_is_one_line(name, value, kind):
+    with pytest.raises(UserError) as e:
+        cifar.CifarOptions.from_record({'depth': 10, name: value}, '--resume x/model.pt7')
+    assert str(e.value) == f'--resume x/model.pt7: its option {name} is {value!r}, not of type {kind}'
+
+
+def test_an_int_where_a_float_is_declared_and_none_where_optional_are_read():
+    opt = cifar.CifarOptions.from_record({'lr': 1, 'width': 2, 'init': None, 'at_sum_replicas': None}, 'here')
+    assert (opt.lr, opt.width, opt.init, opt.at_sum_replicas) == (1, 2, None, None)
+
+
+def test_shared_flags_are_one_declaration():
+    cifar_fields = {f.name: f for f in fields(cifar.CifarOptions)}
+    imagenet_fields = {f.name: f for f in fields(imagenet.ImagenetOptions)}
+    for name in options.SHARED_FLAGS:
+        a, b = cifar_fields[name], imagenet_fields[name]
+        assert a.type == b.type, name
+        assert (a.metadata['help'], a.metadata['may_change']) == (b.metadata['help'], b.metadata['may_change'])
+
+
+def test_reliability_page_lists_the_options_that_may_change():
+    text = ' '.join(open(ROOT / 'docs/reliability.md').read().split())
+    listed = text[text.index('Options that may change'):text.index('Every other flag')]
+    documented = set(re.findall(r'`--(\w+)`', listed))
+    assert documented == cifar.CifarOptions.may_change() | imagenet.ImagenetOptions.may_change()
