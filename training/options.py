@@ -105,10 +105,11 @@ class Options:
         for f in fields(cls):
             if 'group' not in f.metadata:
                 continue  # derived
-            group = groups.get(f.metadata['group']) or groups.setdefault(
-                f.metadata['group'], p.add_argument_group(f.metadata['group']))
+            title = f.metadata['group']
+            if title not in groups:
+                groups[title] = p.add_argument_group(title)
             kw = dict(action='store_true') if f.type is bool else dict(default=f.default, type=_scalar(f.type))
-            group.add_argument('--' + f.name, help=f.metadata['help'], **kw, **f.metadata['argparse'])
+            groups[title].add_argument('--' + f.name, help=f.metadata['help'], **kw, **f.metadata['argparse'])
         return p
 
     @classmethod

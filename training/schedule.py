@@ -23,7 +23,7 @@ def parse_epoch_step(text):
 
 
 class Schedule:
-    """lr(epoch) and beta(epoch) of a run. `options`: a parsed Namespace or a log record's dict."""
+    """lr(epoch) and beta(epoch) of a run. `options`: a script's Options or a log record's dict."""
 
     def __init__(self, options):
         o = options if isinstance(options, dict) else vars(options)
