@@ -47,7 +47,7 @@ def flag(default, help=None, *, v2017=False, may_change=False, **argparse_kw):
 def derived():
     """An option decided from the others after parsing (at_weight): saved and compared with them, but
     no flag. None until decided, and not compared against a checkpoint that lacks it."""
-    return field(default=None, metadata=dict(derived=True))
+    return field(default=None)  # no 'group' in its metadata: Options.parser makes no flag of it
 
 
 # The flags both scripts take, declared once: help, whether they may change on resume, and the default
@@ -104,7 +104,7 @@ class Options:
         groups = {}
         for f in fields(cls):
             if 'group' not in f.metadata:
-                continue  # derived
+                continue  # derived: not a flag
             title = f.metadata['group']
             if title not in groups:
                 groups[title] = p.add_argument_group(title)
