@@ -15,17 +15,15 @@ from resnet import (CIFAR_MODELS, INITS, INITS_OF, cifar_model_groups, cifar_mod
 from utils import AT_MODES, AT_POOLS
 from training import board
 from training import errors
-from training import fit
+from training import loop
 from training import options
-from training import rng
 from training import rundir
 from training.data import (PAD_MODES, DeviceLoader, check_classes, class_digest, data_loader, decode_all,
                            image_shape, one_size, open_cifar, rank_batch)
-from training.distill import factt_adapters
+from training.distill import check_at, factt_adapters
 from training.errors import UserError
 from training.options import derived, flag, shared
-from training.parallel import Dist, select_device
-from training.precision import Precision
+from training.device import Dist, Precision, seed_everything, select_device
 from training.teachers import check_teacher_data, load_teacher_run
 
 PROG = 'cifar.py'
@@ -228,7 +226,7 @@ def build(opt):
     if opt.channels_last is None:
         opt.channels_last = int(CHANNELS_LAST[device.type])
     precision = Precision(opt.dtype, device.type, bool(opt.channels_last))
-    rng.seed_everything(opt.seed)
+    seed_everything(opt.seed)
     train_loader, test_loader, classes, size = create_loaders(opt, device)
     num_classes, data = len(classes), dict(image_size=list(size), class_digest=class_digest(classes))
     params_s = cifar_model_params(opt.model, opt.depth, opt.width, num_classes, opt.init)
@@ -246,14 +244,16 @@ def build(opt):
                             f'student {cifar_model_name(opt.model, opt.depth, opt.width)} {n_groups}: AT (--beta, '
                             f'--factt_beta) pairs them one to one; KD (--alpha) needs none')
         at_groups = ()  # no AT asked, and no pairing to log AT terms by
+    if f_t and opt.beta:
+        check_at(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, *size), opt.at_pool, at_groups)
     # F-ActT's 1x1 adapters train with the student, and are saved as adapter.*
     adapters = factt_adapters(CIFAR_MODELS[opt.model], params_s, f_t, params_t, (1, 3, *size)) \
         if f_t and opt.factt_beta else {}
-    distiller, make_optimizer = fit.make_distiller(
+    distiller, make_optimizer = loop.make_distiller(
         opt, PROG, device, precision, CIFAR_MODELS[opt.model], params_s, f_t, params_t, adapters,
         at_groups=at_groups, at_pool=opt.at_pool, factt_beta=opt.factt_beta, grad_beta=opt.grad_beta,
         sym_beta=opt.sym_beta)
-    return fit.Run(
+    return loop.Run(
         opt, device, precision, train_loader, test_loader, num_classes, params_s, distiller, make_optimizer,
         # the 2017 checkpoint names: plain for a teacher run, prefixed when distilling
         saved=({**{'student.' + k: v for k, v in params_s.items()},
@@ -278,7 +278,7 @@ def main(argv=None):
     print('parsed options:', vars(opt))
     rundir.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
     options.check_resume(opt)
-    fit.fit(opt, build(opt), PROG)
+    loop.fit(opt, build(opt), PROG)
 
 
 if __name__ == '__main__':

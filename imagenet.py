@@ -15,18 +15,16 @@ from resnet import IMAGENET_BLOCKS, resnet_imagenet, resnet_imagenet_params
 from utils import AT_MODES, check_params
 from training import board
 from training import errors
-from training import fit
+from training import loop
 from training import imagenet_data
 from training import options
-from training import rng
 from training import rundir
 from training.data import check_classes, image_folder, rank_batch
-from training.engine import evaluate
-from training.errors import UserError
-from training.formats import checkpoint_params, load_checkpoint
+from training.loop import evaluate
+from training.errors import UserError, as_user_error
+from training.rundir import checkpoint_params, load_checkpoint
 from training.options import derived, flag, shared
-from training.parallel import Dist, select_device
-from training.precision import Precision
+from training.device import Dist, Precision, seed_everything, select_device
 from training.teachers import load_teacher_export
 
 PROG = 'imagenet.py'
@@ -133,7 +131,7 @@ def create_loader(opt, split, device):
 def build(opt):
     device = select_device(opt.device, opt.gpu_id, opt.ngpu)
     precision = Precision(opt.dtype, device.type, bool(opt.channels_last))
-    rng.seed_everything(opt.seed)
+    seed_everything(opt.seed)
     train_loader, num_classes = create_loader(opt, 'train', device)
     val_loader, _ = create_loader(opt, 'val', device)
     check_classes(train_loader.dataset, val_loader.dataset, f'--imagenetpath {opt.imagenetpath}', ('train', 'val'))
@@ -142,10 +140,10 @@ def build(opt):
     if f_t and opt.alpha and params_t['fc.weight'].shape[0] != num_classes:  # attention maps know no classes
         raise UserError(f'teacher {opt.teacher_params} has {params_t["fc.weight"].shape[0]} classes, the dataset '
                         f'{num_classes}: KD (--alpha) compares class scores; AT alone (--alpha 0) would do')
-    distiller, make_optimizer = fit.make_distiller(opt, PROG, device, precision, resnet_imagenet, params_s, f_t,
+    distiller, make_optimizer = loop.make_distiller(opt, PROG, device, precision, resnet_imagenet, params_s, f_t,
                                                     params_t, at_groups=opt.at_group_list)
     # a teacher export is a fixed file: only the student is checkpointed
-    return fit.Run(opt, device, precision, train_loader, val_loader, num_classes, params_s, distiller,
+    return loop.Run(opt, device, precision, train_loader, val_loader, num_classes, params_s, distiller,
                     make_optimizer, saved=params_s, topk=(1, 5),
                     description=f'student ResNet-{opt.depth}' + (f', teacher {opt.teacher_params}' if f_t else ''))
 
@@ -158,7 +156,8 @@ def evaluate_only(opt):
         with torch.device('meta'):
             expected = resnet_imagenet_params(opt.depth, opt.width, num_classes)
         params = checkpoint_params(load_checkpoint(opt.resume), expected)
-        check_params(params, expected, f'--resume {opt.resume}')
+        with as_user_error(ValueError):
+            check_params(params, expected, f'--resume {opt.resume}')
         f, params = resnet_imagenet, {k: params[k] for k in expected}
     else:
         f, params = load_teacher_export(opt.evaluate)
@@ -182,7 +181,7 @@ def main(argv=None):
     print('parsed options:', vars(opt))
     rundir.check_save(opt, time.strftime('imagenet_%Y%m%d-%H%M%S'))
     options.check_resume(opt)
-    fit.fit(opt, build(opt), PROG)
+    loop.fit(opt, build(opt), PROG)
 
 
 if __name__ == '__main__':

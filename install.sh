@@ -4,15 +4,15 @@
 # which setuptools>=81 no longer ships; pip's default isolated build would fetch
 # the newest setuptools and fail. So: pin a setuptools that still has
 # pkg_resources, and build the sdists against it.
-# A torch already installed at or above the floor (training/compat.py: 2.4), often a CUDA
-# build, is kept: compat.py pins it (and torchvision) to what is installed. Where
+# A torch already installed at or above the floor (scripts/pins.py: 2.4), often a CUDA
+# build, is kept: pins.py pins it (and torchvision) to what is installed. Where
 # torchvision is missing, a CUDA build's (+cuXYZ) comes from PyTorch's index for
-# that build; a torch of another local build stops here with one line (training/compat.py).
+# that build; a torch of another local build stops here with one line (scripts/pins.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 "$PY" -m pip install --upgrade pip 'setuptools>=70,<81' wheel
 REQ=$(mktemp)
 trap 'rm -f "$REQ"' EXIT
-"$PY" -m training.compat requirements requirements.txt > "$REQ"
+"$PY" scripts/pins.py requirements requirements.txt > "$REQ"
 "$PY" -m pip install --no-build-isolation -r "$REQ"

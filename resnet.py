@@ -11,8 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from training import cifar_nets
-from training.errors import UserError
+import cifar_nets
 from utils import batch_norm, bn_params, conv_params, count_blocks, flatten, linear_params
 
 
@@ -266,12 +265,12 @@ def expected_export_shapes(params):
         c0 = params['conv0.weight'].shape[0]
         n_classes = params['fc.weight'].shape[0]
     except KeyError as e:
-        raise UserError(f'missing tensor {e.args[0]!r}') from None
+        raise ValueError(f'missing tensor {e.args[0]!r}') from None
     shapes, ni = {'conv0.weight': (c0, 3, 7, 7), 'conv0.bias': (c0,)}, c0
     for g in range(4):
         n = count_blocks(params, g, leaf='conv0.weight')
         if n == 0:
-            raise UserError(f'missing tensor \'group{g}.block0.conv0.weight\'')
+            raise ValueError(f'missing tensor \'group{g}.block0.conv0.weight\'')
         no = params[f'group{g}.block0.conv0.weight'].shape[0]
         for i in range(n):
             b, cin = f'group{g}.block{i}', ni if i == 0 else no

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.init import kaiming_normal_
 
-from training.errors import UserError
 
 
 # ---------------------------------------------------------------- attention transfer (paper section 3)
@@ -43,7 +42,7 @@ def at_loss(x, y, pool='attention', mode='code'):
             x, y = (F.adaptive_avg_pool2d(t, size) if tuple(t.shape[-2:]) != size else t for t in (x, y))
             size = None
         elif any(max(a, b) % min(a, b) for a, b in zip(x.shape[-2:], y.shape[-2:])):
-            raise UserError(f'attention maps of {tuple(x.shape[-2:])} and {tuple(y.shape[-2:])} do not match: '
+            raise ValueError(f'attention maps of {tuple(x.shape[-2:])} and {tuple(y.shape[-2:])} do not match: '
                             f'only sizes that are whole multiples of each other are pooled to meet '
                             f'(--at_pool features pools the feature maps, any sizes)')
     if mode == 'paper':
@@ -150,9 +149,9 @@ def check_params(params, expected, what):
     for k, v in expected.items():
         shape = tuple(getattr(v, 'shape', v))
         if k not in params:
-            raise UserError(f'{what}: missing tensor {k!r}')
+            raise ValueError(f'{what}: missing tensor {k!r}')
         if tuple(params[k].shape) != shape:
-            raise UserError(f'{what}: tensor {k!r} has shape {tuple(params[k].shape)}, expected {shape}')
+            raise ValueError(f'{what}: tensor {k!r} has shape {tuple(params[k].shape)}, expected {shape}')
     extra = sorted(set(params) - set(expected))
     if extra:
-        raise UserError(f'{what}: unexpected tensor {extra[0]!r}')
+        raise ValueError(f'{what}: unexpected tensor {extra[0]!r}')

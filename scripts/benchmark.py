@@ -49,9 +49,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import cifar  # noqa: E402
 from training.data import check_classes  # noqa: E402
-from training.engine import Trainer  # noqa: E402
+from training.loop import Trainer  # noqa: E402
 from resnet import CIFAR_MODELS, cifar_model_name, wrn_depth_to_blocks  # noqa: E402
-from training.provenance import cpu  # noqa: E402
+from training.rundir import cpu_info as cpu  # noqa: E402
 from training.errors import cli  # noqa: E402
 from training.options import Parser  # noqa: E402
 from synthetic import write_teacher_run  # noqa: E402
@@ -142,7 +142,7 @@ def resident_bytes(run, device_type='cuda'):
 def nn_module(shape, num_classes):
     """The torch.nn build of (model, depth, width), from the tests' independent builds."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-    from training.cifar_nets import RESNETS, VGG_CFGS
+    from cifar_nets import RESNETS, VGG_CFGS
     from nn_cifar_nets import NAMED, NNResNet, NNVGG
     from nn_wrn import NNWideResNet
     model, depth, width = shape

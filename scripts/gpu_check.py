@@ -79,12 +79,12 @@ def project(name):
 
 def read_log(folder):
     path = os.path.join(folder, 'log.txt')
-    return project('training.formats').read_json_stats(path) if os.path.exists(path) else []
+    return project('training.rundir').read_json_stats(path) if os.path.exists(path) else []
 
 
 def cpu_info():
     try:
-        return {'machine': platform.machine(), **project('training.provenance').cpu()}
+        return {'machine': platform.machine(), **project('training.rundir').cpu_info()}
     except ImportError as e:  # provenance imports torch: the probe must still say what it found
         return {'machine': platform.machine(), 'error': f'{type(e).__name__}: {e}'}
 
@@ -108,7 +108,7 @@ def environment():
         env['cuda_available'] = torch.cuda.is_available()
         env['threads'] = torch.get_num_threads()
         sys.path.insert(0, ROOT)
-        from training.compat import FLOOR, tf32_state
+        from pins import FLOOR
         env['torch_floor'], env['tf32_default'] = FLOOR['torch'], tf32_state()
         try:
             env['cpu']['mkldnn_bf16'] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -606,6 +606,32 @@ def run(args):
 
 # ---------------------------------------------------------------- workers (their own processes)
 
+def set_fp32_ieee():
+    """fp32 matmuls and convolutions in full fp32 (TF32 off): allow_tf32 on every torch, and the
+    fp32_precision settings where they exist (torch >= 2.9, which warns when the two disagree).
+    Returns the fp32_precision values set, by name."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    done = {}
+    for name, obj in (('matmul', torch.backends.cuda.matmul), ('conv', getattr(torch.backends.cudnn, 'conv', None))):
+        if hasattr(obj, 'fp32_precision'):
+            obj.fp32_precision = 'ieee'
+            done[name] = obj.fp32_precision
+    return done
+
+
+def tf32_state():
+    """Whether fp32 matmuls and convolutions on CUDA run in TF32 now: {'matmul': bool, 'conv': bool}."""
+    import torch
+    state = {'matmul': torch.backends.cuda.matmul.allow_tf32, 'conv': torch.backends.cudnn.allow_tf32}
+    for name, obj in (('matmul', torch.backends.cuda.matmul), ('conv', getattr(torch.backends.cudnn, 'conv', None))):
+        p = getattr(obj, 'fp32_precision', None)
+        if p in ('tf32', 'ieee'):
+            state[name] = p == 'tf32'
+    return state
+
+
 def patch_compile(backend):
     """--compile-backend: torch.compile with another backend (eager: dynamo's tracing without codegen)."""
     if backend:
@@ -626,10 +652,10 @@ def worker_a(argv, result):
     from cifar import MEAN, STD
     from training.data import channel_stats, normalized, open_cifar
     from training.distill import Distiller
-    from training.parallel import FunctionalNet, place_params
+    from training.distill import FunctionalNet
+    from training.device import place_params
     from resnet import wrn, wrn_params
-    from training.compat import set_fp32_ieee
-    precision = set_fp32_ieee()  # TF32 off, on every torch (compat.py)
+    precision = set_fp32_ieee()  # TF32 off, on every torch
     device = torch.device(a.device)
 
     test = open_cifar(a.dataroot, 'CIFAR10', False)
@@ -736,7 +762,6 @@ def worker_main(argv, result):
     res = {'error': error, 'main_seconds': round(time.perf_counter() - t, 2), **memory_figures()}
     import torch
     if torch.cuda.is_available():  # what "fp32" meant in this process: TF32 where it is on
-        from training.compat import tf32_state
         res['tf32'] = tf32_state()
     json.dump(res, open(result, 'w'), indent=1)
     return 1 if error else 0

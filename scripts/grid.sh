@@ -57,8 +57,8 @@ shown() {  # shown ARG...: the command line, each argument quoted where the shel
   echo "${out[*]}"
 }
 
-run_status() {  # run_status DIR: new, resume, done, or other<TAB>the schedule it finished (formats.py decides)
-  "$PYTHON" -m training.formats status "$1" "$EPOCHS" "$EPOCH_STEP" || exit $?
+run_status() {  # run_status DIR: new, resume, done, or other<TAB>the schedule it finished (rundir.py decides)
+  "$PYTHON" -m training.rundir status "$1" "$EPOCHS" "$EPOCH_STEP" || exit $?
 }
 
 suffix() { [ "$1" = 0 ] && echo "" || echo "_s$1"; }

@@ -27,7 +27,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from training.formats import finished, read_json_stats  # noqa: E402
+from training.rundir import finished, read_json_stats  # noqa: E402
 from training.errors import cli  # noqa: E402
 from training.options import Parser  # noqa: E402
 from training.errors import UserError  # noqa: E402
@@ -229,7 +229,7 @@ def plot(runs, out_dir, pairs, tab):
 
 def provenance(logs, pairs, tab):
     """A Markdown table of where each shown run came from: its run.json's first session, and its resumes."""
-    from training import provenance as prov
+    from training import rundir as prov
     lines = ['| run | commit | torch | device | sessions |', '|---|---|---|---|---|']
     names = [tab.run_name(p, m) for p in pairs for m in ('teacher', *tab.methods)]
     for folder in sorted(f for f in os.listdir(logs) if re.sub(r'_s\d+$', '', f) in names):

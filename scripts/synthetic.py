@@ -55,7 +55,7 @@ def write_teacher_run(folder, model, depth, width, num_classes, seed=None):
     """A randomly initialised CIFAR run folder (model.pt7 and the first log.txt line a teacher is read
     from): speed, and the plumbing of AT, do not depend on the weights."""
     import torch
-    from training.formats import append_log
+    from training.rundir import append_log
     from resnet import cifar_model_params
     if seed is not None:
         torch.manual_seed(seed)

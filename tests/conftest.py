@@ -53,7 +53,7 @@ def run_cifar(args, cwd, check=True, timeout=300):
 
 def read_log(folder):
     """A run folder's log.txt records; every line must be one."""
-    from training.formats import read_json_stats
+    from training.rundir import read_json_stats
     path = Path(folder, 'log.txt')
     assert all(line.startswith('json_stats: ') for line in path.read_text().splitlines())
     return read_json_stats(path)

@@ -8,8 +8,7 @@ import torch
 
 from training import board
 import cifar
-from training import formats
-from training import provenance
+from training import rundir
 from training import errors
 from training import options
 from conftest import ROOT, read_log, run_cifar
@@ -60,14 +59,14 @@ def test_killed_and_resumed_run_draws_the_uninterrupted_curves(tiny_data, tmp_pa
     assert [v for _, v in whole['train/loss']] == pytest.approx([r['train_loss'] for r in log], rel=1e-6)
     assert [v for _, v in whole['test/top1']] == pytest.approx([r['test_acc'] for r in log], rel=1e-6)
 
-    sessions = provenance.read(tmp_path / 'logs/cut')
+    sessions = rundir.read_sessions(tmp_path / 'logs/cut')
     assert [s['from_epoch'] for s in sessions] == [0, 1, 2]
     assert sessions[0]['argv'][1:] == ['--no_progress', *map(str, args), '--save', 'logs/cut', '--resume', 'auto']
     head = subprocess.run(['git', '-C', str(ROOT), 'rev-parse', 'HEAD'], capture_output=True, text=True)
     assert sessions[0]['git']['commit'] == (head.stdout.strip() if head.returncode == 0 else 'unknown')
     assert (sessions[0]['torch'], sessions[0]['python']) == (torch.__version__, sys.version.split()[0])
     assert sessions[0]['device'] == 'cpu' and sessions[0]['processes'] == 1
-    assert len(provenance.read(tmp_path / 'logs/whole')) == 1
+    assert len(rundir.read_sessions(tmp_path / 'logs/whole')) == 1
 
 
 def test_epoch_scalars_of_an_imagenet_record():
@@ -95,10 +94,10 @@ def test_without_tensorboard(monkeypatch, capfd):
 
 def test_provenance_without_git(monkeypatch, tmp_path):
     monkeypatch.setenv('PATH', str(tmp_path))  # no git to run
-    assert provenance.code_version() == {'commit': 'unknown', 'dirty': 'unknown'}
+    assert rundir.code_version() == {'commit': 'unknown', 'dirty': 'unknown'}
     monkeypatch.undo()
-    monkeypatch.setattr(provenance, 'CODE', str(tmp_path))  # git, but no checkout
-    assert provenance.code_version() == {'commit': 'unknown', 'dirty': 'unknown'}
+    monkeypatch.setattr(rundir, 'CODE', str(tmp_path))  # git, but no checkout
+    assert rundir.code_version() == {'commit': 'unknown', 'dirty': 'unknown'}
 
 
 def test_help_lists_the_2017_flags_first():
@@ -124,12 +123,12 @@ def test_summarize_shows_provenance_beside_the_table(tmp_path, capsys):
     for name, sessions in (('resnet_16_1', 2), ('at_16_1_16_2_s1', 1), ('other_run', 1)):
         folder = tmp_path / 'logs' / name
         folder.mkdir(parents=True)
-        formats.append_log(folder / 'log.txt', {'epoch': 1, 'epochs': 1, 'test_acc': 90.0})
+        rundir.append_log(folder / 'log.txt', {'epoch': 1, 'epochs': 1, 'test_acc': 90.0})
         for epoch in range(sessions):
-            provenance.record(folder, torch.device('cpu'), 1, epoch)
+            rundir.record_session(folder, torch.device('cpu'), 1, epoch)
     summarize.main([str(tmp_path / 'logs'), '--out', str(tmp_path / 't'), '--rows', '16_1_16_2', '--provenance'])
     table = (tmp_path / 't.md').read_text().split('| run |')[1]
-    commit = provenance.code_version()['commit'][:10]
+    commit = rundir.code_version()['commit'][:10]
     rows = [line for line in table.splitlines() if line.startswith('| ')]
     assert [r.split(' | ')[0] for r in rows] == ['| at_16_1_16_2_s1', '| resnet_16_1']  # only the table's runs
     assert all(f'| {commit}' in r and f'| {torch.__version__} | cpu (' in r for r in rows)

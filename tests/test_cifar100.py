@@ -14,9 +14,9 @@ import torch.nn.functional as F
 import cifar
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log
 from training.data import DeviceLoader
-from training.engine import Trainer
+from training.loop import Trainer
 from training.errors import UserError
-from training.schedule import Schedule
+from training.options import Schedule
 from utils import kd_loss
 from resnet import cifar_model_groups, wrn_params
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import utils
-from training.cifar_nets import MODELS, OTHERS, RESNETS, VGG_CFGS, cifar_resnet, model_params, n_groups, vgg
+from cifar_nets import MODELS, OTHERS, RESNETS, VGG_CFGS, cifar_resnet, model_params, n_groups, vgg
 from nn_cifar_nets import NAMED, NNResNet, NNVGG, flat_state, load_flat
 from resnet import CIFAR_MODELS, cifar_model_groups, cifar_model_params
 

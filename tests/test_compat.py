@@ -1,5 +1,5 @@
-"""compat.py: the torch floor. Each guarded call against a stand-in with the floor's signature (torch
-2.4 cannot be installed here), no post-floor API outside compat.py, install.sh's keep-or-pin choice,
+"""The torch floor (scripts/pins.py). Each guarded call against a stand-in with the floor's signature
+(torch 2.4 cannot be installed here), no post-floor API outside its guard, install.sh's keep-or-pin choice,
 and torch.compile's caches: one per network, static shapes."""
 import functools
 import inspect
@@ -14,9 +14,11 @@ import torch.nn as nn
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from training import compat  # noqa: E402
-from training import engine  # noqa: E402
-from training import parallel  # noqa: E402
+import gpu_check  # noqa: E402
+import pins  # noqa: E402
+from training import device  # noqa: E402
+from training import distill  # noqa: E402
+from training import loop  # noqa: E402
 
 
 class DDP24:
@@ -49,7 +51,7 @@ def process_group(monkeypatch):
 
 
 def student():
-    return parallel.FunctionalNet(lambda x, p, mode: x * p['w'], {'w': torch.ones(2, requires_grad=True),
+    return distill.FunctionalNet(lambda x, p, mode: x * p['w'], {'w': torch.ones(2, requires_grad=True),
                                                                   'bn.running_mean': torch.zeros(2)})
 
 
@@ -57,7 +59,7 @@ def test_distributed_on_the_floors_ddp(process_group, monkeypatch):
     """torch 2.4 has no forward_sync_buffers: broadcast_buffers=False, then rank 0's buffers sent once."""
     monkeypatch.setattr(nn.parallel, 'DistributedDataParallel', DDP24)
     net = student()
-    assert isinstance(parallel.distributed(net, torch.device('cpu')), DDP24)
+    assert isinstance(device.distributed(net, torch.device('cpu')), DDP24)
     assert DDP24.made == [{'module': net, 'device_ids': None, 'broadcast_buffers': False}]
     assert [(t.data_ptr(), src) for t, src in process_group] == [(net.bn__running_mean.data_ptr(), 0)]
 
@@ -65,15 +67,15 @@ def test_distributed_on_the_floors_ddp(process_group, monkeypatch):
 def test_distributed_on_newer_ddp(process_group, monkeypatch):
     monkeypatch.setattr(nn.parallel, 'DistributedDataParallel', DDP213)
     net = student()
-    parallel.distributed(net, torch.device('cpu'))
+    device.distributed(net, torch.device('cpu'))
     assert DDP24.made == [{'module': net, 'broadcast_buffers': None, 'forward_sync_buffers': False}]
     assert process_group == []  # DDP itself sends them at construction
 
 
 def test_the_installed_ddp_takes_the_keywords():
-    """What compat picks for the torch installed here binds to its real DistributedDataParallel."""
+    """What ddp_no_buffer_sync picks for the torch installed here binds to its real DistributedDataParallel."""
     sig = inspect.signature(nn.parallel.DistributedDataParallel.__init__)
-    sig.bind(None, nn.Linear(1, 1), device_ids=None, **compat.ddp_no_buffer_sync())
+    sig.bind(None, nn.Linear(1, 1), device_ids=None, **device.ddp_no_buffer_sync())
 
 
 def test_fp32_ieee_without_fp32_precision(monkeypatch):
@@ -82,46 +84,47 @@ def test_fp32_ieee_without_fp32_precision(monkeypatch):
         allow_tf32 = True
     monkeypatch.setattr(torch.backends.cuda, 'matmul', Old())
     monkeypatch.setattr(torch.backends, 'cudnn', Old())
-    assert compat.set_fp32_ieee() == {}
+    assert gpu_check.set_fp32_ieee() == {}
     assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
-    assert compat.tf32_state() == {'matmul': False, 'conv': False}
+    assert gpu_check.tf32_state() == {'matmul': False, 'conv': False}
 
 
 def test_compile_errors_without_inductor_error(monkeypatch):
     from torch._dynamo.exc import TorchDynamoException
     from torch._inductor import exc
     monkeypatch.delattr(exc, 'InductorError')
-    errors = compat.compile_errors()
+    errors = loop.compile_errors()
     assert errors[0] is TorchDynamoException and all(isinstance(e, type) for e in errors)
 
 
 def code_files():
     return sorted(p for p in [*ROOT.glob('*.py'), *ROOT.glob('training/*.py'), *ROOT.glob('scripts/*.py')]
-                  if p.name != 'compat.py')
+                  if p.name != 'pins.py')
 
 
-def test_no_post_floor_api_outside_compat():
+def test_no_post_floor_api_outside_its_guard():
     assert len(code_files()) > 10
-    found = [f'{p.relative_to(ROOT)}:{i}: {name} (torch {since}; use compat.{guard})'
+    found = [f'{p.relative_to(ROOT)}:{i}: {name} (torch {since}; use {where} {guard})'
              for p in code_files() for i, line in enumerate(p.read_text().splitlines(), 1)
-             for name, (since, guard) in compat.POST_FLOOR.items() if re.search(rf'\b{name}\b', line)]
+             for name, (since, where, guard) in pins.POST_FLOOR.items()
+             if re.search(rf'\b{name}\b', line) and str(p.relative_to(ROOT)) != where]
     assert found == []
-    for since, guard in compat.POST_FLOOR.values():
-        assert compat.version_tuple(since) > compat.version_tuple(compat.FLOOR['torch'])
-        assert callable(getattr(compat, guard))
+    for since, where, guard in pins.POST_FLOOR.values():
+        assert pins.version_tuple(since) > pins.version_tuple(pins.FLOOR['torch'])
+        assert re.search(rf'^def {guard}\(', (ROOT / where).read_text(), re.M)
 
 
 def test_the_floor_users_read_is_the_one_install_keeps():
-    """README and docs/install.md say which torch is kept; install.sh keeps by compat.requirements:
+    """README and docs/install.md say which torch is kept; install.sh keeps by pins.requirements:
     an installed torch at the floor they name is kept, one a minor release below it is replaced."""
     req = [line for line in (ROOT / 'requirements.txt').read_text().splitlines() if line and not line.startswith('#')]
     for doc in ('README.md', 'docs/install.md'):
         torch_v, tv_v = re.search(r'torch (\d+\.\d+) / torchvision (\d+\.\d+)', (ROOT / doc).read_text()).groups()
-        kept = compat.requirements(req, torch_v + '.0', tv_v + '.0')
+        kept = pins.requirements(req, torch_v + '.0', tv_v + '.0')
         assert f'torch=={torch_v}.0' in kept and f'torchvision=={tv_v}.0' in kept, doc
         major, minor = map(int, torch_v.split('.'))
         below = f'{major}.{minor - 1}.0'
-        assert compat.requirements(req, below, tv_v + '.0') == req, doc  # the tested pins instead
+        assert pins.requirements(req, below, tv_v + '.0') == req, doc  # the tested pins instead
 
 
 REQ = ['torch==2.14.1', 'torchvision==0.29.1', 'torchnet==0.0.4', 'numpy>=1.26']
@@ -143,7 +146,7 @@ REQ = ['torch==2.14.1', 'torchvision==0.29.1', 'torchnet==0.0.4', 'numpy>=1.26']
     (None, None, REQ[:2]),  # none: the pinned versions
 ])
 def test_install_keeps_a_torch_at_or_above_the_floor(torch_v, tv_v, want):
-    assert compat.requirements(REQ, torch_v, tv_v) == want + REQ[2:]
+    assert pins.requirements(REQ, torch_v, tv_v) == want + REQ[2:]
 
 
 def test_install_stops_for_a_torch_of_its_own_build_without_torchvision(tmp_path, monkeypatch):
@@ -151,24 +154,24 @@ def test_install_stops_for_a_torch_of_its_own_build_without_torchvision(tmp_path
     with pytest.raises(ValueError, match=r'^torch 2\.6\.0\+git1a2b3c is a build of its own \(\+git1a2b3c\) and '
                                          r'torchvision is missing: install the torchvision 0\.21\.\* built for it, '
                                          r'then run install\.sh again$'):
-        compat.requirements(REQ, '2.6.0+git1a2b3c', None)
+        pins.requirements(REQ, '2.6.0+git1a2b3c', None)
     (tmp_path / 'req.txt').write_text('\n'.join(REQ) + '\n')
-    monkeypatch.setattr(compat, 'installed', {'torch': '2.6.0+git1a2b3c', 'torchvision': None}.get)
-    assert compat.main(['requirements', str(tmp_path / 'req.txt')]) == 1
+    monkeypatch.setattr(pins, 'installed', {'torch': '2.6.0+git1a2b3c', 'torchvision': None}.get)
+    assert pins.main(['requirements', str(tmp_path / 'req.txt')]) == 1
 
 
 def test_install_plan_from_the_command_line(tmp_path):
     """install.sh's call; this venv's torch (2.14.1, above the floor) is kept as it is."""
     (tmp_path / 'req.txt').write_text('\n'.join(REQ) + '\n')
-    p = subprocess.run([sys.executable, '-m', 'training.compat', 'requirements', str(tmp_path / 'req.txt')], cwd=ROOT,
+    p = subprocess.run([sys.executable, 'scripts/pins.py', 'requirements', str(tmp_path / 'req.txt')], cwd=ROOT,
                        capture_output=True, text=True)
-    here = compat.installed('torch')
+    here = pins.installed('torch')
     assert p.returncode == 0 and p.stdout.splitlines()[0] == f'torch=={here}'
-    assert p.stderr.startswith(f'compat.py: keeping the installed torch {here}')
-    p = subprocess.run([sys.executable, '-m', 'training.compat', 'requirements', str(tmp_path / 'nope.txt')], cwd=ROOT,
+    assert p.stderr.startswith(f'pins.py: keeping the installed torch {here}')
+    p = subprocess.run([sys.executable, 'scripts/pins.py', 'requirements', str(tmp_path / 'nope.txt')], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.splitlines() == [
-        f'compat.py: error: {tmp_path / "nope.txt"}: No such file or directory']
+        f'pins.py: error: {tmp_path / "nope.txt"}: No such file or directory']
 
 
 import torch._dynamo  # noqa: E402
@@ -197,7 +200,7 @@ def linear(x, params, mode):
 
 
 def test_student_and_teacher_compile_into_caches_of_their_own(counted_compiles):
-    s, t = engine.Compiled(linear, 'prog'), engine.Compiled(linear, 'prog')
+    s, t = loop.Compiled(linear, 'prog'), loop.Compiled(linear, 'prog')
     x = torch.ones(4, 3)
     s(x, {'w': torch.ones(3, 2)}, True)
     t(x, {'w': torch.ones(3, 5)}, True)  # another width: a shared cache would be full (limit 1) and run eagerly
@@ -206,7 +209,7 @@ def test_student_and_teacher_compile_into_caches_of_their_own(counted_compiles):
 
 def test_compiled_shapes_are_static(counted_compiles):
     """A last partial batch compiles once more for its size; the full batches keep their static graph."""
-    s, p = engine.Compiled(linear, 'prog'), {'w': torch.ones(3, 2)}
+    s, p = loop.Compiled(linear, 'prog'), {'w': torch.ones(3, 2)}
     with torch._dynamo.config.patch(**{LIMIT: 8}):
         for n in (4, 3, 2, 4):
             s(torch.ones(n, 3), p, True)
@@ -234,9 +237,9 @@ def test_each_torchs_compile_errors_in_the_backward_pass_fall_back(monkeypatch, 
         def backward(ctx, g):
             raise error
     monkeypatch.setattr(torch, 'compile', lambda f, **kw: lambda x, w: FailingBackward.apply(f(x, w)))
-    f = engine.compiled(lambda x, w: (x * w).sum(), True, 'prog')
+    f = loop.compiled(lambda x, w: (x * w).sum(), True, 'prog')
     w = torch.ones(3, requires_grad=True)
-    optimizer = engine.EagerOnCompileError(torch.optim.SGD([w], 0.1), [f])
+    optimizer = loop.EagerOnCompileError(torch.optim.SGD([w], 0.1), [f])
 
     def closure():
         optimizer.zero_grad()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import provenance
+from training import rundir
 from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log, run_cifar
 from test_train import nn_test_accuracy
 
@@ -37,7 +37,7 @@ def test_two_process_run(odd_data, tmp_path, loader):
     assert p.stdout.count('==> epoch 1/2') == 1
     # rank 0 alone writes the event file and run.json
     assert len(list((tmp_path / 'logs/ddp').glob('events.out.tfevents.*'))) == 1
-    assert [s['processes'] for s in provenance.read(tmp_path / 'logs/ddp')] == [2]
+    assert [s['processes'] for s in rundir.read_sessions(tmp_path / 'logs/ddp')] == [2]
     params = torch.load(tmp_path / 'logs/ddp/model.pt7', weights_only=True)['params']
     # test accuracy over all 21 images, as an independent evaluation of the saved weights gives it
     assert nn_test_accuracy(params, 10, 1, odd_data) == pytest.approx(log[-1]['test_acc'], abs=1e-6)
@@ -102,11 +102,12 @@ def test_imagenet_two_processes(tmp_path):
 
 def _crops_worker(rank, init, root, nthread, out):
     import cifar
-    from training import errors, rng
+    from training import errors
+    from training import device
     torch.distributed.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
     opt = cifar.parse_args(['--dataroot', root, '--loader', 'torchvision', '--nthread', str(nthread),
                             '--batch_size', '16', '--seed', '0'])
-    rng.seed_everything(opt.seed)  # as cifar.build does, once the process group is up
+    device.seed_everything(opt.seed)  # as cifar.build does, once the process group is up
     train = cifar.create_loaders(opt, torch.device('cpu'))[0]
     torch.save(next(iter(train))[0], f'{out}/{rank}.pt')
     errors.leave()

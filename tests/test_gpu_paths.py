@@ -13,8 +13,7 @@ import torch
 from conftest import OFFLINE_ENV, ROOT, read_log, run_cifar
 
 sys.path.insert(0, str(ROOT))
-from training import parallel  # noqa: E402
-from training import rng  # noqa: E402
+from training import device  # noqa: E402
 from training.data import DeviceLoader  # noqa: E402
 from training.errors import UserError  # noqa: E402
 
@@ -35,26 +34,26 @@ def two_gpus(monkeypatch):
 
 def test_gpu_id_is_honoured_and_a_bad_index_is_one_line(two_gpus, monkeypatch):
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '5,6')  # set by SLURM or a container
-    assert parallel.select_device('cuda', '0', 1) == torch.device('cuda', 0)
+    assert device.select_device('cuda', '0', 1) == torch.device('cuda', 0)
     assert os.environ['CUDA_VISIBLE_DEVICES'] == '5,6'  # the default --gpu_id leaves it alone
     assert torch.backends.cudnn.benchmark  # as both 2017 scripts set it
-    parallel.select_device('cuda:1', '2,3', 1)
+    device.select_device('cuda:1', '2,3', 1)
     assert os.environ['CUDA_VISIBLE_DEVICES'] == '2,3' and two_gpus[-1] == torch.device('cuda', 1)
     with pytest.raises(UserError, match=r"--device cuda:2 asks for GPU 2, but 2 visible \(CUDA_VISIBLE_DEVICES='2,3'\)"):
-        parallel.select_device('cuda:2', '2,3', 1)
+        device.select_device('cuda:2', '2,3', 1)
     monkeypatch.setenv('WORLD_SIZE', '4')
     monkeypatch.setenv('LOCAL_RANK', '3')
     with pytest.raises(UserError, match='LOCAL_RANK asks for GPU 3, but 2 visible'):
-        parallel.select_device('cuda', '0', 1)
+        device.select_device('cuda', '0', 1)
 
 
 def test_rng_states_of_more_gpus_than_visible(two_gpus, monkeypatch):
     restored = []
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, i: restored.append((int(s[0]), i)))
-    state = rng.rng_state()
+    state = device.rng_state()
     state['cuda'] = [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 8, dtype=torch.uint8)]
-    rng.set_rng_state(state)
+    device.set_rng_state(state)
     assert restored == [(7, 0)]
 
 
@@ -138,8 +137,8 @@ def test_rank_0_downloads_first_and_every_rank_stops_with_it(tmp_path):
 
 
 def test_fused_sgd_for_fp16_on_gpus_only():
-    from training.engine import sgd
-    from training.precision import Precision
+    from training.loop import sgd
+    from training.device import Precision
     p = {'w': torch.zeros(3, requires_grad=True), 'running_mean': torch.zeros(3)}
     assert sgd(p, 0, Precision('half', 'cuda'))(0.1).defaults['fused'] is True
     assert not sgd(p, 0, Precision('bfloat16', 'cuda'))(0.1).defaults['fused']

@@ -91,7 +91,7 @@ def test_the_mirrored_pass_leaves_the_running_statistics_alone(grad_beta):
     """One --sym_beta step moves the batch-norm running statistics exactly as a step without it: the
     mirrored pass is a second look at the same batch, not a second batch."""
     from training.distill import Distiller
-    from training.parallel import FunctionalNet
+    from training.distill import FunctionalNet
     x, t = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     stats = {}
     for sym in (0, 1):

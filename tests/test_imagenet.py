@@ -222,7 +222,8 @@ def test_bad_input_one_line(case, imagenet_work):
 def test_two_gpu_data_parallel_with_at_losses():
     """The 2017 gather crashed here (its issue #35)."""
     from training.distill import Distiller
-    from training.parallel import FunctionalNet, data_parallel
+    from training.distill import FunctionalNet
+    from training.device import data_parallel
     params_s = {k: v.cuda() for k, v in resnet_imagenet_params(18, 1, 10).items()}
     utils.set_requires_grad_except_bn_(params_s)
     params_t = {k: v.cuda() for k, v in fold_torchvision(random_torchvision('resnet34', 10).state_dict()).items()}
@@ -256,7 +257,7 @@ def test_beta_under_ngpu_and_the_2017_sum_over_replicas(capsys):
     --at_sum_replicas 1 the total equals 2017's: kd + beta x the sum of each replica's AT losses."""
     import imagenet
     from training.distill import Distiller
-    from training.parallel import FunctionalNet
+    from training.distill import FunctionalNet
     base = ['--imagenetpath', 'x', '--ngpu', '2', '--beta', '1e3', '--teacher_params', 'x.pth']
     assert imagenet.parse_args(base).at_weight == 1000
     note = capsys.readouterr().err.strip().splitlines()

@@ -8,9 +8,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from training import data
-from training import engine
+from training import loop
 import utils
-from training.precision import Precision
+from training.device import Precision
 from cifar import MEAN, STD
 
 
@@ -100,18 +100,18 @@ def compile_raising(error):
 def test_compiled_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     from torch._dynamo.exc import Unsupported
     monkeypatch.setattr(torch, 'compile', compile_raising(Unsupported('an op dynamo cannot trace')))
-    f = engine.compiled(lambda x: x + 1, True, 'prog')
+    f = loop.compiled(lambda x: x + 1, True, 'prog')
     assert f(1) == 2 and f(2) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ['prog: --compile unavailable here (Unsupported); running eagerly']
-    assert engine.compiled(len, False, 'prog') is len
+    assert loop.compiled(len, False, 'prog') is len
 
 
 @pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory'), ValueError('a bad input')])
 def test_compiled_raises_what_is_not_a_compile_failure(monkeypatch, capsys, error):
     monkeypatch.setattr(torch, 'compile', compile_raising(error))
     with pytest.raises(type(error)):
-        engine.compiled(lambda x: x + 1, True, 'prog')(1)
+        loop.compiled(lambda x: x + 1, True, 'prog')(1)
     assert capsys.readouterr().err == ''
 
 
@@ -121,7 +121,7 @@ def test_a_compile_error_in_the_backward_pass_falls_back_too(monkeypatch, capsys
     from torch._inductor.exc import InductorError
     from training.data import DeviceLoader
     from training.distill import Distiller
-    from training.parallel import FunctionalNet
+    from training.distill import FunctionalNet
     from resnet import wrn, wrn_params
 
     class FailingBackward(torch.autograd.Function):
@@ -143,11 +143,11 @@ def test_a_compile_error_in_the_backward_pass_falls_back_too(monkeypatch, capsys
         torch.manual_seed(0)
         params = wrn_params(10, 0.25, 3)
         utils.set_requires_grad_except_bn_(params)
-        model = Distiller(FunctionalNet(engine.compiled(wrn, enabled, 'prog'), params))
+        model = Distiller(FunctionalNet(loop.compiled(wrn, enabled, 'prog'), params))
         loader = DeviceLoader(images, labels, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
                               generator=torch.Generator().manual_seed(1))
-        make = engine.sgd(params, 5e-4, Precision())
-        engine.Trainer(model, make, torch.device('cpu'), epochs=1, progress=False).train(loader, None, make(0.1))
+        make = loop.sgd(params, 5e-4, Precision())
+        loop.Trainer(model, make, torch.device('cpu'), epochs=1, progress=False).train(loader, None, make(0.1))
         weights[enabled] = {k: v.detach().clone() for k, v in params.items() if utils.is_trained(k)}
     assert capsys.readouterr().err.strip().splitlines() == [
         'prog: --compile unavailable here (InductorError); running eagerly']

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from training.parallel import FunctionalNet  # noqa: E402
+from training.distill import FunctionalNet  # noqa: E402
 from training.errors import leave  # noqa: E402
 from resnet import wrn, wrn_params  # noqa: E402
 from utils import set_requires_grad_except_bn_  # noqa: E402
@@ -81,15 +81,15 @@ class Linear(torch.nn.Module):
 
 
 def _fp16_worker(rank, init, out):
-    from training.engine import Trainer
-    from training.parallel import Dist, distributed
+    from training.loop import Trainer
+    from training.device import Dist, distributed
     torch.distributed.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
     g = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(8, 12, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(5)]
     model = distributed(Linear(rank), torch.device('cpu'))
     params = list(model.parameters())
     sgd = lambda lr: torch.optim.SGD(params, lr)  # noqa: E731
-    from training.precision import Precision
+    from training.device import Precision
     trainer = Trainer(model, sgd, torch.device('cpu'), epochs=1, precision=Precision('half'), progress=False,
                       dist=Dist('cpu'))
     trainer.train(batches, None, sgd(0.1))
@@ -115,7 +115,7 @@ def test_fp16_under_ddp_with_an_inf_on_one_rank_ends(tmp_path):
 
 def _meters_worker(rank, init, out):
     import torchnet as tnt
-    from training.parallel import Dist
+    from training.device import Dist
     torch.distributed.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
     acc, loss = tnt.meter.ClassErrorMeter(topk=[1], accuracy=True), tnt.meter.AverageValueMeter()
     # rank 0 gets 3 of 4 right, rank 1 gets 0 of 2; losses 1, 2 and 6
@@ -167,7 +167,7 @@ def network_cases():
 def test_every_parameter_has_its_gradients_strides(channels_last):
     """torch 2.4's fused SGD refuses a parameter whose strides differ from its gradient's, even in a
     size-1 dimension (a 1x1 conv's), and DDP warns of them: place_params writes the strides out."""
-    from training.parallel import place_params
+    from training.device import place_params
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for name, f, make, size in network_cases():
         torch.manual_seed(0)

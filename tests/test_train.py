@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import read_log, run_cifar
-from training.precision import Precision
+from training.device import Precision
 from nn_wrn import NNWideResNet
 
 SMALL = ['--depth', 10, '--width', 1, '--batch_size', 16, '--nthread', 0]
@@ -246,7 +246,7 @@ def test_autocast_warning_follows_the_cpu_flags(dtype):
 def deferred_run(sync_every, nan_at=None):
     """engine.Trainer on a fixed linear model (lr 0) over 7 random batches, with a test pass."""
     import torchnet as tnt
-    from training.engine import Trainer
+    from training.loop import Trainer
     g = torch.Generator().manual_seed(0)
     w = torch.randn(12, 10, generator=g, requires_grad=True)
     batches = [(torch.randn(9, 12, generator=g), torch.randint(0, 10, (9,), generator=g)) for _ in range(7)]

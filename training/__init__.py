@@ -1,6 +1,5 @@
-"""The machinery of a run, below cifar.py and imagenet.py: the command line and its checks (options,
-errors), the run folder and its files (rundir, formats), the lr schedule, the loop (engine) and fit,
-data and loaders (data, imagenet_data), devices and precision (parallel, precision, compat), RNG state
-and signals, teachers, the distiller, TensorBoard (board), provenance, and the CIFAR-100 benchmark's
-networks (cifar_nets). docs/code.md maps them. Nothing here imports an entry point, and this file
-imports nothing: install.sh runs `python -m training.compat` before torch is installed."""
+"""The machinery of a run, below cifar.py and imagenet.py, a module a job: the options and their
+schedule (options), the loop and fit (loop), the step's loss (distill), the run folder and its files
+(rundir), the device, processes and precision (device), data (data, imagenet_data), teachers, TensorBoard
+(board), and how a script stops (errors). docs/code.md maps them. The paper's math (utils.py) and the
+networks (resnet.py, cifar_nets.py) import nothing from here."""

@@ -11,7 +11,7 @@ import glob
 import os
 
 from training.errors import UserError
-from training.schedule import Schedule
+from training.options import Schedule
 
 LAST = 'test/loss'  # an epoch's points are written in one flush, this one last: where it is, the epoch is whole
 

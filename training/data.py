@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 
 from training.errors import UserError
-from training.precision import memory_format
+from training.device import memory_format, rank_seed
 
 
 PAD_MODES = {'reflect': 'reflect', 'zeros': 'constant'}  # --pad_mode: torch's and torchvision's names
@@ -145,12 +145,6 @@ def rank_batch(batch_size, sizes, dist):
         raise UserError(f'{dist.world} torchrun processes for {min(sizes)} images: '
                         f'too few images to give each process some')
     return batch_size // dist.world
-
-
-def rank_seed(seed, rank):
-    """The seed of a rank's own random streams: --seed itself on rank 0 (a one-process run is unchanged),
-    mixed with the rank on the others (SeedSequence), so that no two ranks draw alike."""
-    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def data_loader(dataset, train, batch, nthread, seed, device, dist):

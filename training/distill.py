@@ -1,13 +1,14 @@
 """The loss of a training step: a student alone, or taught by a teacher through AT, KD, F-ActT and
 gradient AT. A Distiller is a small torch.nn.Module returning (logits, dict of losses), so that
-DistributedDataParallel can carry the student with any trained adapters."""
-from contextlib import contextmanager
+DistributedDataParallel can carry the student with any trained adapters; each network in it is a
+FunctionalNet, the 2017 function and dict of tensors as a torch.nn.Module."""
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.errors import UserError
+from training.errors import UserError, as_user_error
 from utils import AT_PREFIX, at_loss, conv_params, factt_loss, grad_at_loss, input_grad, kd_loss, sym_loss
 
 
@@ -101,14 +102,62 @@ def spare_running_stats(module):
             setattr(module.get_submodule(owner), leaf, b)
 
 
+def group_outputs(f_s, params_s, f_t, params_t, shape):
+    """The student's and the teacher's group outputs for a batch of zeros of `shape`."""
+    with torch.no_grad():
+        return f_s(torch.zeros(shape), params_s, False)[1], f_t(torch.zeros(shape), params_t, False)[1]
+
+
+def check_at(f_s, params_s, f_t, params_t, shape, pool, groups=None):
+    """Where the groups' attention maps cannot meet (utils.at_loss raises ValueError), one line before
+    training, not a traceback at its first step."""
+    g_s, g_t = group_outputs(f_s, params_s, f_t, params_t, shape)
+    with as_user_error(ValueError):
+        for i in range(len(g_s)) if groups is None else groups:
+            at_loss(g_s[i], g_t[i], pool)
+
+
 def factt_adapters(f_s, params_s, f_t, params_t, shape):
     """1x1 convs taking each student group to its teacher group's channels, where they differ."""
-    with torch.no_grad():
-        g_s = f_s(torch.zeros(shape), params_s, False)[1]
-        g_t = f_t(torch.zeros(shape), params_t, False)[1]
+    g_s, g_t = group_outputs(f_s, params_s, f_t, params_t, shape)
     for i, (s, t) in enumerate(zip(g_s, g_t)):
         if s.shape[-2:] != t.shape[-2:]:
             raise UserError(f'F-ActT: group {i} is {tuple(s.shape[-2:])} in the student and '
                             f'{tuple(t.shape[-2:])} in the teacher; it needs equal spatial sizes')
     return {f'group{i}': conv_params(s.shape[1], t.shape[1], 1)
             for i, (s, t) in enumerate(zip(g_s, g_t)) if s.shape[1] != t.shape[1]}
+
+
+class FunctionalNet(nn.Module):
+    """A functional network f(input, params, mode) and its flat dict of tensors as a torch.nn.Module.
+
+    Trained tensors become Parameters and the others (batch-norm statistics, a frozen teacher)
+    buffers. The dict passed in is updated to hold those same tensor objects, so the optimizer,
+    checkpoints (with the 2017 names) and the module all see one set of weights.
+    """
+
+    def __init__(self, f, params, amp_dtype=None):
+        super().__init__()
+        self.f, self.names, self.amp_dtype = f, list(params), amp_dtype
+        for k in self.names:
+            if params[k].requires_grad:
+                params[k] = nn.Parameter(params[k])
+                self.register_parameter(self.attr(k), params[k])
+            else:
+                self.register_buffer(self.attr(k), params[k])
+
+    @staticmethod
+    def attr(name):
+        return name.replace('.', '__')  # module attributes cannot hold dots
+
+    @property
+    def params(self):
+        """The 2017 dict; in a DataParallel replica, the replica's own copies."""
+        return {k: getattr(self, self.attr(k)) for k in self.names}
+
+    def forward(self, x, mode):
+        # autocast state is per thread, and DataParallel's replica threads re-enter it without the
+        # dtype: each replica enters it here, with the dtype the run asked for
+        amp = torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with amp:
+            return self.f(x, self.params, mode)

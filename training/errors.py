@@ -1,7 +1,11 @@
 """How a script stops: bad input is one line on stderr and a non-zero exit, never a traceback; a run
-stopped by a signal exits 128 + its number."""
+stopped by a signal exits 128 + its number. SIGINT/SIGTERM ask a run to stop after the current step;
+a second one exits at once. The tests' hook (SignalPlan) makes the process send itself a signal at a
+chosen step, so that signals land at a step, not at an instant."""
 import os
+import signal
 import sys
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -55,3 +59,50 @@ def cli(main, prog):
         print(f'\n{prog}: interrupted', file=sys.stderr)
         sys.exit(130)
     leave()
+
+
+@contextmanager
+def as_user_error(*kinds):
+    """The paper's math and the networks (utils.py, resnet.py) import nothing from here: they raise
+    plain exceptions (ValueError) for inputs that cannot fit, which become one line here."""
+    try:
+        yield
+    except kinds as e:
+        raise UserError(str(e)) from None
+
+
+class Signals:
+    """SIGINT/SIGTERM ask the run to stop after the current step (`name` is then set); a second one
+    exits at once with 128 + its number."""
+
+    def __init__(self, prog):
+        self.prog, self.name = prog, None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handler)
+
+    def handler(self, signum, frame):
+        if self.name is not None:
+            print(f'{self.prog}: second signal, exiting now', file=sys.stderr)
+            os._exit(128 + signum)
+        self.name = signal.Signals(signum).name
+
+
+class SignalPlan:
+    """For tests: AT_TEST_SIGNALS='WHEN:SIG,...' makes the process send itself SIG (INT, TERM, KILL) at
+    WHEN: after its Nth training step ('12'), or after epoch E's checkpoint is written and before its
+    log line ('ckpt2'). Without the variable it does nothing."""
+
+    def __init__(self, spec=None):
+        spec = os.environ.get('AT_TEST_SIGNALS', '') if spec is None else spec
+        self.steps, self.plan = 0, {}
+        for item in filter(None, spec.split(',')):
+            when, sig = item.split(':')
+            self.plan.setdefault(when, []).append(getattr(signal, 'SIG' + sig))
+
+    def fire(self, when):
+        for sig in self.plan.pop(str(when), []):
+            os.kill(os.getpid(), sig)
+
+    def step_done(self):
+        self.steps += 1
+        self.fire(self.steps)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from training.data import channel_stats, normalized
-from training.precision import memory_format
+from training.device import memory_format
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE, VAL_RESIZE = 224, 256

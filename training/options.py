@@ -1,7 +1,8 @@
 """The options of cifar.py and imagenet.py as one typed object (Options, a dataclass): its fields build
 the command line, the flags both scripts share are declared once, and the parsed options are checked.
 They are the run's one record of what it trains: log.txt and model.pt7 hold them, and a resume reads
-the checkpoint's back, typed, and compares them."""
+the checkpoint's back, typed, and compares them. Schedule: the lr and AT weight of every epoch, read
+from them by the loop, TensorBoard, the resume message and the scripts' dry runs."""
 import argparse
 import json
 import math
@@ -11,9 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import get_args
 
 from training.errors import UserError, die
-from training.formats import load_checkpoint
-from training.precision import NAMES
-from training.schedule import Schedule
+from training.rundir import load_checkpoint
 
 # --help's two groups of flags: what a user of the 2017 scripts knows comes first
 GROUP_2017 = '2017 flags (same names, types and defaults as the paper\'s code)'
@@ -168,6 +167,7 @@ def check_options(opt, positive=(), not_negative=()):
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f'--{name} must be a finite number, got {value}')
     Schedule(opt)  # --epoch_step parses
+    from training.device import NAMES  # torch: not at the top, which rundir's status imports
     if opt.dtype not in NAMES:
         raise UserError(f'--dtype must be float, double, half or bfloat16, got {opt.dtype!r}')
     for name in ('batch_size', 'epochs', 'ngpu', 'width', 'temperature', 'lr_decay_ratio', *positive):
@@ -228,3 +228,66 @@ def check_resume(opt):
             raise UserError(f'--resume {opt.resume}: --{f.name} is {before!r} in the checkpoint and '
                             f'{getattr(opt, f.name)!r} now; resume with the run\'s options (or pass --allow_change '
                             f'{f.name})')
+
+
+# ---------------------------------------------------------------- the schedule
+# The lr drops at the start of each epoch listed in --epoch_step (1-based), by --lr_decay_ratio. A
+# repeated entry drops it once, as 2017's `epoch in epoch_step` did; the scripts' scaled schedules
+# list distinct epochs.
+
+def parse_epoch_step(text):
+    """--epoch_step: a JSON list of ints, epochs from 1 on."""
+    try:
+        steps = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        steps = None
+    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise UserError(f'--epoch_step must be a JSON list of ints, like [60,120,160]; got {text!r}')
+    if any(s < 1 for s in steps):  # epochs count from 1: an lr step at 0 would never happen
+        raise UserError(f'--epoch_step lists epochs from 1 on, like [60,120,160]; got {text!r}')
+    return steps
+
+
+class Schedule:
+    """lr(epoch) and beta(epoch) of a run. `options`: a script's Options or a log record's dict."""
+
+    def __init__(self, options):
+        o = options if isinstance(options, dict) else vars(options)
+        self.base_lr, self.ratio, self.epochs = o['lr'], o['lr_decay_ratio'], o.get('epochs')
+        self.steps = sorted(set(parse_epoch_step(o['epoch_step'])))  # a repeated epoch drops once
+        self.base_beta = o.get('at_weight', o.get('beta', 0))
+        self.beta_decay = o.get('beta_decay', 'none')
+
+    def drops(self, epoch):
+        """Whether the lr drops at the start of `epoch`."""
+        return epoch in self.steps
+
+    def lr(self, epoch):
+        """The lr of `epoch`, multiplied step by step as the optimizer's is (so equal to it bit for bit)."""
+        lr = self.base_lr
+        for s in self.steps:
+            if s <= epoch:
+                lr *= self.ratio
+        return lr
+
+    def beta(self, epoch):
+        """The AT weight of `epoch`. none: constant (2017). step: times the ratio exactly when the lr
+        drops. linear: from beta at epoch 1 down to beta/epochs at the last epoch."""
+        if self.beta_decay == 'step':
+            return self.base_beta * self.ratio ** sum(1 for s in self.steps if s <= epoch)
+        if self.beta_decay == 'linear':
+            return self.base_beta * (self.epochs - epoch + 1) / self.epochs
+        return self.base_beta
+
+    @property
+    def scheduled_beta(self):
+        return self.beta_decay != 'none'
+
+    @property
+    def depends_on_epochs(self):
+        """A linear beta is spread over --epochs: changing it changes the epochs already trained."""
+        return self.beta_decay == 'linear'
+
+    def key(self):
+        """What a finished run's schedule is, for comparing it with one asked for."""
+        return self.epochs, self.steps

@@ -8,8 +8,8 @@ import torch
 
 from resnet import (CIFAR_MODELS, cifar_model_head, cifar_model_name, cifar_model_params, expected_export_shapes,
                     fold_torchvision, folded_resnet, wrn_depth_to_blocks)
-from training.formats import load_checkpoint, read_json_stats, safe_load, student_params
-from training.errors import UserError
+from training.rundir import load_checkpoint, read_json_stats, safe_load, student_params
+from training.errors import UserError, as_user_error
 from utils import check_params
 
 
@@ -51,7 +51,8 @@ def load_teacher_run(run_id, num_classes=None):
                         f'KD (--alpha) and --grad_beta compare class scores; AT alone (--beta) would do')
     with torch.device('meta'):
         expected = cifar_model_params(model, depth, width, run_classes)
-    check_params(params, expected, f'teacher {folder}/model.pt7')
+    with as_user_error(ValueError):
+        check_params(params, expected, f'teacher {folder}/model.pt7')
     return CIFAR_MODELS[model], {k: params[k].float() for k in expected}, dict(
         name=cifar_model_name(model, depth, width), folder=folder, num_classes=run_classes, model=model,
         dataset=info.get('dataset', 'CIFAR10'), **data_settings(info))
@@ -96,9 +97,10 @@ def load_teacher_export(path):
     params = {k: torch.as_tensor(v).float() for k, v in params.items()}
     try:
         expected = expected_export_shapes(params)
-    except UserError as e:
+    except ValueError as e:
         raise UserError(f'teacher {path}: {e}') from None
-    check_params(params, expected, f'teacher {path}')
+    with as_user_error(ValueError):
+        check_params(params, expected, f'teacher {path}')
     return folded_resnet, params
 
 

@@ -1,25 +1,36 @@
-"""The one training loop of cifar.py and imagenet.py: torchnet's Engine, its meters, mixed precision
-(autocast, with a GradScaler for fp16) and torch.compile.
+"""The one training loop of cifar.py and imagenet.py, and fit(): a Run (what the scripts build from
+their options) trained epoch by epoch into its run folder, through kills and resumes.
 
-One training step, as the engine runs it: on_sample moves the batch to the device; step() runs the
-model under autocast and returns the loss to backpropagate with the step's logits and named loss
-terms; the engine backpropagates and calls on_forward, which queues the step's figures on the
-device; flush() hands them to the meters, one device-to-host copy per `sync_every` steps; then the
-optimizer steps (through the GradScaler for fp16) and on_update asks whether a signal came.
+One training step, as torchnet's Engine runs it: on_sample moves the batch to the device; step() runs
+the model (a distill.Distiller) under autocast and returns the loss to backpropagate with the step's
+logits and named loss terms; the engine backpropagates and calls on_forward, which queues the step's
+figures on the device; flush() hands them to the meters, one device-to-host copy per `sync_every`
+steps; then the optimizer steps (through the GradScaler for fp16) and on_update asks whether a signal
+came. Beside model.pt7 and log.txt rank 0 writes run.json and TensorBoard event files (board.py),
+which go on through resumes too.
 """
+import json
 import math
+import os
+import signal
 import sys
 import types
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torchnet as tnt
 from tqdm import tqdm
 
-from training.compat import compile_errors
-from training.parallel import Dist
-from training.precision import Precision
-from training.errors import Stopped, UserError
-from utils import AT_PREFIX
+from training import rundir
+from training.board import Board
+from training.device import (Dist, Precision, data_parallel, distributed, place_params, rank_rng_state,
+                             rank_rng_states, rng_state, set_rng_state)
+from training.distill import Distiller, FunctionalNet
+from training.errors import SignalPlan, Signals, Stopped, UserError, as_user_error
+from training.options import Schedule
+from utils import AT_PREFIX, check_params, is_trained, n_trained
 
 
 def own_code(f):
@@ -31,6 +42,22 @@ def own_code(f):
     g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
     g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
     return g
+
+
+def compile_errors():
+    """The exceptions that mean torch.compile itself failed (no compiler, an unsupported op, ...).
+
+    What fails while compiling a forward, dynamo wraps in BackendCompilerFailed, a TorchDynamoException on
+    every torch. The backward is compiled lazily, inside loss.backward(), where AOTAutograd calls inductor
+    itself: before torch 2.7 inductor's errors come out of it raw (a LoweringException or another
+    OperatorIssue, a CppCompileError, ...: torch/_inductor/exc.py); from 2.7 on inductor wraps them in
+    InductorError, a BackendCompilerFailed. So: TorchDynamoException, and each of inductor's own error
+    classes that this torch has."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor import exc
+    names = ('InductorError', 'OperatorIssue', 'SubgraphLoweringException', 'CppWrapperCodeGenError',
+             'CppWrapperCodegenError', 'CppCompileError', 'InvalidCxxCompiler', 'CUDACompileError')
+    return (TorchDynamoException, *(getattr(exc, n) for n in names if hasattr(exc, n)))
 
 
 def compiled(f, enabled, prog):
@@ -121,7 +148,7 @@ class Trainer:
     over ranks, and rank 0's batch-norm `buffers` are broadcast before each test pass. The meters
     read the device only every `sync_every` steps and at the end of each pass, so that a GPU is not
     made to wait for the host (default: 50 on GPUs; 1 on the CPU, where reading is free).
-    `precision` (precision.Precision) gives autocast and, for fp16, the GradScaler; scaler_state (a
+    `precision` (device.Precision) gives autocast and, for fp16, the GradScaler; scaler_state (a
     checkpoint's) resumes its scale.
     """
 
@@ -183,7 +210,8 @@ class Trainer:
         """The engine's network: the loss to backpropagate (scaled for fp16), and the step's output
         for on_forward: its logits, its loss and its named terms, detached."""
         inputs, targets, mode = sample
-        with self.precision.autocast():
+        compute = self.precision.compute  # float16, bfloat16, or None: no autocast
+        with torch.autocast(self.device.type, dtype=compute) if compute else nullcontext():
             y, losses = self.model(inputs, targets, mode)
         loss = losses['loss']
         terms = {k: v.detach() for k, v in losses.items() if k != 'loss'} if mode else {}
@@ -302,3 +330,194 @@ def sgd(params, weight_decay, precision):
     trained = [v for v in params.values() if v.requires_grad]
     return lambda lr: torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay,
                                       fused=precision.fused_sgd or None)
+
+
+# ---------------------------------------------------------------- fit: a run, epoch by epoch
+
+@dataclass
+class Run:
+    """What fit() trains, as cifar.build and imagenet.build make it from the parsed options."""
+    opt: object                    # the options it was built from (the beta schedule reads them)
+    device: torch.device           # where this process computes: the CPU, or its GPU under torchrun
+    precision: Precision           # --dtype on that device: autocast, GradScaler, memory format
+    train_loader: Iterable         # this process's training batches, (inputs, targets)
+    test_loader: Iterable          # this process's share of the test (ImageNet: val) set
+    num_classes: int               # the dataset's: the student's classifier has as many outputs
+    params_s: dict                 # the student's 2017 dict; its bn statistics go from rank 0 to all
+    distiller: Distiller           # a step's loss: the student, any teacher, and the transfer terms
+    make_optimizer: Callable       # lr -> a fresh SGD over the student (and any F-ActT adapters)
+    saved: dict                    # the tensors model.pt7 holds, under their 2017 names
+    description: str               # student and teacher, for the start-up line
+    topk: tuple = (1,)             # accuracies counted: top-1 (CIFAR), or top-1 and top-5 (ImageNet)
+    data: dict = None              # what the inputs are, for log.txt: image_size, class_digest (CIFAR)
+
+    def __post_init__(self):
+        self.schedule = Schedule(self.opt)
+
+    def scheduled(self):
+        return self.schedule.scheduled_beta
+
+    def set_beta(self, epoch):
+        """The AT weight of `epoch` under --beta_decay, set at the epoch's start."""
+        self.distiller.beta = self.schedule.beta(epoch)
+
+
+def make_distiller(opt, prog, device, precision, f_s, params_s, f_t=None, params_t=None, adapters=None, **terms):
+    """The shared part of both scripts' build: the student (and teacher) dicts placed on the device in
+    the run's precision, compiled where asked, split over --ngpu GPUs, inside a Distiller with the
+    AT and KD weights and AT mode of the options and any other `terms` (factt_beta=..., at_groups=...).
+    Returns (distiller, make_optimizer)."""
+    adapters = adapters or {}
+    for params, trained in ((params_s, True), (params_t or {}, False), (adapters, True)):
+        place_params(params, device, precision.params, precision.channels_last, trained)
+
+    def net(f, params):
+        return data_parallel(FunctionalNet(compiled(f, opt.compile, prog), params, precision.compute), opt.ngpu)
+    distiller = Distiller(net(f_s, params_s), f_t and net(f_t, params_t), beta=opt.at_weight, alpha=opt.alpha,
+                          temperature=opt.temperature, at_mode=opt.at_mode, adapters=adapters, **terms)
+    return distiller, sgd({**params_s, **adapters}, opt.weight_decay, precision)
+
+
+def fit(opt, run, prog):
+    """Trains `run` (a Run, from cifar.build or imagenet.build) under `opt`, writing model.pt7 and
+    log.txt into opt.save."""
+    dist = Dist(run.device)
+    lead = dist.rank == 0  # only rank 0 writes and prints
+    optimizer = run.make_optimizer(opt.lr)
+    generator = getattr(run.train_loader, 'generator', None)
+    # rank 0 reads the checkpoint and hands it to the others, which may be on machines without it
+    state = dist.broadcast_object(read_resume(opt.resume, run.saved) if opt.resume and lead else None)
+    if state:
+        restore(opt.resume, state, run.saved, optimizer)
+    epoch = state['epoch'] if state else 0
+    model = distributed(run.distiller, run.device)  # every rank starts from rank 0's weights
+    signals, plan = Signals(prog), SignalPlan()
+    writer = EpochWriter(opt, run, generator, plan)
+    if lead:
+        if state:
+            print(f'resumed from {opt.resume} at epoch {epoch}, lr {run.schedule.lr(epoch):g}')
+        rundir.make_save(opt.save)
+        if state and state.get('record'):
+            rundir.repair_log(writer.log_path, state['epoch'], state['record'])
+        rundir.record_session(opt.save, run.device, dist.world, epoch)
+        if opt.tensorboard:
+            writer.board = Board(opt.save, len(run.train_loader),
+                                 (n_images(run.train_loader), n_images(run.test_loader)), opt.tensorboard_every,
+                                 epoch, rundir.read_json_stats(writer.log_path) if os.path.exists(writer.log_path) else [])
+        print(f'{run.description}: {writer.n_parameters:,} parameters ({writer.n_trained:,} trained); '
+              f'{run.num_classes} classes; device {run.device}'
+              + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
+    if state and state.get('rng'):  # last, after building and restoring drew their own numbers
+        set_rng_state(rank_rng_state(state, dist.rank), generator)
+        saved = 1 + len(state.get('rng_ranks') or [])
+        if lead and saved < dist.world:
+            print(f'note: {opt.resume} holds the random states of {saved} process(es); ranks {saved} to '
+                  f'{dist.world - 1} draw their augmentation afresh from --seed', file=sys.stderr)
+
+    def epoch_end(stats, optimizer):  # on every rank: each rank's random states go to rank 0, which saves
+        rng = rank_rng_states(dist, generator) if dist.world > 1 else None
+        if lead:
+            writer(stats, optimizer, rng)
+
+    def should_stop():
+        plan.step_done()
+        return dist.any(signals.name)
+
+    trainer = Trainer(model, run.make_optimizer, run.device, epochs=opt.epochs, schedule=run.schedule,
+                      start_epoch=epoch, topk=run.topk, precision=run.precision,
+                      progress=lead and not opt.no_progress, dist=dist,
+                      on_epoch_start=run.set_beta if run.scheduled() else None,
+                      on_epoch_end=epoch_end, should_stop=should_stop,
+                      scaler_state=(state or {}).get('scaler'), on_steps=writer.board and writer.board.steps,
+                      restart_momentum=bool(getattr(opt, 'lr_restart_momentum', 1)),
+                      buffers=[v for k, v in run.params_s.items() if not is_trained(k)])
+    try:
+        return trainer.train(run.train_loader, run.test_loader, optimizer)
+    except Stopped:
+        if lead:
+            done = rundir.read_json_stats(writer.log_path)[-1]['epoch'] if os.path.exists(writer.log_path) else 0
+            kept = f'model.pt7 holds the last whole epoch ({done})' if done else 'no epoch had finished'
+            print(f'{prog}: {signals.name or "signal"}: stopped mid-epoch; {kept}; continue with '
+                  f'--resume auto --save {opt.save}', file=sys.stderr)
+        # a rank that got no signal itself stops with its peers, as if it had got SIGTERM
+        raise Stopped(signal.Signals[signals.name] if signals.name else signal.SIGTERM) from None
+    finally:
+        if writer.board:
+            writer.board.close()
+
+
+def n_images(loader):
+    """Images a pass over the loader sees, over all ranks."""
+    return len(loader.dataset) if hasattr(loader, 'dataset') else len(loader.labels)
+
+
+# ---------------------------------------------------------------- resume, and each epoch's files
+
+def read_resume(path, saved):
+    """A model.pt7 to resume, its params checked against `saved` and under its names."""
+    state = rundir.load_checkpoint(path)
+    state['params'] = rundir.checkpoint_params(state, saved)
+    with as_user_error(ValueError):
+        check_params(state['params'], saved, f'--resume {path}')
+    return state
+
+
+def restore(path, state, saved, optimizer):
+    """Loads a checkpoint (read_resume's) into `saved` params and the optimizer."""
+    params = state['params']
+    with torch.no_grad():
+        for k, v in saved.items():
+            v.copy_(params[k])
+    try:
+        if state.get('optimizer'):
+            optimizer.load_state_dict(state['optimizer'])
+        state['epoch'] = int(state.get('epoch', 0))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f'--resume {path}: optimizer state does not fit this model ({e})') from None
+    trained = [p for g in optimizer.param_groups for p in g['params']]
+    if any(s.get('momentum_buffer') is not None and s['momentum_buffer'].shape != p.shape
+           for p in trained for s in [optimizer.state.get(p, {})]):
+        # a 2017 checkpoint may list its tensors in another order: the weights are right, the momentum is not
+        print(f'note: --resume {path}: its momentum does not fit this model\'s tensor order; momentum restarts',
+              file=sys.stderr)
+        optimizer.state.clear()
+    return state
+
+
+class EpochWriter:
+    """on_epoch_end of rank 0: model.pt7 first, then its log line, then the epoch's TensorBoard points
+    (`board`, where there is one), then one line on stdout."""
+
+    def __init__(self, opt, run, generator, plan):
+        self.opt, self.run, self.generator, self.plan = opt, run, generator, plan
+        self.board = None
+        self.log_path = os.path.join(opt.save, 'log.txt')
+        # log.txt's n_parameters is the 2017 count, of every tensor of the student's dict (batch-norm
+        # statistics too); the trained count is printed beside it
+        self.n_parameters = sum(v.numel() for v in run.params_s.values())
+        self.n_trained = n_trained(run.params_s)
+
+    def __call__(self, stats, optimizer, rng=None):
+        """rng: rank_rng_states' (rank 0's, [other ranks']) under torchrun; else this process's, read here."""
+        opt = self.opt
+        rng, rng_ranks = rng or (rng_state(self.generator), [])
+        # plain JSON types (meters give numpy floats), which torch.load(weights_only=True) accepts
+        record = json.loads(json.dumps({**opt.record(), **stats, 'num_classes': self.run.num_classes,
+                                        **(self.run.data or {}),
+                                        'n_parameters': self.n_parameters,
+                                        **({'beta_now': self.run.distiller.beta} if self.run.scheduled() else {})}))
+        scaler = getattr(optimizer, 'scaler', None)  # fp16: the loss scale goes on where it was
+        if self.board:  # the epoch's per-step points reach the disk before model.pt7 says the epoch is done
+            self.board.flush()
+        rundir.save_checkpoint(os.path.join(opt.save, 'model.pt7'), self.run.saved, optimizer, stats['epoch'],
+                        rng=rng, record=record, **({'rng_ranks': rng_ranks} if rng_ranks else {}),
+                        **({'scaler': scaler.state_dict()} if scaler else {}))
+        self.plan.fire(f'ckpt{stats["epoch"]}')
+        rundir.append_log(self.log_path, record)
+        if self.board:
+            self.board.epoch(record, optimizer.param_groups[0]['lr'])
+        def pct(acc):  # top-1, or top-1/top-5
+            return '/'.join(f'{a:.2f}' for a in (acc if isinstance(acc, list) else [acc])) + '%'
+        print(f'==> epoch {stats["epoch"]}/{opt.epochs}: train loss {stats["train_loss"]:.4f} acc '
+              f'{pct(stats["train_acc"])}, test loss {stats["test_loss"]:.4f} acc {pct(stats["test_acc"])} '
+              f'({stats["train_time"]:.1f}s + {stats["test_time"]:.1f}s)')

@@ -1,18 +1,89 @@
-"""Devices and parallelism: device choice, the torchrun process group, and functional networks as
-torch.nn.Modules, so that torch's own DataParallel (--ngpu N) and DistributedDataParallel (torchrun)
-carry them."""
+"""The device and the processes: which device, the torchrun process group, what --dtype means there,
+DataParallel and DistributedDataParallel over the student, every random state a run draws from, and
+the guards of the torch APIs newer than the floor (scripts/pins.py)."""
+import inspect
 import math
 import os
+import random
+import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torchnet as tnt
 
-from training.compat import ddp_no_buffer_sync, sync_buffers_once
 from training.errors import UserError
-from training.precision import memory_format
 from utils import set_requires_grad_except_bn_
+
+
+AMP_DTYPES = {'half': torch.float16, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+PARAM_DTYPES = {'float': torch.float32, 'float32': torch.float32,
+                'double': torch.float64, 'float64': torch.float64}
+NAMES = {**AMP_DTYPES, **PARAM_DTYPES}
+
+
+def memory_format(channels_last):
+    """The memory format of images and conv weights under --channels_last."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@dataclass(frozen=True)
+class Precision:
+    """--dtype NAME on a device of type `device_type`, handed to whoever needs it.
+
+    params: the dtype of weights and inputs (float32, or float64 for --dtype double); with autocast
+        the weights stay float32 (master weights) and `compute` is the dtype the ops run in.
+    compute: the autocast dtype (float16, bfloat16), or None for no autocast.
+    channels_last: the memory format of images and conv weights.
+    """
+    name: str = 'float'
+    device_type: str = 'cpu'
+    channels_last: bool = False
+
+    @property
+    def params(self):
+        return PARAM_DTYPES.get(self.name, torch.float32)
+
+    @property
+    def compute(self):
+        return AMP_DTYPES.get(self.name)
+
+    @property
+    def scaled(self):
+        """A GradScaler scales the loss: fp16 gradients underflow without it."""
+        return self.compute == torch.float16
+
+    @property
+    def fused_sgd(self):
+        """The fused SGD takes the GradScaler's inf check on the GPU, so the host does not wait for it."""
+        return self.device_type == 'cuda' and self.scaled
+
+    def autocast(self):
+        """Mixed precision: compute in `compute` under autocast, master weights in float32."""
+        return torch.autocast(self.device_type, dtype=self.compute) if self.compute else nullcontext()
+
+    def scaler(self, state=None):
+        """A GradScaler where the loss needs one, resumed from a checkpoint's `state`; else None."""
+        if not self.scaled:
+            return None
+        scaler = torch.amp.GradScaler(self.device_type)
+        if state:
+            scaler.load_state_dict(state)
+        return scaler
+
+    def emulated(self):
+        """True where autocast would run on a CPU with no native kernels for `compute`: without
+        AVX-512 bf16/fp16 (an AVX2-only CPU), oneDNN emulates the low-precision convolutions and a
+        step runs several times slower than fp32 (docs/speed.md)."""
+        if self.device_type != 'cpu' or self.compute is None:
+            return False
+        native = {torch.bfloat16: '_is_mkldnn_bf16_supported', torch.float16: '_is_mkldnn_fp16_supported'}
+        try:
+            return not getattr(torch.ops.mkldnn, native[self.compute])()
+        except (AttributeError, RuntimeError):  # the check is private to torch: never fail a run on it
+            return False
 
 
 def select_device(device_name, gpu_id, ngpu):
@@ -130,41 +201,6 @@ class Dist:
             m.std = math.sqrt(max(m.m_s, 0.0) / (n - 1)) if n > 1 else (math.inf if n == 1 else float('nan'))
 
 
-class FunctionalNet(nn.Module):
-    """A functional network f(input, params, mode) and its flat dict of tensors as a torch.nn.Module.
-
-    Trained tensors become Parameters and the others (batch-norm statistics, a frozen teacher)
-    buffers. The dict passed in is updated to hold those same tensor objects, so the optimizer,
-    checkpoints (with the 2017 names) and the module all see one set of weights.
-    """
-
-    def __init__(self, f, params, amp_dtype=None):
-        super().__init__()
-        self.f, self.names, self.amp_dtype = f, list(params), amp_dtype
-        for k in self.names:
-            if params[k].requires_grad:
-                params[k] = nn.Parameter(params[k])
-                self.register_parameter(self.attr(k), params[k])
-            else:
-                self.register_buffer(self.attr(k), params[k])
-
-    @staticmethod
-    def attr(name):
-        return name.replace('.', '__')  # module attributes cannot hold dots
-
-    @property
-    def params(self):
-        """The 2017 dict; in a DataParallel replica, the replica's own copies."""
-        return {k: getattr(self, self.attr(k)) for k in self.names}
-
-    def forward(self, x, mode):
-        # autocast state is per thread, and DataParallel's replica threads re-enter it without the
-        # dtype: each replica enters it here, with the dtype the run asked for
-        amp = torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        with amp:
-            return self.f(x, self.params, mode)
-
-
 def data_parallel(net, ngpu):
     """--ngpu N: torch's DataParallel splits each batch over N GPUs in one process. As in 2017,
     batch-norm statistics are updated from the first GPU's share. A frozen network (a teacher) is
@@ -198,7 +234,7 @@ def distributed(model, device):
     rank 0's before each), and a frozen teacher is sent once."""
     if not torch.distributed.is_initialized():
         return model
-    kw = ddp_no_buffer_sync()  # its keyword changed in torch 2.13 (compat.py)
+    kw = ddp_no_buffer_sync()  # its keyword changed in torch 2.13 (below)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None, **kw)
     sync_buffers_once(model, kw)
     return ddp
@@ -219,3 +255,95 @@ def place_params(params, device, dtype, channels_last, trained):
         params[k] = torch.empty_like(v, memory_format=fmt).copy_(v) if v.dim() == 4 else v
     if trained:
         set_requires_grad_except_bn_(params)
+
+
+# ---------------------------------------------------------------- random states
+
+def rank_seed(seed, rank):
+    """The seed of a rank's own random streams: --seed itself on rank 0 (a one-process run is unchanged),
+    mixed with the rank on the others (SeedSequence), so that no two ranks draw alike."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def seed_everything(seed):
+    """Seeds torch, numpy and random. Under torchrun each rank takes a seed of its own (rank_seed):
+    with --loader torchvision the transforms draw from these streams (with --nthread 0; the workers'
+    from the loader's generator), and alike on every rank they would give every rank's share the same
+    crops and flips. Weights drawn here differ between ranks too, but DistributedDataParallel starts
+    every rank from rank 0's."""
+    seed = rank_seed(seed, Dist(torch.device('cpu')).rank)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generator=None):
+    """Every random state a run draws from, in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state['loader'] = generator.get_state()
+    return state
+
+
+def set_rng_state(state, generator=None):
+    """Restores rng_state's states (those it holds: see rank_rng_state). Those of devices this machine
+    lacks (a run saved on CUDA and resumed on the CPU, or on fewer GPUs) are left out, with one line
+    where it changes the run."""
+    if 'torch' in state:
+        torch.set_rng_state(state['torch'])
+        version, internal, gauss = state['python']
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, gauss = state['numpy']
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if state.get('cuda') and torch.cuda.is_available():
+        for i, s in enumerate(state['cuda'][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+    if generator is not None and 'loader' in state:
+        if state['loader'].numel() == generator.get_state().numel():
+            generator.set_state(state['loader'])
+        else:  # CPU and CUDA generators keep states of different kinds
+            print(f'warning: the checkpoint\'s data order was drawn on another kind of device than '
+                  f'{generator.device.type}; it goes on from --seed, not where it left off', file=sys.stderr)
+
+
+def rank_rng_states(dist, generator):
+    """At an epoch's end, on every rank: (rank 0's rng_state, [those of ranks 1 ..]) on rank 0, which
+    saves them (model.pt7's 'rng' and 'rng_ranks'); None on the others. Under torchrun each rank
+    draws augmentations of its own (seed_everything), so each keeps its own state across a resume."""
+    states = dist.gather_object(rng_state(generator))
+    return states and (states[0], states[1:])
+
+
+def rank_rng_state(state, rank):
+    """A checkpoint's random states for `rank`: its own where the checkpoint has them (rank 0's is 'rng');
+    else (a run saved with fewer processes) rank 0's data-order generator alone, which the fast loader
+    keeps in step on every rank, while this rank's own streams go on from its seed."""
+    others = state.get('rng_ranks') or []
+    if rank == 0:
+        return state['rng']
+    if rank <= len(others):
+        return others[rank - 1]
+    return {k: v for k, v in state['rng'].items() if k == 'loader'}
+
+
+# ---------------------------------------------------------------- torch newer than the floor
+
+def ddp_no_buffer_sync():
+    """DistributedDataParallel's keywords for "do not re-send buffers at every forward".
+
+    torch >= 2.13: forward_sync_buffers=False (buffers are still sent once, at construction).
+    Older: broadcast_buffers=False, which also skips that first send: sync_buffers_once() does it."""
+    if 'forward_sync_buffers' in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters:
+        return {'forward_sync_buffers': False}
+    return {'broadcast_buffers': False}
+
+
+def sync_buffers_once(module, kwargs):
+    """Rank 0's buffers to every rank, where the DDP keywords left that out (torch < 2.13)."""
+    if 'broadcast_buffers' in kwargs:
+        for b in module.buffers():
+            torch.distributed.broadcast(b.data, 0)
