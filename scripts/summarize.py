@@ -233,7 +233,7 @@ def provenance(logs, pairs, tab):
     lines = ['| run | commit | torch | device | sessions |', '|---|---|---|---|---|']
     names = [tab.run_name(p, m) for p in pairs for m in ('teacher', *tab.methods)]
     for folder in sorted(f for f in os.listdir(logs) if re.sub(r'_s\d+$', '', f) in names):
-        sessions = prov.read(os.path.join(logs, folder))
+        sessions = prov.read_sessions(os.path.join(logs, folder))
         if not sessions:
             lines.append(f'| {folder} | — | — | — | 0 |')
             continue
