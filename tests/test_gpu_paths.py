@@ -146,6 +146,83 @@ def test_fused_sgd_for_fp16_on_gpus_only():
     assert sgd(p, 0, Precision('half', 'cpu'))(0.1).param_groups[0]['params'] == [p['w']]
 
 
+@pytest.fixture
+def stale_memory(monkeypatch):
+    """torch.empty_like handing out memory that held something else (NaN here), as a GPU's allocator does."""
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, 'empty_like', lambda t, **kw: empty_like(t, **kw).fill_(float('nan')))
+
+
+def scaled_steps(optimizers, w, xs):
+    """A GradScaler's steps of the loss sum(w * x), optimizers[i] taking xs[i]'s: an inf in x is a step
+    the scaler skips. A new optimizer is an lr restart, as the loop makes one."""
+    scaler = torch.amp.GradScaler('cpu')
+    for optimizer, steps in zip(optimizers, xs):
+        for x in steps:
+            optimizer.zero_grad()
+            scaler.scale((w * x).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    return w.detach()
+
+
+def test_a_skipped_first_step_leaves_no_stale_momentum(stale_memory):
+    """torch's fused SGD makes missing momentum buffers with empty_like and leaves them unwritten when the
+    GradScaler skips the step: the next step reads stale memory as momentum. The project's SGD has zero
+    buffers from the start, and takes the non-fused SGD's steps after a skipped first step and after
+    an lr restart."""
+    from training.loop import sgd
+    from training.device import Precision
+    inf, one = torch.tensor([float('inf'), 1, 1]), torch.ones(3)
+    steps = [[inf, one, one], [inf, one * 2, one]]  # a restart at lr 0.01, whose first step is skipped too
+
+    def run(make):
+        w = torch.ones(3, requires_grad=True)
+        return scaled_steps([make([w], 0.1), make([w], 0.01)], w, steps)
+    stale = run(lambda p, lr: torch.optim.SGD(p, lr, momentum=0.9, fused=True))
+    reference = run(lambda p, lr: torch.optim.SGD(p, lr, momentum=0.9, foreach=False))
+    assert stale.isnan().all() and reference.isfinite().all()
+    ours = run(lambda p, lr: sgd({'w': p[0]}, 0, Precision('half', 'cuda'))(lr))
+    torch.testing.assert_close(ours, reference)
+    assert reference.tolist() == pytest.approx([1 - 0.1 - 0.19 - 0.02 - 0.028] * 3)
+
+
+def test_zero_momentum_buffers_change_no_step():
+    """From a zero buffer the first step is 0.9 * 0 + grad, the grad a missing buffer takes: each of
+    torch's SGD paths gives the same bits either way, with weight decay and a -0 gradient."""
+    from training.loop import zero_momentum
+    for kind in ({'foreach': False}, {'foreach': True}, {'fused': True}):
+        finals = []
+        for premade in (False, True):
+            w = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+            opt = torch.optim.SGD([w], 0.1, momentum=0.9, weight_decay=5e-4, **kind)
+            opt = zero_momentum(opt) if premade else opt
+            g = torch.Generator().manual_seed(1)
+            for i in range(4):
+                w.grad = torch.randn(8, 4, generator=g)
+                w.grad[0, 0] = -0.0 if i == 0 else w.grad[0, 0]
+                opt.step()
+            finals.append((w.detach().clone(), opt.state[w]['momentum_buffer']))
+        (a, ma), (b, mb) = finals
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)) and torch.equal(ma, mb), kind
+
+
+def test_a_resumed_optimizer_has_every_momentum_buffer():
+    """A checkpoint whose optimizer holds no buffer for a tensor (or none that fits) resumes with zero
+    buffers, not with the fused SGD's empty ones."""
+    from training.loop import restore, sgd
+    from training.device import Precision
+    params = {'a': torch.ones(2, requires_grad=True), 'b': torch.ones(3, requires_grad=True)}
+    saved = torch.optim.SGD([params['a'], params['b']], 0.1, momentum=0.9)
+    params['a'].grad = torch.ones(2)
+    saved.step()  # a buffer for a alone
+    unfit = {**saved.state_dict(), 'state': {0: {'momentum_buffer': torch.ones(5)}}}  # 2017's tensor order
+    for state, want in ((saved.state_dict(), [[1, 1], [0, 0, 0]]), (unfit, [[0, 0], [0, 0, 0]])):
+        optimizer = sgd(params, 0, Precision('half', 'cuda'))(0.1)
+        restore('model.pt7', {'params': params, 'optimizer': state}, params, optimizer)
+        assert [optimizer.state[p]['momentum_buffer'].tolist() for p in params.values()] == want
+
+
 def test_the_loss_scale_is_checkpointed(tiny_data, tmp_path):
     args = [*SMALL, '--dataroot', tiny_data, '--dtype', 'half', '--save', 'logs/h']
     run_cifar([*args, '--epochs', 1], tmp_path)

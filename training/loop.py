@@ -328,8 +328,22 @@ def sgd(params, weight_decay, precision):
     """make_optimizer(lr): SGD with momentum 0.9 on every tensor of `params` that learns, as in 2017;
     the fused SGD where the precision asks for it (fp16 on a GPU)."""
     trained = [v for v in params.values() if v.requires_grad]
-    return lambda lr: torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay,
-                                      fused=precision.fused_sgd or None)
+    return lambda lr: zero_momentum(torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay,
+                                                    fused=precision.fused_sgd or None))
+
+
+def zero_momentum(optimizer):
+    """The optimizer, with a zero momentum buffer for each tensor that has none. torch's fused SGD makes
+    a missing buffer with torch.empty_like and lets the kernel fill it (torch/optim/sgd.py _fused_sgd,
+    is_first_step; ATen/native/cuda/FusedSgdKernel.cu), but when the GradScaler found an inf the kernel
+    returns before writing it, and the next step reads whatever that memory held as momentum. GradScaler
+    skips the first steps as a matter of course. From zero the first step is momentum * 0 + grad = grad,
+    the numbers a missing buffer gives, bit for bit."""
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            if optimizer.state[p].get('momentum_buffer') is None:
+                optimizer.state[p]['momentum_buffer'] = torch.zeros_like(p)
+    return optimizer
 
 
 # ---------------------------------------------------------------- fit: a run, epoch by epoch
@@ -481,6 +495,7 @@ def restore(path, state, saved, optimizer):
         print(f'note: --resume {path}: its momentum does not fit this model\'s tensor order; momentum restarts',
               file=sys.stderr)
         optimizer.state.clear()
+    zero_momentum(optimizer)  # a checkpoint may hold no buffer for some tensors, or none kept
     return state
 
 
