@@ -71,6 +71,49 @@ def test_shuffle_is_seeded_and_fresh_each_epoch():
     assert a[0] != a[1] and sorted(a[0]) == sorted(a[1]) == labels
 
 
+def test_each_batch_takes_the_draws_of_the_batch_by_batch_order():
+    """The epoch's draws are made at its start, in the order they were once made batch by batch: the
+    order (randperm), then each batch's tops, lefts and flips. Every batch of two epochs equals
+    torchvision's view of its images at the offsets that sequence gives."""
+    images = np.random.default_rng(1).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    ld = loader(torch.from_numpy(images).permute(0, 3, 1, 2), list(range(10)), train=True, batch_size=4, seed=5)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        order = torch.randperm(10, generator=g)
+        for (x, y), idx in zip(ld, order.split(4)):
+            top, left, flip = (torch.randint(0, k, (len(idx),), generator=g) for k in (9, 9, 2))
+            assert torch.equal(y, idx)
+            for v, i, t, l, f in zip(x, idx, top, left, flip):
+                assert torch.equal(v, torchvision_view(Image.fromarray(images[i]), int(t), int(l), bool(f)))
+    assert torch.equal(ld.generator.get_state(), g.get_state())
+
+
+def test_an_epoch_reaches_the_device_in_one_copy():
+    """A copy from pageable host memory makes the host wait for the GPU: the order, crops and flips
+    go over once an epoch, not once a step. The meta device stands in for a GPU; every copy from the
+    CPU to it is counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = [a for a in args if isinstance(a, torch.Tensor)]
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and \
+                    {t.device.type for t in ins + [out]} == {'cpu', 'meta'}:
+                Copies.n += 1
+            return out
+    images = torch.zeros(50, 3, 8, 8, dtype=torch.uint8)
+    for train, copies in ((True, 1), (False, 0)):
+        ld = data.DeviceLoader(images, [0] * 50, batch_size=5, mean=MEAN, std=STD, train=train, device='meta',
+                               generator=torch.Generator().manual_seed(0))
+        Copies.n = 0
+        with Copies():
+            assert len(list(ld)) == 10
+        assert Copies.n == copies, train
+
+
 def test_test_split_is_plain_and_in_order(image):
     images = torch.from_numpy(image).permute(2, 0, 1)[None].repeat(7, 1, 1, 1)
     ld = loader(images, list(range(7)), train=False, batch_size=3)

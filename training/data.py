@@ -188,7 +188,7 @@ class DeviceLoader:
     like a DataLoader, already on the device.
 
     `generator` is a CPU generator, whatever the device: the order, crops and flips are drawn on the
-    CPU and copied over. A CUDA generator's numbers depend on the GPU model (which element gets which
+    CPU and copied over once an epoch (epoch_plan). A CUDA generator's numbers depend on the GPU model (which element gets which
     Philox number follows the launch grid, sized by the multiprocessor count: calc_execution_policy in
     ATen/native/cuda/DistributionTemplates.h), so ranks on different GPUs would read different orders,
     some images twice and some never; the CPU's numbers are one order for every device.
@@ -220,30 +220,40 @@ class DeviceLoader:
         # training shards are padded to one size, so every rank takes as many steps
         return -(-n // self.world) if self.train else len(range(self.rank, n, self.world))
 
-    def augment(self, x, n_global):
-        """Crops and flips drawn for the `n_global` images of the global batch; this rank's share."""
-        size, share = x.shape[-2:], slice(self.rank, None, self.world)
+    def augment(self, x, draws):
+        """Crops at (draws[0], draws[1]) and flips where draws[2], of the padded images."""
+        size = x.shape[-2:]
         if self.pad:
             x = F.pad(x, [self.pad] * 4, mode=self.pad_mode)  # constant: 0, a black pixel before normalising
-        g = self.generator  # on the CPU (see the class): one copy of the three draws to the device
-        draws = torch.stack([torch.randint(0, 2 * self.pad + 1, (n_global,), generator=g),
-                             torch.randint(0, 2 * self.pad + 1, (n_global,), generator=g),
-                             torch.randint(0, 2, (n_global,), generator=g)])[:, share].to(x.device)
         return crop_flip(x, draws[0], draws[1], draws[2].bool(), size)
+
+    def epoch_plan(self):
+        """The epoch's order and, per image, its crop offsets and flip: a (4, n) tensor on the device.
+        Drawn on the CPU (see the class), each global batch's three draws after the order, as they were
+        once drawn batch by batch, and copied over at once: a copy from pageable memory makes the host
+        wait for the device, which every step's own copy did."""
+        g, n = self.generator, len(self.labels)
+        order = torch.randperm(n, generator=g)
+        if self.world > 1:  # one size for every rank's share, so all take as many steps
+            order = torch.cat([order, order[:self.shard_size() * self.world - n]])
+        span = 2 * self.pad + 1
+        draws = [torch.stack([torch.randint(0, span, (len(c),), generator=g),  # top, left, flip
+                              torch.randint(0, span, (len(c),), generator=g),
+                              torch.randint(0, 2, (len(c),), generator=g)])
+                 for c in order.split(self.batch_size * self.world)]
+        return torch.cat([order[None], torch.cat(draws, 1)]).to(self.labels.device)
 
     def __iter__(self):
         n = len(self.labels)
-        order = (torch.randperm(n, generator=self.generator).to(self.labels.device)  # on the CPU: see the class
-                 if self.train else torch.arange(n, device=self.labels.device))
-        if self.world > 1 and self.train:  # one size for every rank's share, so all take as many steps
-            order = torch.cat([order, order[:self.shard_size() * self.world - n]])
+        plan = self.epoch_plan() if self.train else torch.arange(n, device=self.labels.device)[None]
         # global batches of the same seeded order on every rank; each rank takes every world-th image
-        for chunk in order.split(self.batch_size * self.world):
-            idx = chunk[self.rank::self.world]
+        for chunk in plan.split(self.batch_size * self.world, 1):
+            mine = chunk[:, self.rank::self.world]
+            idx = mine[0]
             if not len(idx):  # the test split's last chunk may hold fewer images than ranks
                 break
             x = self.images[idx].float()
             if self.train:
-                x = self.augment(x, len(chunk))
+                x = self.augment(x, mine[1:])
             x = normalized(x, self.mean, self.std, self.memory_format)
             yield x, self.labels[idx]
