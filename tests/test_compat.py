@@ -19,6 +19,7 @@ import pins  # noqa: E402
 from training import device  # noqa: E402
 from training import distill  # noqa: E402
 from training import loop  # noqa: E402
+from training.errors import UserError  # noqa: E402
 
 
 class DDP24:
@@ -249,3 +250,57 @@ def test_each_torchs_compile_errors_in_the_backward_pass_fall_back(monkeypatch, 
     optimizer.step(closure)
     assert capsys.readouterr().err.splitlines() == [f'prog: --compile unavailable here ({name}); running eagerly']
     assert torch.equal(w.detach(), torch.tensor([1., 0.9, 0.8]))  # one plain SGD step: w - 0.1 x
+
+
+def failing_backward(error, world):
+    """w, and one step of an EagerOnCompileError whose compiled backward raises `error`, in a world of
+    `world` ranks."""
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise error
+    f = loop.Compiled(lambda x, w: (x * w).sum(), 'prog')
+    f.current = lambda x, w: FailingBackward.apply(f.f(x, w))  # as torch.compile's function
+    w = torch.ones(3, requires_grad=True)
+    optimizer = loop.EagerOnCompileError(torch.optim.SGD([w], 0.1), [f], world)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = f(torch.arange(3.), w)
+        loss.backward()
+        return loss
+    return w, lambda: optimizer.step(closure)
+
+
+def test_under_torchrun_a_backward_compile_error_stops_with_one_line(capsys):
+    """DDP still waits for the failed backward's gradients: no step can be retried, so the run stops."""
+    from torch._inductor.exc import InductorError
+    w, step = failing_backward(InductorError(RuntimeError('a kernel that does not build'), None), 2)
+    with pytest.raises(UserError, match=r'^--compile failed in the backward pass \(InductorError\); under torchrun '
+                                        r'the step cannot be taken again eagerly: run without --compile$'):
+        step()
+    assert capsys.readouterr().err == '' and torch.equal(w.detach(), torch.ones(3))
+    w, step = failing_backward(InductorError(RuntimeError('a kernel that does not build'), None), 1)
+    step()  # one process: the step is taken again eagerly
+    assert torch.equal(w.detach(), torch.tensor([1., 0.9, 0.8]))
+
+
+def test_a_shape_error_found_while_tracing_goes_through(capsys):
+    """TorchRuntimeError is the program's own error, met while tracing: raised as it is, not announced
+    as --compile being unavailable, in the forward and in the backward."""
+    from torch._dynamo.exc import TorchRuntimeError
+    error = TorchRuntimeError.__new__(TorchRuntimeError)
+    RuntimeError.__init__(error, 'shapes cannot be multiplied')
+    for world in (1, 2):
+        w, step = failing_backward(error, world)
+        with pytest.raises(TorchRuntimeError, match='shapes cannot be multiplied'):
+            step()
+    f = loop.Compiled(lambda x: x + 1, 'prog')
+    f.current = lambda x: (_ for _ in ()).throw(error)
+    with pytest.raises(TorchRuntimeError):
+        f(1)
+    assert f.current is not f.f and capsys.readouterr().err == ''

@@ -150,7 +150,16 @@ def test_compiled_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     assert loop.compiled(len, False, 'prog') is len
 
 
-@pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory'), ValueError('a bad input')])
+def shape_error():
+    """What dynamo raises for the program's own error met while tracing (a shape mismatch)."""
+    from torch._dynamo.exc import TorchRuntimeError
+    error = TorchRuntimeError.__new__(TorchRuntimeError)  # its constructor's arguments vary between versions
+    RuntimeError.__init__(error, 'mat1 and mat2 shapes cannot be multiplied')
+    return error
+
+
+@pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory'), ValueError('a bad input'),
+                                   shape_error()])
 def test_compiled_raises_what_is_not_a_compile_failure(monkeypatch, capsys, error):
     monkeypatch.setattr(torch, 'compile', compile_raising(error))
     with pytest.raises(type(error)):

@@ -60,6 +60,14 @@ def compile_errors():
     return (TorchDynamoException, *(getattr(exc, n) for n in names if hasattr(exc, n)))
 
 
+def compile_failed(error):
+    """Whether `error` means torch.compile failed (compile_errors), not the program: TorchRuntimeError,
+    a TorchDynamoException too, is the program's own error met while tracing (a shape mismatch), which
+    eager would raise as well, so it goes through as it is."""
+    from torch._dynamo.exc import TorchRuntimeError
+    return isinstance(error, compile_errors()) and not isinstance(error, TorchRuntimeError)
+
+
 def compiled(f, enabled, prog):
     """torch.compile(f), falling back to f where compilation fails; f itself when not enabled."""
     return Compiled(f, prog) if enabled else f
@@ -79,7 +87,9 @@ class Compiled:
         if self.current is not self.f:
             try:
                 return self.current(*args, **kwargs)
-            except compile_errors() as e:
+            except Exception as e:
+                if not compile_failed(e):
+                    raise
                 self.fall_back(e)
         return self.f(*args, **kwargs)
 
@@ -91,10 +101,12 @@ class Compiled:
 
 class EagerOnCompileError:
     """An optimizer whose step(closure) runs the step again eagerly where compiling failed in the
-    closure's backward pass: the compiled functions fall back, and the half-made gradients go."""
+    closure's backward pass: the compiled functions fall back, and the half-made gradients go.
+    Under torchrun (world > 1) no step can be taken again: DDP still waits for the failed backward's
+    gradients, so the run stops with one line."""
 
-    def __init__(self, optimizer, compiled):
-        self.optimizer, self.compiled = optimizer, compiled
+    def __init__(self, optimizer, compiled, world=1):
+        self.optimizer, self.compiled, self.world = optimizer, compiled, world
 
     def __getattr__(self, name):  # param_groups, zero_grad, state_dict, scaler, ...
         return getattr(self.optimizer, name)
@@ -102,7 +114,12 @@ class EagerOnCompileError:
     def step(self, closure):
         try:
             return self.optimizer.step(closure)
-        except compile_errors() as e:
+        except Exception as e:
+            if not compile_failed(e):
+                raise
+            if self.world > 1:
+                raise UserError(f'--compile failed in the backward pass ({type(e).__name__}); under torchrun '
+                                f'the step cannot be taken again eagerly: run without --compile') from None
             for c in self.compiled:
                 c.fall_back(e)
             self.optimizer.zero_grad()
@@ -185,7 +202,7 @@ class Trainer:
         compiling the backward pass fails (--compile)."""
         if self.scaler:
             optimizer = GradScaled(optimizer, self.scaler)
-        return EagerOnCompileError(optimizer, self.compiled) if self.compiled else optimizer
+        return EagerOnCompileError(optimizer, self.compiled, self.dist.world) if self.compiled else optimizer
 
     def meters(self, train):
         return [self.meter_loss, self.classacc, *(self.terms.values() if train else [])]
