@@ -99,6 +99,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+def test_a_rank_the_checkpoint_lacks_draws_from_its_own_seed():
+    """Resumed on more ranks than were saved, a new rank's torchvision loader goes on from its own seed
+    (rank_seed), not from rank 0's state, which would repeat rank 0's worker seeds; the fast loader's
+    generator, which every rank keeps in step, takes rank 0's."""
+    from types import SimpleNamespace
+    from training.data import data_loader
+    images = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(8))
+    saved = torch.Generator().manual_seed(3)
+    torch.randperm(100, generator=saved)  # rank 0's generator, some epochs on
+    state = {'rng': {'loader': saved.get_state()}}
+    for make, in_step in ((lambda rank: data_loader(dataset, True, 2, 0, 3, torch.device('cpu'),
+                                                    SimpleNamespace(rank=rank, world=2)), False),
+                          (lambda rank: loader(rank, 2, 2, seed=3), True)):
+        new = make(1)
+        assert getattr(new, 'ranks_in_step', False) is in_step  # as fit reads it
+        fresh = make(1).generator.get_state()
+        device.set_rng_state(device.rank_rng_state(state, 1, in_step), new.generator)
+        assert torch.equal(new.generator.get_state(), saved.get_state() if in_step else fresh)
+    assert not torch.equal(fresh, saved.get_state())
+    assert device.rank_rng_state(state, 0) is state['rng']
+
+
 def test_resume_where_only_rank_0_has_the_checkpoint(tiny_data, tmp_path):
     """Two machines without a shared disk: rank 1 starts from rank 0's checkpoint, not from scratch."""
     (tmp_path / 'a').mkdir()

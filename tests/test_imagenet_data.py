@@ -86,6 +86,48 @@ def test_device_decoding_equals_the_torchvision_decoder(folder, train):
     assert labels.tolist() == [tv[k][1] for k in keys]
 
 
+@pytest.mark.parametrize('error, falls_back', [
+    (RuntimeError('Error while decoding JPEG images: Failed to get image info: 2'), True),  # a PNG
+    (torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 MiB'), False),
+    (RuntimeError('Error while decoding JPEG images: CUDA out of memory. Tried to allocate 2.00 MiB'), False),
+    (RuntimeError('CUDA error: an illegal memory access was encountered'), False)])
+def test_only_a_files_error_falls_back_to_decoding_one_by_one(folder, monkeypatch, error, falls_back):
+    """A batch nvjpeg cannot decode (a PNG in it) is decoded file by file on the CPU; an out-of-memory
+    or CUDA error is raised, not turned silently into slow decoding."""
+    import torchvision.io
+
+    def fail(*a, **kw):
+        raise error
+    files = D.Images(folder, False, 'nvjpeg')
+    (raw, boxes), _ = D.collate_files([files[i] for i in range(len(files))])
+    monkeypatch.setattr(torchvision.io, 'decode_jpeg', fail)
+    if falls_back:
+        assert D.decode_batch(raw, boxes, torch.device('cpu'), False).shape == (len(files), 3, 224, 224)
+    else:
+        with pytest.raises(type(error), match='CUDA'):
+            D.decode_batch(raw, boxes, torch.device('cpu'), False)
+
+
+def test_nvjpeg_decodes_on_one_stream_per_gpu_from_unpinned_files(folder, monkeypatch):
+    """decode_jpegs_apart makes its side stream once per GPU; the files' bytes are not pinned for nvjpeg,
+    which copies them itself, while decoded views' batches are."""
+    import contextlib
+    import torchvision.io
+    made = []
+    monkeypatch.setattr(D, 'DECODE_STREAMS', {})
+    monkeypatch.setattr(torch.cuda, 'Stream', lambda device: made.append(device) or SimpleNamespace(device=device))
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device: SimpleNamespace(wait_stream=lambda s: None))
+    monkeypatch.setattr(torch.cuda, 'stream', lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torchvision.io, 'decode_jpeg', lambda files, **kw: [])
+    gpu = torch.device('cuda', 0)
+    for _ in range(3):
+        D.decode_jpegs_apart([], gpu)
+    assert made == [gpu]
+    monkeypatch.setattr(D, 'channel_stats', lambda *a: (None, None))  # no GPU to hold them
+    assert [D.image_loader(folder, True, 2, 0, 5, gpu, ONE, decoder=d).loader.pin_memory
+            for d in ('nvjpeg', 'torchvision', 'pil')] == [False, True, True]
+
+
 @pytest.mark.parametrize('decoder', ['torchvision', 'nvjpeg'])
 def test_decoder_difference_reports_levels_off_the_2017_views(folder, decoder):
     """What the device check reports for nvjpeg on a GPU; on the CPU both decoders are libjpeg-turbo."""

@@ -197,6 +197,7 @@ class DeviceLoader:
     global batch, and keeps its own share of images and of crops and flips: the ranks' generators
     stay in step (rank 0's state resumes them all) while each image gets its own augmentation.
     """
+    ranks_in_step = True  # device.rank_rng_state: a rank the checkpoint lacks takes rank 0's generator
 
     def __init__(self, images, labels, *, batch_size, mean, std, train, pad=4, pad_mode='reflect', device='cpu',
                  generator=None, channels_last=False, rank=0, world=1):

@@ -318,16 +318,16 @@ def rank_rng_states(dist, generator):
     return states and (states[0], states[1:])
 
 
-def rank_rng_state(state, rank):
-    """A checkpoint's random states for `rank`: its own where the checkpoint has them (rank 0's is 'rng');
-    else (a run saved with fewer processes) rank 0's data-order generator alone, which the fast loader
-    keeps in step on every rank, while this rank's own streams go on from its seed."""
+def rank_rng_state(state, rank, in_step=False):
+    """A checkpoint's random states for `rank`: its own where the checkpoint has them (rank 0's is 'rng').
+    Else (a run saved with fewer processes) this rank's streams go on from its own seed (rank_seed), as
+    they were made; a loader whose generator every rank keeps `in_step` (the fast loader) takes rank 0's."""
     others = state.get('rng_ranks') or []
     if rank == 0:
         return state['rng']
     if rank <= len(others):
         return others[rank - 1]
-    return {k: v for k, v in state['rng'].items() if k == 'loader'}
+    return {k: v for k, v in state['rng'].items() if k == 'loader' and in_step}
 
 
 # ---------------------------------------------------------------- torch newer than the floor

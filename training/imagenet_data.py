@@ -163,7 +163,9 @@ def decode_jpegs_apart(files, device):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
     main = torch.cuda.current_stream(device)
-    side = DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    if device not in DECODE_STREAMS:  # made once: setdefault would build a stream at every call
+        DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    side = DECODE_STREAMS[device]
     with torch.cuda.stream(side):
         images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     main.wait_stream(side)
@@ -172,13 +174,24 @@ def decode_jpegs_apart(files, device):
     return images
 
 
+def device_failure(error):
+    """Whether a RuntimeError is the device's, not a file's: out of memory, or a CUDA error
+    (AcceleratorError from torch 2.8 on, a plain RuntimeError before; both say "CUDA error").
+    torchvision rewraps whatever decoding raised, out of memory too, as a plain RuntimeError that
+    keeps the message ("Error while decoding JPEG images: ...", csrc/io/image/cuda/decode_jpegs_cuda.cpp)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(
+        s in str(error) for s in ('CUDA error', 'CUDA out of memory'))
+
+
 def decode_batch(files, boxes, device, train):
     """A batch's uint8 (B, 3, 224, 224) views, decoded on `device` (nvjpeg on a GPU, decode_jpegs_apart)."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     try:
         images = (decode_jpegs_apart(files, device) if device.type == 'cuda' else
                   decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:  # a file that is no JPEG (ImageNet has a few PNGs): one at a time, on the CPU
+    except RuntimeError as e:  # a file that is no JPEG (ImageNet has a few PNGs): one at a time, on the CPU
+        if device_failure(e):  # not the files' fault: out of memory, or the GPU itself
+            raise
         images = [decode_image(f, mode=ImageReadMode.RGB).to(device) for f in files]
     return torch.stack([tensor_view(x, box if train else None) for x, box in zip(images, boxes.tolist())])
 
@@ -261,7 +274,9 @@ def image_loader(folder, train, batch, nthread, seed, device, dist, decoder='pil
     else:
         sampler = range(dist.rank, len(dataset), dist.world)
     loader = DataLoader(dataset, batch, sampler=sampler, num_workers=nthread, persistent_workers=nthread > 0,
-                        pin_memory=device.type == 'cuda', collate_fn=collate_files if decoder == 'nvjpeg' else None,
+                        # nvjpeg copies the files' bytes itself: pinning them first would cost for nothing
+                        pin_memory=device.type == 'cuda' and decoder != 'nvjpeg',
+                        collate_fn=collate_files if decoder == 'nvjpeg' else None,
                         # the workers' own seeds, drawn once per iterator: from a generator of their own, so
                         # that neither the order's generator nor torch's global one depends on worker lives
                         generator=torch.Generator().manual_seed(seed))

@@ -439,11 +439,12 @@ def fit(opt, run, prog):
               f'{run.num_classes} classes; device {run.device}'
               + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
     if state and state.get('rng'):  # last, after building and restoring drew their own numbers
-        set_rng_state(rank_rng_state(state, dist.rank), generator)
+        set_rng_state(rank_rng_state(state, dist.rank, getattr(run.train_loader, 'ranks_in_step', False)),
+                      generator)
         saved = 1 + len(state.get('rng_ranks') or [])
         if lead and saved < dist.world:
             print(f'note: {opt.resume} holds the random states of {saved} process(es); ranks {saved} to '
-                  f'{dist.world - 1} draw their augmentation afresh from --seed', file=sys.stderr)
+                  f'{dist.world - 1} start their own random streams afresh from --seed', file=sys.stderr)
 
     def epoch_end(stats, optimizer):  # on every rank: each rank's random states go to rank 0, which saves
         rng = rank_rng_states(dist, generator) if dist.world > 1 else None
