@@ -304,3 +304,44 @@ def test_a_shape_error_found_while_tracing_goes_through(capsys):
     with pytest.raises(TorchRuntimeError):
         f(1)
     assert f.current is not f.f and capsys.readouterr().err == ''
+
+
+def test_ngpu_on_torch_24_takes_the_foreach_sgd(monkeypatch):
+    """--ngpu N: DataParallel sends gradients back contiguous (comm's _unflatten_dense_tensors), and a 1x1
+    conv's then differs from its channels_last weight in size-1 strides. torch 2.4's fused SGD compares
+    every stride (simulated here around the real kernel) and refuses it; before 2.5 --ngpu N takes the
+    foreach SGD, which steps; from 2.5 on, or without channels_last, the fused one stays."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    class DataParallelGrad(torch.autograd.Function):  # what Broadcast's backward hands autograd
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return _unflatten_dense_tensors(_flatten_dense_tensors([g]), [g])[0]
+    fused_sgd = torch._fused_sgd_
+
+    def fused_sgd_24(params, grads, bufs, **kw):  # ForeachUtils.h in 2.4: every stride must match
+        if any(p.stride() != t.stride() for p, *ts in zip(params, grads, bufs) for t in ts):
+            raise RuntimeError('params, grads and momentum buffers must have the same layout')
+        return fused_sgd(params, grads, bufs, **kw)
+    monkeypatch.setattr(torch, '_fused_sgd_', fused_sgd_24)
+
+    def step(ngpu, version, channels_last=True):
+        monkeypatch.setattr(torch, '__version__', version)
+        params = {'w': torch.randn(4, 3, 1, 1)}
+        device.place_params(params, torch.device('cpu'), torch.float32, channels_last, True)
+        optimizer = loop.sgd(params, 0, device.Precision('half', 'cuda', channels_last), ngpu)(0.1)
+        scaler = torch.amp.GradScaler('cpu')
+        scaler.scale((DataParallelGrad.apply(params['w']) * torch.randn(4, 3, 1, 1)).sum()).backward()
+        assert params['w'].grad.stride() == (3, 1, 1, 1) != params['w'].stride() or not channels_last
+        scaler.step(optimizer)
+        return optimizer.defaults['fused']
+    assert step(2, '2.4.1') is None  # foreach: it steps
+    with pytest.raises(RuntimeError, match='same layout'):
+        step(1, '2.4.1')  # one GPU keeps the fused SGD: the simulated check would refuse these gradients
+    assert step(2, '2.4.1', channels_last=False) is True
+    monkeypatch.setattr(torch, '_fused_sgd_', fused_sgd)
+    assert step(2, '2.5.1') is True  # the real kernel, which takes them

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torchnet as tnt
+from torch.torch_version import TorchVersion
 
 from training.errors import UserError
 from utils import set_requires_grad_except_bn_
@@ -340,6 +341,15 @@ def ddp_no_buffer_sync():
     if 'forward_sync_buffers' in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters:
         return {'forward_sync_buffers': False}
     return {'broadcast_buffers': False}
+
+
+def fused_sgd_skips_size1_strides():
+    """Whether this torch's fused SGD compares strides only in dimensions of size > 1. --ngpu N's
+    DataParallel sends gradients back contiguous (comm.reduce_add_coalesced), and autograd keeps one
+    that differs from its parameter only in size-1 dimensions: a 1x1 conv's under channels_last,
+    (C, 1, 1, 1) against (C, 1, C, C). torch 2.4 compares every stride and refuses the pair
+    (ATen/native/ForeachUtils.h _check_tensors_share_sizes_and_strides; PR 134546, in 2.5 by PR 136426)."""
+    return TorchVersion(torch.__version__) >= (2, 5)
 
 
 def sync_buffers_once(module, kwargs):

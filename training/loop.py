@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from training import rundir
 from training.board import Board
-from training.device import (Dist, Precision, data_parallel, distributed, place_params, rank_rng_state,
-                             rank_rng_states, rng_state, set_rng_state)
+from training.device import (Dist, Precision, data_parallel, distributed, fused_sgd_skips_size1_strides,
+                             place_params, rank_rng_state, rank_rng_states, rng_state, set_rng_state)
 from training.distill import Distiller, FunctionalNet
 from training.errors import SignalPlan, Signals, Stopped, UserError, as_user_error
 from training.options import Schedule
@@ -341,12 +341,14 @@ def evaluate(f, params, loader, device, precision=None, topk=(1, 5), progress=Tr
     return meter.value(), meter.n
 
 
-def sgd(params, weight_decay, precision):
+def sgd(params, weight_decay, precision, ngpu=1):
     """make_optimizer(lr): SGD with momentum 0.9 on every tensor of `params` that learns, as in 2017;
-    the fused SGD where the precision asks for it (fp16 on a GPU)."""
+    the fused SGD where the precision asks for it (fp16 on a GPU), unless this torch's refuses
+    DataParallel's gradients (--ngpu N with channels_last before torch 2.5)."""
     trained = [v for v in params.values() if v.requires_grad]
+    fused = precision.fused_sgd and (ngpu <= 1 or not precision.channels_last or fused_sgd_skips_size1_strides())
     return lambda lr: zero_momentum(torch.optim.SGD(trained, lr, momentum=0.9, weight_decay=weight_decay,
-                                                    fused=precision.fused_sgd or None))
+                                                    fused=fused or None))
 
 
 def zero_momentum(optimizer):
@@ -406,7 +408,7 @@ def make_distiller(opt, prog, device, precision, f_s, params_s, f_t=None, params
         return data_parallel(FunctionalNet(compiled(f, opt.compile, prog), params, precision.compute), opt.ngpu)
     distiller = Distiller(net(f_s, params_s), f_t and net(f_t, params_t), beta=opt.at_weight, alpha=opt.alpha,
                           temperature=opt.temperature, at_mode=opt.at_mode, adapters=adapters, **terms)
-    return distiller, sgd({**params_s, **adapters}, opt.weight_decay, precision)
+    return distiller, sgd({**params_s, **adapters}, opt.weight_decay, precision, opt.ngpu)
 
 
 def fit(opt, run, prog):
