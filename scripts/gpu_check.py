@@ -13,10 +13,10 @@ loses figures, not verdicts.
   d_resume       a tiny run: 1 epoch, then --resume auto to 2; the log and the checkpoint's lr
   e_imagenet     imagenet.py, ResNet-18 <- a ResNet-34 export folded by convert_teacher.py, bfloat16,
                  a few steps on a generated ImageFolder of 500x375 JPEGs
-  f_nvjpeg_half  an nvjpeg batch against PIL's views (mean within one level), decoded while queued
-                 kernels still read memory just freed (torchvision PR 9606's race; their sums must
-                 hold); then imagenet.py --dtype half, channels_last, --decoder nvjpeg for a few steps
-                 (fused SGD on fp16, GradScaler)
+  f_nvjpeg_half  nvjpeg against PIL; torchvision PR 9606's race provoked on a control (the decode
+                 without the side-stream fix) and on the decode under test, which passes only where
+                 the control showed the race; then imagenet.py --dtype half, channels_last,
+                 --decoder nvjpeg for a few steps (fused SGD on fp16, GradScaler)
   b_at_epoch     one AT epoch of cifar.py on the whole dataset: fp32 (TF32 convolutions, torch's
                  default, and so labelled), bf16 + channels_last, and that with --compile; batch 200,
                  which divides both splits, so compiling sees one shape; train/test seconds, accuracy,
@@ -66,6 +66,8 @@ FELL_BACK = '--compile unavailable here'  # engine.Compiled's line when compilin
 # check a: rel = max|device - cpu| / max|cpu|, both fp32 with TF32 off
 RTOL = {'grads': 1e-3, 'grad_at_step_grads': 1e-3, 'grad_at_loss': 1e-3}
 RTOL_DEFAULT = 1e-4
+PIL_LEVELS = 2  # check f: an image's mean |decoded - PIL| below this (torchvision's own nvjpeg tests)
+STALL_CYCLES = 10 ** 9  # check f's queued work: about 0.5 s of GPU clock, far longer than a decode
 
 
 # ---------------------------------------------------------------- data made here
@@ -215,7 +217,11 @@ def run_proc(cmd, timeout, log, cwd=None, env=None, tag='', on_line=None):
 
 
 class CheckFailed(Exception):
-    pass
+    """(message, the check's results so far)"""
+
+
+class Inconclusive(CheckFailed):
+    """Nothing failed, but the check could not show what it is there for."""
 
 
 def tail(text, n=3):
@@ -439,15 +445,37 @@ def check_e(ctx, timeout):
     return res
 
 
+def race_verdict(control, tested, fixed):
+    """Check f's judgement of torchvision PR 9606's race from two trials (race_trial's dicts): the
+    control decodes without the side-stream fix, `tested` is the decode under test (with the fix
+    where `fixed`). 'caught' where the tested decode was corrupted; 'pass' only where the control was
+    corrupted under the same setup and the tested decode, with the fix, was not; else 'inconclusive'."""
+    def corrupted(t):
+        return t['reads_changed'] + t['images_changed']
+    if corrupted(tested):
+        return {'verdict': 'caught', 'why': f'{tested["reads_changed"]} queued reads of freed memory changed and '
+                                            f'{tested["images_changed"]} of {tested["images"]} images came out '
+                                            f'otherwise than decoded without queued work'}
+    if not (control['queued_at_return'] and tested['queued_at_return']):
+        why = 'the queued work had finished when a decode returned: the race was not set up'
+    elif not corrupted(control):
+        why = 'the control (no fix) came through clean: the setup did not provoke the race'
+    elif not fixed:
+        why = 'the decode under test has no fix: it came through clean this time, which proves nothing'
+    else:
+        return {'verdict': 'pass', 'why': 'the control (no fix) was corrupted, the decode with the fix was not'}
+    return {'verdict': 'inconclusive', 'why': why}
+
+
 def check_f(ctx, timeout):
     s = ctx.sizes
     data = project('synthetic').make_image_folder(os.path.join(ctx.work, 'f_data'), 5, s['f_train'], s['f_val'])
     save = os.path.join(ctx.work, 'f_run')
-    # the CPU has no nvjpeg: the rehearsal runs the same decode_batch on the CPU, and trains with pil
+    # the CPU has no nvjpeg: the rehearsal decodes with libjpeg-turbo, and trains with pil
     decoder = 'nvjpeg' if ctx.device == 'cuda' else 'pil'
-    args = [data, ctx.device, '--imagenetpath', data, '--depth', '18', '--epochs', '1', '--dtype', 'half',
-            '--channels_last', '1', '--decoder', decoder, '--save', save, '--no_progress', '--device', ctx.device,
-            *s['f_flags']]
+    args = [data, ctx.device, int(not ctx.unfixed), '--imagenetpath', data, '--depth', '18', '--epochs', '1', '--dtype',
+            'half', '--channels_last', '1', '--decoder', decoder, '--save', save, '--no_progress', '--device',
+            ctx.device, *s['f_flags']]
     res, _ = worker(ctx, 'f', args, timeout, 'f')
     log = read_log(save)
     if log:
@@ -455,15 +483,18 @@ def check_f(ctx, timeout):
     res['train_decoder'] = decoder
     if res.get('error'):
         raise CheckFailed(res['error'], res)
-    problems = [f'{split}: {d["mean"]:.2f} levels off PIL on average (max {d["max"]:.0f})'
-                for split, d in res['decode'].items() if d['mean'] > 1]
-    if res['provoked']['wrong_sums']:
-        problems.append(f'{res["provoked"]["wrong_sums"]} of {res["provoked"]["tensors"]} queued reads of freed '
-                        f'memory changed under the decode')
-    if not log or not isinstance(res.get('train_loss'), float) or res['train_loss'] != res['train_loss']:
-        problems.append(f'expected one log line with a finite train loss, got {log[-1:] or "none"}')
+    problems = [f'{split} views {d["mean"]:.2f} levels off PIL\'s on average (max {d["max"]:.0f})'
+                for split, d in res['views_vs_pil'].items() if d['mean'] > 1]
+    if res['decoded_vs_pil']['off']:
+        problems.append(f'{res["decoded_vs_pil"]["off"]} images decoded {PIL_LEVELS}+ levels off PIL on average')
+    if res['race']['verdict'] == 'caught':
+        problems.append(f'PR 9606\'s race caught: {res["race"]["why"]}')
+    if not isinstance(res.get('train_loss'), float) or res['train_loss'] != res['train_loss']:
+        problems.append(f'expected a log line with a finite train loss, got {read_log(save)[-1:] or "none"}')
     if problems:
         raise CheckFailed('; '.join(problems), res)
+    if res['race']['verdict'] != 'pass':
+        raise Inconclusive(f'PR 9606\'s race {res["race"]["verdict"]}: {res["race"]["why"]}', res)
     return res
 
 
@@ -513,7 +544,7 @@ def run(args):
     backend = args.compile_backend or ('eager' if args.rehearse else '')
     ctx = argparse.Namespace(log=log, work=work, env=env, dataroot=os.path.abspath(args.dataroot),
                              device='cpu' if args.rehearse else 'cuda', sizes=SIZES[mode],
-                             scale=1 if not args.rehearse else 2, compile_backend=backend)
+                             scale=1 if not args.rehearse else 2, compile_backend=backend, unfixed=args.unfixed)
     train_dir = os.path.join(ctx.dataroot, 'train')
     ctx.classes = len(os.listdir(train_dir)) if os.path.isdir(train_dir) else 10
     only = set(args.only.split(',')) if args.only else None
@@ -550,7 +581,7 @@ def run(args):
     why = unusable(res, mode)
     if why:  # every check would fail on it: say why at once
         log(f'== stopped: {why}')
-        report.update(status='failed', error=why, failed=[], decode={'status': 'not run', 'note': why},
+        report.update(status='failed', error=why, failed=[], inconclusive=[], decode={'status': 'not run', 'note': why},
                       **{c: {'status': 'not run', 'note': why} for c in CHECKS})
         save()
         return 1
@@ -585,7 +616,7 @@ def run(args):
                 entry['status'] = 'ok'
             except CheckFailed as e:
                 entry.update(e.args[1] if len(e.args) > 1 else {})
-                entry.update(status='failed', error=e.args[0])
+                entry.update(status='inconclusive' if isinstance(e, Inconclusive) else 'failed', error=e.args[0])
             except Exception as e:  # a bug here must not lose the other checks
                 log(traceback.format_exc())
                 entry.update(status='failed', error=f'{type(e).__name__}: {e}')
@@ -595,7 +626,9 @@ def run(args):
                                                if entry['status'] != 'ok' else f' in {entry["seconds"]}s'))
         save()
     report['failed'] = [n for n in CHECKS if report[n]['status'] == 'failed']
-    report['status'] = 'failed' if report['failed'] else 'ok'
+    report['inconclusive'] = [n for n in CHECKS if report[n]['status'] == 'inconclusive']
+    # an inconclusive check is no pass, and no failure of the code: it says so, and the exit status is 0
+    report['status'] = 'failed' if report['failed'] else 'inconclusive' if report['inconclusive'] else 'ok'
     save()
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
@@ -849,47 +882,72 @@ def worker_decode(argv, result):
     return 0
 
 
-def queue_reads_of_freed_memory(device, tensors=8, numel=1 << 22):
-    """torchvision PR 9606's race, set up: about 100 ms of work queued on the current stream, then one
-    sum per tensor behind it, and the tensors freed while those sums are still queued; what the next
-    allocation on this stream gets is memory they still read. Returns (sums, expected): a decode that
-    writes into that memory before the sums ran changes them."""
+def off_pil(images, pil):
+    """Per image, mean |decoded - PIL's decode| in levels: their mean, the worst, and how many are
+    PIL_LEVELS or more off."""
+    means = [(a.cpu().float() - b.float()).abs().mean().item() for a, b in zip(images, pil)]
+    return {'mean': sum(means) / len(means), 'worst': max(means), 'off': sum(m >= PIL_LEVELS for m in means)}
+
+
+def race_trial(decode, files, pil, device):
+    """decode(files, device) once under torchvision PR 9606's race. The decoder is warmed first (built,
+    its buffers made). Then the current stream stalls, and behind the stall reads and overwrites tensors
+    of the decoded images' own sizes (the caching allocator's small pool, under 1 MiB), which are freed
+    at once: the pool holds free blocks of just the size the decoder's outputs will ask for, while the
+    work on them is still queued. A decode that is handed them writes them before the reads run (the
+    copies change), and the queued writes then overwrite its images."""
     import torch
-    xs = [torch.full((numel,), float(i + 1), device=device) for i in range(tensors)]
-    a = torch.randn(4096, 4096, device=device)
-    for _ in range(30):
-        a = torch.tanh(a @ a)  # the stall
-    sums = [x.sum() for x in xs]
-    del xs
-    return sums, [float((i + 1) * numel) for i in range(tensors)]
+    torch.cuda.empty_cache()  # no free blocks of that size but the ones freed below
+    calm = [x.cpu() for x in decode(files, device)]
+    fill = 77
+    copies = [torch.empty_like(x, device=device) for x in calm]  # the blocks the warm decode left free
+    freed = [torch.full_like(x, fill, device=device) for x in calm]
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(STALL_CYCLES)
+    stalled = torch.cuda.Event()
+    stalled.record()
+    for i in range(len(freed)):
+        copies[i].copy_(freed[i])
+        freed[i].zero_()
+    del freed
+    raced = decode(files, device)
+    queued = not stalled.query()  # the stall still running: none of the reads and writes had run
+    raced = [x.cpu() for x in raced]
+    return {'images': len(files), 'queued_at_return': queued,
+            'reads_changed': sum(not bool((c == fill).all()) for c in copies),
+            'images_changed': sum(not torch.equal(a, b) for a, b in zip(raced, calm)),
+            'calm_vs_pil': off_pil(calm, pil), 'raced_vs_pil': off_pil(raced, pil)}
 
 
 def worker_f(argv, result):
-    """An nvjpeg batch (decode_batch, as the training Feed calls it) against PIL's views, decoded behind
-    queued reads of freed memory, then imagenet.py. argv: FOLDER DEVICE imagenet.py-arguments..."""
-    folder, device, rest = argv[0], argv[1], argv[2:]
+    """nvjpeg's images and training views against PIL's; PR 9606's race provoked on a control without
+    the fix and on the decode under test (the project's, with the fix, where FIX is 1); then imagenet.py.
+    argv: FOLDER DEVICE FIX imagenet.py-arguments..."""
+    folder, device, fixed, rest = argv[0], argv[1], argv[2] == '1', argv[3:]
+    import numpy as np
     import torch
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
     sys.path[:0] = [ROOT]
     from training import imagenet_data as D
     from training.data import image_folder
-    res = {}
-    diffs = {}
-    for train, split in ((True, 'train'), (False, 'val')):
-        ds = image_folder(os.path.join(folder, split))
-        keys = [(i, 1) if train else i for i in range(len(ds.samples))]
-        ref = torch.stack([D.Images(ds, train, 'pil')[k][0] for k in keys]).permute(0, 3, 1, 2)
-        (files, boxes), _ = D.collate_files([D.Images(ds, train, 'nvjpeg')[k] for k in keys])
-        dev = torch.device(device)
-        sums, expected = queue_reads_of_freed_memory(dev) if dev.type == 'cuda' else ([], [])
-        got = D.decode_batch(files, boxes, dev, train).cpu()
-        wrong = sum(abs(v.item() - e) > 0 for v, e in zip(sums, expected))
-        res.setdefault('provoked', {'tensors': 0, 'wrong_sums': 0})
-        res['provoked']['tensors'] += len(sums)
-        res['provoked']['wrong_sums'] += wrong
-        d = (ref.int() - got.int()).abs().float()
-        diffs[split] = {'images': len(keys), 'max': d.max().item(), 'mean': d.mean().item()}
-    res['decode'] = diffs
-    res['decode_on'] = device + (' (nvjpeg)' if device == 'cuda' else ' (libjpeg-turbo: the CPU has no nvjpeg)')
+    ds, dev = image_folder(os.path.join(folder, 'train')), torch.device(device)
+    views = D.decoder_difference(ds, 'nvjpeg', device)  # the training views, as the Feed makes them
+    res = {'views_vs_pil': {k: {'max': m, 'mean': a} for k, (m, a) in views.items()}}
+    files = [read_file(p) for p, _ in ds.samples]
+    pil = [torch.from_numpy(np.asarray(D.open_rgb(p))).permute(2, 0, 1) for p, _ in ds.samples]
+
+    def plain(files, device):  # torchvision's own: the outputs come from the current stream
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    if dev.type == 'cuda':
+        control = race_trial(plain, files, pil, dev)
+        tested = race_trial(D.decode_jpegs_apart if fixed else plain, files, pil, dev)
+        res['race'] = {'fix': fixed, 'control': control, 'tested': tested, **race_verdict(control, tested, fixed)}
+        res['decoded_vs_pil'] = tested['calm_vs_pil']
+    else:
+        res['race'] = {'fix': fixed, 'verdict': 'untested', 'why': 'no CUDA here: the race is between CUDA streams'}
+        res['decoded_vs_pil'] = off_pil(plain(files, dev), pil)
+    res['decoded_on'] = device + (' (nvjpeg)' if dev.type == 'cuda' else ' (libjpeg-turbo: the CPU has no nvjpeg)')
+    res['criterion'] = f'per image, mean |decoded - PIL| < {PIL_LEVELS} levels; views: mean <= 1'
     t = time.perf_counter()
     res['error'] = call_main('imagenet', rest)
     res['main_seconds'] = round(time.perf_counter() - t, 2)
@@ -931,6 +989,8 @@ def main(argv=None):
     r.add_argument('--budget', type=float, default=480, help='seconds for the whole run, from --start')
     r.add_argument('--start', type=float, default=0, help='the time (epoch seconds) the budget counts from')
     r.add_argument('--only', default='', help='comma list of checks to run (letters a-f or names); others are skipped')
+    r.add_argument('--unfixed', action='store_true',
+                   help='check f tests the nvjpeg decode without the side-stream fix: it must not pass')
     r.add_argument('--setup', default='', help='JSON: what the shell script did before (install, unpack)')
     r.add_argument('--work', default='', help='scratch folder (default: a new temporary one), removed at the end')
     r.add_argument('--keep-work', action='store_true')

@@ -4,7 +4,8 @@
 # archive, and runs the correctness checks (a, d, e, f) and then the speed checks (b, c)
 # (scripts/gpu_check.py says what each measures), each with a time budget, into $OUT/gpu_check.json
 # and $OUT/gpu_check.log. A failed check is recorded and the next one runs; the exit status is
-# non-zero if any failed. With no wheels or no archive it writes the JSON with the reason and stops;
+# non-zero if any failed (an inconclusive check is no failure, and no pass: the JSON's status says
+# so). With no wheels or no archive it writes the JSON with the reason and stops;
 # so does the driver where torch cannot be imported. Every step has a cap (gpu_check.py's SETUP_S
 # and BUDGETS): they sum to less than the 480 s budget.
 #
@@ -15,12 +16,13 @@
 #
 # Options: --rehearse, --budget SECONDS (480; the whole run), --only a,c (others skipped),
 # --archive FILE (.gpu_check/cifar10-jpg.tar.gz), --wheelhouse DIR (.wheelhouse), --keep-work,
-# --install (install the wheels in a rehearsal too: the device's setup, on a CPU machine).
+# --install (install the wheels in a rehearsal too: the device's setup, on a CPU machine),
+# --unfixed (check f tests nvjpeg without the side-stream fix: it must say caught or inconclusive).
 # Environment: OUT (default /tmp/gpu_check), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-REHEARSE=0 INSTALL= BUDGET=480 ONLY= ARCHIVE=.gpu_check/cifar10-jpg.tar.gz WHEELS=.wheelhouse KEEP=
+REHEARSE=0 INSTALL= BUDGET=480 ONLY= ARCHIVE=.gpu_check/cifar10-jpg.tar.gz WHEELS=.wheelhouse KEEP= UNFIXED=
 while [ $# -gt 0 ]; do
   case "$1" in
     --rehearse) REHEARSE=1 ;;
@@ -29,6 +31,7 @@ while [ $# -gt 0 ]; do
       case "$1" in --budget) BUDGET=$2 ;; --only) ONLY=$2 ;; --archive) ARCHIVE=$2 ;; *) WHEELS=$2 ;; esac; shift ;;
     --keep-work) KEEP=--keep-work ;;
     --install) INSTALL=1 ;;
+    --unfixed) UNFIXED=--unfixed ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -107,7 +110,7 @@ say "install $install (${install_s}s), unpack $unpack (${unpack_s}s), $(( $(date
 
 set +e
 "$PY" scripts/gpu_check.py run --out "$OUT" --dataroot "$WORK/data/cifar10-jpg" --budget "$BUDGET" --start "$START" \
-  --work "$WORK/run" ${ONLY:+--only "$ONLY"} $KEEP $([ "$REHEARSE" = 1 ] && echo --rehearse) \
+  --work "$WORK/run" ${ONLY:+--only "$ONLY"} $KEEP $UNFIXED $([ "$REHEARSE" = 1 ] && echo --rehearse) \
   --setup "{\"install\": \"$install\", \"install_s\": $install_s, \"wheels\": \"$WHEELS\", \"unpack\": \"$unpack\", \"unpack_s\": $unpack_s, \"archive\": \"$ARCHIVE\", \"archive_bytes\": $archive_bytes}"
 rc=$?
 set -e

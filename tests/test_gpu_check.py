@@ -12,7 +12,7 @@ from conftest import OFFLINE_ENV, ROOT
 
 CHECKS = ['a_cuda_vs_cpu', 'd_resume', 'e_imagenet', 'f_nvjpeg_half', 'b_at_epoch', 'c_benchmark']  # correctness first
 TOP_KEYS = {'mode', 'started_utc', 'budget_s', 'order', 'dataroot', 'compile_backend', 'setup', 'environment',
-            'decode', *CHECKS, 'seconds', 'failed', 'status'}
+            'decode', *CHECKS, 'seconds', 'failed', 'inconclusive', 'status'}
 BENCH = ['fast', 'fast-cl', 'fast-nocl', 'fast-half', 'fast-bf16', 'fast-nobench']
 
 
@@ -58,9 +58,11 @@ def test_rehearsal_runs_every_check_in_order(tmp_path, wheelhouse):
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     report = json.loads((out / 'gpu_check.json').read_text())
     assert set(report) == TOP_KEYS
-    assert report['mode'] == 'rehearsal' and report['status'] == 'ok' and report['failed'] == []
-    assert report['order'] == CHECKS
-    assert [report[c]['status'] for c in CHECKS] == ['ok'] * 6, {c: report[c].get('error') for c in CHECKS}
+    # f cannot provoke PR 9606's race without CUDA: inconclusive, not a pass, and so is the run
+    assert report['mode'] == 'rehearsal' and report['failed'] == [] and report['inconclusive'] == ['f_nvjpeg_half']
+    assert report['status'] == 'inconclusive' and report['order'] == CHECKS
+    assert [report[c]['status'] for c in CHECKS] == ['ok', 'ok', 'ok', 'inconclusive', 'ok', 'ok'], {
+        c: report[c].get('error') for c in CHECKS}
     starts = [report[c]['started_s'] for c in CHECKS]
     assert starts == sorted(starts) and len(set(starts)) == 6
     log = (out / 'gpu_check.log').read_text()
@@ -90,8 +92,9 @@ def test_rehearsal_runs_every_check_in_order(tmp_path, wheelhouse):
     e = report['e_imagenet']
     assert len(e['at_losses']) == 4 and e['hkl_equals_pth'] and e['epoch'] == 1 and len(e['test_acc']) == 2
     f = report['f_nvjpeg_half']  # on the CPU: decode_batch through libjpeg-turbo, and fp16 autocast
-    assert f['epoch'] == 1 and f['decode']['train']['max'] <= 1 and f['decode']['val']['max'] <= 1
-    assert f['provoked'] == {'tensors': 0, 'wrong_sums': 0}
+    assert f['epoch'] == 1 and f['views_vs_pil']['train']['max'] <= 1 and f['views_vs_pil']['val']['max'] <= 1
+    assert f['decoded_vs_pil']['off'] == 0 and f['decoded_vs_pil']['worst'] < 2
+    assert f['race']['verdict'] == 'untested' and f['error'] == f"PR 9606's race untested: {f['race']['why']}"
     print(f'rehearsal: {seconds:.0f}s')
 
 
@@ -264,3 +267,49 @@ def test_b_and_c_write_each_sub_result_as_it_finishes_and_a_fallback_is_no_ok(tm
         gpu_check.check_c(ctx, 100)
     assert seen == [{'partial': {'fast': {'train_median': 10.0, 'eval_median': 20.0, 'repeats': 1}}},
                     {'partial': {'fast': {'train_median': 20.0, 'eval_median': 30.0, 'repeats': 2}}}]
+
+
+def trial(queued=True, reads=0, images=0):
+    return {'images': 10, 'queued_at_return': queued, 'reads_changed': reads, 'images_changed': images}
+
+
+@pytest.mark.parametrize('control, tested, fixed, verdict', [
+    (trial(reads=10, images=10), trial(), True, 'pass'),
+    (trial(reads=10), trial(images=1), True, 'caught'),  # the fix failed
+    (trial(reads=10), trial(reads=10, images=10), False, 'caught'),  # a run without the fix, caught
+    (trial(reads=10), trial(), False, 'inconclusive'),  # without the fix and clean by chance: no pass
+    (trial(), trial(), True, 'inconclusive'),  # the control clean: the setup provoked nothing
+    (trial(reads=10, queued=False), trial(queued=False), True, 'inconclusive'),  # the work ran before the decode
+    (trial(reads=10), trial(queued=False), True, 'inconclusive'),
+])
+def test_check_f_passes_only_where_its_control_shows_the_race(control, tested, fixed, verdict):
+    sys.path.insert(0, str(ROOT / 'scripts'))
+    import gpu_check
+    assert gpu_check.race_verdict(control, tested, fixed)['verdict'] == verdict
+
+
+@pytest.mark.parametrize('verdict, raised', [('pass', None), ('caught', 'CheckFailed'),
+                                             ('inconclusive', 'Inconclusive'), ('untested', 'Inconclusive')])
+def test_check_f_reports_a_race_it_did_not_rule_out_as_no_pass(tmp_path, monkeypatch, verdict, raised):
+    """The driver's f with its process stood in for: only a race verdict of 'pass' passes it; 'caught'
+    fails it; 'inconclusive' (and the CPU's 'untested') make it inconclusive, not a pass."""
+    import argparse
+    sys.path.insert(0, str(ROOT / 'scripts'))
+    import gpu_check
+    ctx = argparse.Namespace(work=str(tmp_path), sizes=gpu_check.SIZES['rehearsal'], device='cuda', unfixed=False)
+
+    def fake_worker(ctx, name, args, timeout, tag, on_line=None):
+        assert name == 'f' and args[2] == 1 and '--decoder' in args and args[args.index('--decoder') + 1] == 'nvjpeg'
+        save = args[args.index('--save') + 1]
+        os.makedirs(save)
+        with open(os.path.join(save, 'log.txt'), 'w') as fh:
+            fh.write('json_stats: ' + json.dumps({'epoch': 1, 'train_loss': 1.5}) + '\n')
+        return {'views_vs_pil': {'train': {'max': 1, 'mean': 0.1}}, 'decoded_vs_pil': {'off': 0},
+                'race': {'verdict': verdict, 'why': 'the reason'}}, ''
+    monkeypatch.setattr(gpu_check, 'worker', fake_worker)
+    if raised is None:
+        assert gpu_check.check_f(ctx, 100)['train_loss'] == 1.5
+        return
+    with pytest.raises(gpu_check.CheckFailed) as e:
+        gpu_check.check_f(ctx, 100)
+    assert type(e.value).__name__ == raised and 'the reason' in e.value.args[0]
