@@ -1,34 +1,16 @@
 #!/usr/bin/env python
 """The driver of scripts/gpu_check.sh: checks a-f on a CUDA machine (or, with --rehearse, on the CPU
-with tiny sizes), each in processes of its own with a time budget, into one JSON file.
+with tiny sizes), each in processes of its own within its share of the budget, into one JSON file.
 
     python scripts/gpu_check.py run --out OUT --dataroot DIR/cifar10-jpg [--rehearse] [--budget 480]
     python scripts/gpu_check.py tiny-cifar DIR          # the rehearsal's class-folder CIFAR
 
-The checks, in this order: correctness first, speed last, so that a run cut short by its budget
-loses figures, not verdicts.
-  a_cuda_vs_cpu  one batch of real images through WRN-16-1 <- WRN-16-2 (random init, fixed seed) on the
-                 GPU and on the CPU in fp32 with TF32 off: logits, losses, the 3 AT losses, gradients,
-                 and one step of gradient-based AT (its loss and gradients, double backprop)
-  d_resume       a tiny run: 1 epoch, then --resume auto to 2; the log and the checkpoint's lr
-  e_imagenet     imagenet.py, ResNet-18 <- a ResNet-34 export folded by convert_teacher.py, bfloat16,
-                 a few steps on a generated ImageFolder of 500x375 JPEGs
-  f_nvjpeg_half  nvjpeg against PIL; torchvision PR 9606's race provoked on a control (the decode
-                 without the side-stream fix) and on the decode under test, which passes only where
-                 the control showed the race; then imagenet.py --dtype half, channels_last,
-                 --decoder nvjpeg for a few steps (fused SGD on fp16, GradScaler)
-  b_at_epoch     one AT epoch of cifar.py on the whole dataset: fp32 (TF32 convolutions, torch's
-                 default, and so labelled), bf16 + channels_last, and that with --compile; batch 200,
-                 which divides both splits, so compiling sees one shape; train/test seconds, accuracy,
-                 peak GPU memory. A compile that fell back to eager is marked so, and fails the check.
-  c_benchmark    scripts/benchmark.py: channels_last on/off, fp16 + GradScaler, bf16, cudnn.benchmark
-                 off (no compile: b measures it; a compile here would start cold, its flags not b's)
-b and c write each sub-result into the JSON as it finishes. Where torch cannot be imported (or, on
-the device, sees no GPU) the run stops after the probe, with the reason in the JSON.
-Before them, the CIFAR JPEGs are decoded once, in parallel, into torchvision's CIFAR-10 batch files,
-which every later process reads (decoding 60,000 JPEGs per process cost each of them seconds).
-Only the standard library is imported at the top: the workers (this file, called as
-`worker ...`) import torch and the project.
+The CIFAR JPEGs are decoded once into torchvision's CIFAR-10 files, which every later process reads.
+Then the checks, correctness first, so that a run cut short loses figures, not verdicts: a (CUDA
+against CPU), d (resume), e (imagenet.py with a converted teacher), f (nvjpeg, PR 9606's race, fp16),
+b (one AT epoch: fp32, bf16, --compile), c (benchmark.py). docs/gpu.md says what each proves, and why
+each cap is what it is. Only the standard library is imported at the top: the workers (this file,
+called as `worker ...`) import torch and the project.
 """
 import argparse
 import hashlib
@@ -48,19 +30,17 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROG = 'gpu_check'
 CHECKS = ['a_cuda_vs_cpu', 'd_resume', 'e_imagenet', 'f_nvjpeg_half', 'b_at_epoch', 'c_benchmark']
-# seconds each check may take at most, and the least left for it to start at all; with the setup's
-# caps (SETUP_S: gpu_check.sh's install and unpack, the probe, the decode) they sum to 465 of the
-# default 480 s, the rest for the driver's own steps between them
-BUDGETS = {'a_cuda_vs_cpu': 40, 'd_resume': 40, 'e_imagenet': 55, 'f_nvjpeg_half': 50, 'b_at_epoch': 130,
-           'c_benchmark': 45}
-MIN_START = {'a_cuda_vs_cpu': 20, 'd_resume': 25, 'e_imagenet': 35, 'f_nvjpeg_half': 30, 'b_at_epoch': 45,
-             'c_benchmark': 30}
-SETUP_S = {'install': 20, 'unpack': 15, 'env': 30, 'decode': 40}
-# (name, flags, cap): an epoch is 250 steps, seconds on an H200 (estimated); compiling takes most of the third
-B_RUNS = [('fp32', [], 30), ('bf16_cl', ['--dtype', 'bfloat16', '--channels_last', '1'], 25),
-          ('bf16_cl_compile', ['--dtype', 'bfloat16', '--channels_last', '1', '--compile'], 75)]
+# every step in the order it runs, (cap, least) in seconds; install and unpack are gpu_check.sh's.
+# A step may run until the budget less MARGIN_S and the caps of the steps after it: its cap plus
+# whatever earlier steps left unused, so the compile run gets all that is left but c's cap. A step
+# with less than `least` left is skipped. Estimates for an H100; docs/gpu.md gives the reasoning.
+STEPS = {'install': (15, 0), 'unpack': (15, 0), 'env': (20, 0), 'decode': (25, 0),
+         'a_cuda_vs_cpu': (35, 20), 'd_resume': (45, 25), 'e_imagenet': (60, 35), 'f_nvjpeg_half': (45, 30),
+         'b.fp32': (30, 15), 'b.bf16_cl': (25, 15), 'b.bf16_cl_compile': (100, 45), 'c_benchmark': (50, 30)}
+MARGIN_S = 15  # after the last step: its kill (TERM, 5 s, KILL, 3 s), the last JSON, removing the scratch
+B_RUNS = {'fp32': [], 'bf16_cl': ['--dtype', 'bfloat16', '--channels_last', '1'],
+          'bf16_cl_compile': ['--dtype', 'bfloat16', '--channels_last', '1', '--compile']}
 BENCH_CONFIGS = 'fast,fast-cl,fast-nocl,fast-half,fast-bf16,fast-nobench'
 FELL_BACK = '--compile unavailable here'  # engine.Compiled's line when compiling failed and it ran eagerly
 # check a: rel = max|device - cpu| / max|cpu|, both fp32 with TF32 off
@@ -68,14 +48,15 @@ RTOL = {'grads': 1e-3, 'grad_at_step_grads': 1e-3, 'grad_at_loss': 1e-3}
 RTOL_DEFAULT = 1e-4
 PIL_LEVELS = 2  # check f: an image's mean |decoded - PIL| below this (torchvision's own nvjpeg tests)
 STALL_CYCLES = 10 ** 9  # check f's queued work: about 0.5 s of GPU clock, far longer than a decode
+PACKAGES = ('torch', 'torchvision', 'numpy', 'pillow', 'h5py', 'tqdm', 'triton', 'torchnet', 'visdom', 'hickle',
+            'six', 'websocket-client', 'jsonpatch', 'tornado', 'tensorboard')
 
-
-# ---------------------------------------------------------------- data made here
 
 def project(name):
-    """A module of the project (synthetic data, file formats), imported where first needed: the
-    driver starts before the wheels it may install."""
-    sys.path.insert(0, ROOT)
+    """A module of the project, imported where first needed: the driver starts before the wheels
+    it may install."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
     return importlib.import_module(name)
 
 
@@ -84,38 +65,37 @@ def read_log(folder):
     return project('training.rundir').read_json_stats(path) if os.path.exists(path) else []
 
 
-def cpu_info():
-    try:
-        return {'machine': platform.machine(), **project('training.rundir').cpu_info()}
-    except ImportError as e:  # provenance imports torch: the probe must still say what it found
-        return {'machine': platform.machine(), 'error': f'{type(e).__name__}: {e}'}
+def last_record(folder, keys):
+    """`keys` of log.txt's last record, and the first number of each AT loss; {} without one."""
+    log = read_log(folder)
+    if not log:
+        return {}
+    out = {k: log[-1].get(k) for k in keys}
+    if 'at_losses' in log[-1]:
+        out['at_losses'] = [m[0] for m in log[-1]['at_losses']]
+    return out
 
 
 def environment():
-    """Versions, the GPU and the CPU; run in a worker of its own (it initialises CUDA, which can hang)."""
-    env = {'python': sys.version.split()[0], 'executable': sys.executable, 'platform': platform.platform(),
-           'cpu': cpu_info(), 'packages': {}}
+    """Versions, the GPU and the CPU; run in a worker of its own (initialising CUDA can hang)."""
     from importlib import metadata
-    for name in ('torch', 'torchvision', 'numpy', 'pillow', 'h5py', 'tqdm', 'triton', 'torchnet', 'visdom', 'hickle',
-                 'six', 'websocket-client', 'jsonpatch', 'tornado', 'tensorboard'):
+    env = {'python': sys.version.split()[0], 'executable': sys.executable, 'platform': platform.platform(),
+           'cpu': {'machine': platform.machine()}, 'packages': {}, 'imports': {}}
+    for name in PACKAGES:
         try:
             env['packages'][name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             env['packages'][name] = None
     try:
         import torch
-        env['torch'] = torch.__version__
-        env['torch_cuda'] = torch.version.cuda
-        env['cudnn'] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-        env['cuda_available'] = torch.cuda.is_available()
-        env['threads'] = torch.get_num_threads()
         sys.path.insert(0, ROOT)
+        env.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+                   cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                   threads=torch.get_num_threads())
         from pins import FLOOR
+        from training.rundir import cpu_info
+        env['cpu'].update(cpu_info())
         env['torch_floor'], env['tf32_default'] = FLOOR['torch'], tf32_state()
-        try:
-            env['cpu']['mkldnn_bf16'] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            env['cpu']['mkldnn_bf16'] = None
         if env['cuda_available']:
             p = torch.cuda.get_device_properties(0)
             env['gpu'] = {'name': p.name, 'capability': f'{p.major}.{p.minor}', 'memory_mib': p.total_memory // 2 ** 20,
@@ -123,30 +103,35 @@ def environment():
                           'bf16_supported': torch.cuda.is_bf16_supported()}
     except Exception as e:  # the checks will say more; the JSON must still be written
         env['torch_error'] = f'{type(e).__name__}: {e}'
-    try:
-        smi = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version,memory.total,clocks.max.sm',
-                              '--format=csv,noheader'], capture_output=True, text=True, timeout=30)
-        env['nvidia_smi'] = smi.stdout.strip() or smi.stderr.strip()
-    except (OSError, subprocess.TimeoutExpired) as e:
-        env['nvidia_smi'] = f'unavailable ({type(e).__name__})'
-    try:
-        st = os.statvfs('/dev/shm')  # DataLoader workers (imagenet.py) pass batches through it
-        env['dev_shm_mib'] = st.f_blocks * st.f_frsize // 2 ** 20
-    except OSError:
-        env['dev_shm_mib'] = None
-    env['imports'] = {}
     for name in ('torchnet', 'visdom', 'hickle'):  # what the carried wheels bring
         try:
             env['imports'][name] = f'ok: {importlib.import_module(name).__file__}'
         except Exception as e:
             env['imports'][name] = f'{type(e).__name__}: {e}'
+    try:
+        smi = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version,memory.total,clocks.max.sm',
+                              '--format=csv,noheader'], capture_output=True, text=True, timeout=10)
+        env['nvidia_smi'] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        env['nvidia_smi'] = f'unavailable ({type(e).__name__})'
+    st = os.statvfs('/dev/shm') if os.path.isdir('/dev/shm') else None  # DataLoader workers pass batches there
+    env['dev_shm_mib'] = st.f_blocks * st.f_frsize // 2 ** 20 if st else None
     h = hashlib.sha256()
     for name in sorted(os.listdir(ROOT)):
         if name.endswith('.py'):
             with open(os.path.join(ROOT, name), 'rb') as fh:
                 h.update(name.encode() + fh.read())
-    env['code_sha256'] = h.hexdigest()[:16]  # of the project's top-level .py files, to tie results to code
+    env['code_sha256'] = h.hexdigest()[:16]  # of the top-level .py files, to tie results to code
     return env
+
+
+def unusable(env, mode):
+    """Why no check can run on what the probe found (torch not importable; on the device, no GPU), or None."""
+    if 'packages' in env and 'torch' not in env:  # the probe ran, and torch did not import
+        return f'torch cannot be imported by {env.get("executable")} ({env.get("torch_error") or "not installed"})'
+    if mode == 'device' and env.get('cuda_available') is False:
+        return f'torch {env["torch"]} (CUDA {env.get("torch_cuda")}) sees no CUDA GPU'
+    return None
 
 
 # ---------------------------------------------------------------- running processes
@@ -166,7 +151,7 @@ class Log:
 
 
 class Clock:
-    """The whole run's deadline (the shell script's start + --budget)."""
+    """The whole run's budget, from the shell script's start, and each step's share of it."""
 
     def __init__(self, start, budget):
         self.start, self.budget = start, budget
@@ -174,14 +159,17 @@ class Clock:
     def now(self):
         return time.time() - self.start
 
-    def left(self):
-        return self.budget - self.now()
+    def allow(self, step):
+        """Seconds left for `step`: all but MARGIN_S and the caps of the steps after it."""
+        later = list(STEPS)[list(STEPS).index(step) + 1:]
+        return self.budget - MARGIN_S - sum(STEPS[s][0] for s in later) - self.now()
 
 
 def run_proc(cmd, timeout, log, cwd=None, env=None, tag='', on_line=None):
     """Runs cmd in a process group of its own, its output streamed to the log (and to on_line, line
     by line); on timeout the group is ended (TERM, then KILL). Returns (returncode or None on timeout,
     output, seconds)."""
+    timeout = max(timeout, 1)
     log(f'$ {" ".join(map(str, cmd))}' + (f'   (cwd {cwd})' if cwd else '') + f'   [timeout {timeout:.0f}s]')
     t0 = time.perf_counter()
     p = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -198,21 +186,20 @@ def run_proc(cmd, timeout, log, cwd=None, env=None, tag='', on_line=None):
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        rc = p.wait(timeout=max(timeout, 1))
+        rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         rc = None
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 3)):  # within MARGIN_S
             try:
                 os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
                 p.wait(timeout=wait)
+                break
+            except ProcessLookupError:
                 break
             except subprocess.TimeoutExpired:
                 continue
         log(f'  {tag}| timed out after {timeout:.0f}s: ended')
-    reader.join(timeout=10)
+    reader.join(timeout=2)
     return rc, '\n'.join(lines), time.perf_counter() - t0
 
 
@@ -230,12 +217,11 @@ def tail(text, n=3):
 
 
 def worker(ctx, name, args, timeout, tag, on_line=None):
-    """Runs `gpu_check.py worker NAME RESULT -- args`; its result dict, and its output."""
+    """Runs `gpu_check.py worker NAME RESULT args...`; its result dict, and its output."""
     result = os.path.join(ctx.work, f'{tag}.result.json')
     if os.path.exists(result):
         os.remove(result)
-    rc, out, seconds = run_proc([sys.executable, os.path.abspath(__file__), 'worker', name, result,
-                                 '--compile-backend', ctx.compile_backend, '--', *args],
+    rc, out, seconds = run_proc([sys.executable, os.path.abspath(__file__), 'worker', name, result, *args],
                                 timeout, ctx.log, cwd=ctx.work, env=ctx.env, tag=tag, on_line=on_line)
     res = {}
     if os.path.exists(result):
@@ -243,70 +229,23 @@ def worker(ctx, name, args, timeout, tag, on_line=None):
             res = json.load(fh)
     res['wall_seconds'] = round(seconds, 2)
     if rc is None:
-        res['error'] = f'timed out after {timeout:.0f}s'
+        res['error'] = f'timed out after {max(timeout, 1):.0f}s'
     elif rc != 0 and not res.get('error'):
         res['error'] = f'exit {rc}: {tail(out)}'
-    if FELL_BACK in out:  # engine.compiled fell back to eager: say so beside the figures
+    if FELL_BACK in out:  # the compile fell back to eager: say so beside the figures
         res['compile_fell_back'] = next(line for line in out.splitlines() if FELL_BACK in line)
     return res, out
 
 
 # ---------------------------------------------------------------- the checks (driver side)
 
-def check_a(ctx, timeout):
-    res, _ = worker(ctx, 'a', ['--dataroot', ctx.dataroot, '--device', ctx.device, '--batch', str(ctx.sizes['a_batch'])],
-                 timeout, 'a')
+def check_a(ctx):
+    res, _ = worker(ctx, 'a', [ctx.dataroot, ctx.device, ctx.sizes['a_batch']], ctx.allow('a_cuda_vs_cpu'), 'a')
     if res.get('error'):
         raise CheckFailed(res['error'], res)
     if not res.get('passed'):
-        worst = [k for k, v in res['compare'].items() if not v['ok']]
-        raise CheckFailed(f'outside tolerance: {", ".join(worst)}', res)
+        raise CheckFailed('outside tolerance: ' + ', '.join(k for k, v in res['compare'].items() if not v['ok']), res)
     return res
-
-
-def cifar_record(folder):
-    log = read_log(folder)
-    if not log:
-        return {}
-    r = log[-1]
-    keep = ('epoch', 'train_time', 'test_time', 'train_acc', 'test_acc', 'train_loss', 'test_loss', 'dtype', 'compile')
-    out = {k: r.get(k) for k in keep}
-    out['at_losses'] = [m[0] for m in r.get('at_losses', [])]
-    return out
-
-
-def check_b(ctx, timeout):
-    s = ctx.sizes
-    teacher = project('synthetic').write_teacher_run(os.path.join(ctx.work, 'b_teacher'), 'wrn', s['b_depth'], 2,
-                                                      ctx.classes, seed=0)
-    runs, failed, t_end = {}, [], time.perf_counter() + timeout
-    for name, flags, budget in B_RUNS:
-        left = t_end - time.perf_counter()
-        if left < 15:
-            runs[name] = {'status': 'skipped', 'note': f'{left:.0f}s left of the check\'s budget'}
-            failed.append(f'{name} skipped')
-            continue
-        save = os.path.join(ctx.work, f'b_{name}')
-        argv = ['--dataroot', ctx.dataroot, '--depth', str(s['b_depth']), '--teacher_id', teacher, '--beta', '1e+3',
-                '--epochs', '1', '--save', save, '--no_progress', '--device', ctx.device, *s['b_flags'], *flags]
-        res, _ = worker(ctx, 'main', ['cifar', *argv], min(budget * ctx.scale, left), f'b.{name}')
-        res.update(cifar_record(save))
-        res['flags'] = flags
-        if name == 'fp32':  # torch's default: convolutions in TF32 on CUDA
-            res['precision'] = precision_label(res.get('tf32'))
-        res['status'] = sub_status(res, '--compile' in flags)
-        if res['status'] == 'failed':
-            failed.append(f'{name}: {res["error"]}')
-        elif res['status'] == 'fell_back_to_eager':
-            failed.append(f'{name}: --compile fell back to eager ({res["compile_fell_back"]})')
-        runs[name] = res
-        ctx.progress({'runs': runs})  # into the JSON now: a run cut short keeps what finished
-    out = {'student': f'WRN-{s["b_depth"]}-1', 'teacher': f'WRN-{s["b_depth"]}-2 (random init)', 'runs': runs,
-           'peak_gpu_memory': 'torch.cuda.max_memory_allocated / max_memory_reserved of the process running '
-                              'cifar.main (MiB); the dataset on the GPU included'}
-    if failed:
-        raise CheckFailed('; '.join(failed), out)
-    return out
 
 
 def sub_status(res, compiled):
@@ -325,6 +264,40 @@ def precision_label(tf32):
     return f'tf32 ({", ".join(on)})' if on else 'fp32'
 
 
+def check_b(ctx):
+    s = ctx.sizes
+    teacher = project('synthetic').write_teacher_run(os.path.join(ctx.work, 'b_teacher'), 'wrn', s['b_depth'], 2,
+                                                      ctx.classes, seed=0)
+    runs, failed = {}, []
+    for name, flags in B_RUNS.items():
+        left, least = ctx.allow(f'b.{name}'), STEPS[f'b.{name}'][1]
+        if left < least:
+            runs[name] = {'status': 'skipped', 'note': f'{left:.0f}s left for it; it needs {least}s'}
+            failed.append(f'{name} skipped')
+            continue
+        save = os.path.join(ctx.work, f'b_{name}')
+        argv = ['--dataroot', ctx.dataroot, '--depth', str(s['b_depth']), '--teacher_id', teacher, '--beta', '1e+3',
+                '--epochs', '1', '--save', save, '--no_progress', '--device', ctx.device, *s['b_flags'], *flags]
+        res, _ = worker(ctx, 'main', ['cifar', *argv], left, f'b.{name}')
+        res.update(last_record(save, ('epoch', 'train_time', 'test_time', 'train_acc', 'test_acc', 'train_loss',
+                                      'test_loss', 'dtype', 'compile')), flags=flags, allowed_s=round(left))
+        if name == 'fp32':  # torch's default: convolutions in TF32 on CUDA
+            res['precision'] = precision_label(res.get('tf32'))
+        res['status'] = sub_status(res, '--compile' in flags)
+        if res['status'] == 'failed':
+            failed.append(f'{name}: {res["error"]}')
+        elif res['status'] == 'fell_back_to_eager':
+            failed.append(f'{name}: --compile fell back to eager ({res["compile_fell_back"]})')
+        runs[name] = res
+        ctx.progress({'runs': runs})  # into the JSON now: a run cut short keeps what finished
+    out = {'student': f'WRN-{s["b_depth"]}-1', 'teacher': f'WRN-{s["b_depth"]}-2 (random init)', 'runs': runs,
+           'peak_gpu_memory': 'torch.cuda.max_memory_allocated / max_memory_reserved of the process running '
+                              'cifar.main (MiB); the dataset on the GPU included'}
+    if failed:
+        raise CheckFailed('; '.join(failed), out)
+    return out
+
+
 REPEAT_LINE = re.compile(r'^# repeat \d+: (\S+): train ([\d.]+) img/s, eval ([\d.]+) img/s$')
 
 
@@ -335,31 +308,22 @@ def repeats(seen):
                 'repeats': len(v)} for n, v in seen.items()}
 
 
-def check_c(ctx, timeout):
-    s = ctx.sizes
-    out_json = os.path.join(ctx.work, 'c_benchmark.json')
-    args = ['benchmark', '--dataroot', ctx.dataroot, '--configs', BENCH_CONFIGS, '--device', ctx.device,
-            '--json', out_json, *s['c_flags']]
-    seen = {}
+def check_c(ctx):
+    out_json, seen = os.path.join(ctx.work, 'c_benchmark.json'), {}
 
     def on_line(line):  # each repeat into the JSON as it finishes: a run cut short keeps them
         m = REPEAT_LINE.match(line)
         if m:
             seen.setdefault(m.group(1), []).append((float(m.group(2)), float(m.group(3))))
             ctx.progress({'partial': repeats(seen)})
-    res, out = worker(ctx, 'main', args, timeout, 'c', on_line=on_line)
+    res, _ = worker(ctx, 'main', ['benchmark', '--dataroot', ctx.dataroot, '--configs', BENCH_CONFIGS, '--device',
+                                  ctx.device, '--json', out_json, *ctx.sizes['c_flags']],
+                    ctx.allow('c_benchmark'), 'c', on_line=on_line)
     if not os.path.exists(out_json):  # stopped before its table: the repeats it finished
         res['partial'] = repeats(seen)
     else:
         with open(out_json) as fh:
-            bench = json.load(fh)
-        res.update({k: bench[k] for k in ('where', 'student', 'teacher', 'batch_size', 'steps', 'warmup', 'repeats',
-                                          'peak_definition')})
-        r3 = lambda v: round(v, 3) if isinstance(v, float) else [r3(x) for x in v] if isinstance(v, list) else v  # noqa: E731
-        res['configs'] = {n: {k: r3(v) for k, v in f.items()
-                              if k in ('train_median', 'train_ratio', 'eval_median', 'eval_ratio', 'peak_mib',
-                                       'train_img_s', 'eval_img_s')}
-                          for n, f in bench['configs'].items()}
+            res.update(json.load(fh))
     # every config without --dtype is fp32: say what that meant on this device
     res['fp32_configs'] = {'precision': precision_label(res.get('tf32')),
                            'configs': [n for n in BENCH_CONFIGS.split(',') if n not in ('fast-half', 'fast-bf16')]}
@@ -371,13 +335,11 @@ def check_c(ctx, timeout):
     return res
 
 
-def check_d(ctx, timeout):
+def check_d(ctx):
     import torch
-    s = ctx.sizes
-    synthetic = project('synthetic')
+    s, synthetic = ctx.sizes, project('synthetic')
     data = synthetic.make_tiny_cifar(os.path.join(ctx.work, 'd_data'), classes=10, train=s['d_train'], test=s['d_test'])
     teacher = synthetic.write_teacher_run(os.path.join(ctx.work, 'd_teacher'), 'wrn', 10, 2, 10, seed=0)
-    t_end = time.perf_counter() + timeout
     common = ['--dataroot', data, '--depth', '10', '--teacher_id', teacher, '--beta', '1e+3', '--batch_size', '32',
               '--lr', '0.1', '--epoch_step', '[2]', '--lr_decay_ratio', '0.2', '--no_progress', '--device', ctx.device]
     save, straight = os.path.join(ctx.work, 'd_run'), os.path.join(ctx.work, 'd_straight')
@@ -385,62 +347,67 @@ def check_d(ctx, timeout):
     for tag, argv in (('d.1', ['--epochs', '1', '--save', save]),
                       ('d.2', ['--epochs', '2', '--save', save, '--resume', 'auto']),
                       ('d.straight', ['--epochs', '2', '--save', straight])):
-        rc, out, _ = run_proc([sys.executable, os.path.join(ROOT, 'cifar.py'), *common, *argv],
-                              max(t_end - time.perf_counter(), 1), ctx.log, cwd=ctx.work, env=ctx.env, tag=tag)
+        rc, out, _ = run_proc([sys.executable, os.path.join(ROOT, 'cifar.py'), *common, *argv], ctx.allow('d_resume'),
+                              ctx.log, cwd=ctx.work, env=ctx.env, tag=tag)
         if rc != 0:
             raise CheckFailed(f'{tag}: ' + ('timed out' if rc is None else f'exit {rc}: {tail(out)}'))
         outputs.append(out)
         if tag == 'd.1':
             first_line = open(os.path.join(save, 'log.txt')).read()
     log, ref = read_log(save), read_log(straight)
-    state = torch.load(os.path.join(save, 'model.pt7'), map_location='cpu', weights_only=True)
+    state, sref = (torch.load(os.path.join(f, 'model.pt7'), map_location='cpu', weights_only=True)
+                   for f in (save, straight))
     lr = state['optimizer']['param_groups'][0]['lr']
     res = {'epochs_logged': [r['epoch'] for r in log], 'checkpoint_epoch': state['epoch'], 'checkpoint_lr': lr,
            'expected_lr': 0.1 * 0.2, 'resumed_line': next((line for line in outputs[1].splitlines()
-                                                           if line.startswith('resumed from')), None)}
-    sref = torch.load(os.path.join(straight, 'model.pt7'), map_location='cpu', weights_only=True)
-    res['vs_uninterrupted'] = {  # information: bit-exact on the CPU; on a GPU nondeterministic kernels may differ
-        'test_loss_diff': abs(log[-1]['test_loss'] - ref[-1]['test_loss']),
-        'train_loss_diff': abs(log[-1]['train_loss'] - ref[-1]['train_loss']),
-        'max_param_diff': max((state['params'][k].float() - sref['params'][k].float()).abs().max().item()
-                              for k in state['params'])}
-    problems = []
-    if res['epochs_logged'] != [1, 2]:
-        problems.append(f'log epochs {res["epochs_logged"]}, expected [1, 2]')
-    if not open(os.path.join(save, 'log.txt')).read().startswith(first_line):
-        problems.append('the first log line changed on resume')
-    if state['epoch'] != 2:
-        problems.append(f'checkpoint epoch {state["epoch"]}')
-    if abs(lr - res['expected_lr']) > 1e-12:
-        problems.append(f'checkpoint lr {lr}, expected {res["expected_lr"]}')
-    if not res['resumed_line']:
-        problems.append('the second run did not say it resumed')
+                                                           if line.startswith('resumed from')), None),
+           'vs_uninterrupted': {  # information: bit-exact on the CPU; on a GPU nondeterministic kernels may differ
+               'test_loss_diff': abs(log[-1]['test_loss'] - ref[-1]['test_loss']),
+               'train_loss_diff': abs(log[-1]['train_loss'] - ref[-1]['train_loss']),
+               'max_param_diff': max((state['params'][k].float() - sref['params'][k].float()).abs().max().item()
+                                     for k in state['params'])}}
+    problems = [m for bad, m in (
+        (res['epochs_logged'] != [1, 2], f'log epochs {res["epochs_logged"]}, expected [1, 2]'),
+        (not open(os.path.join(save, 'log.txt')).read().startswith(first_line), 'the first log line changed on resume'),
+        (state['epoch'] != 2, f'checkpoint epoch {state["epoch"]}'),
+        (abs(lr - res['expected_lr']) > 1e-12, f'checkpoint lr {lr}, expected 0.02'),
+        (not res['resumed_line'], 'the second run did not say it resumed')) if bad]
     if problems:
         raise CheckFailed('; '.join(problems), res)
     return res
 
 
-def check_e(ctx, timeout):
+def check_e(ctx):
+    import torch
+    import torchvision
     s = ctx.sizes
     data = project('synthetic').make_image_folder(os.path.join(ctx.work, 'e_data'), s['e_classes'], s['e_train'],
                                                  s['e_val'])
+    torch.manual_seed(0)
+    model = torchvision.models.resnet34(weights=None, num_classes=s['e_classes'])
+    for m in model.modules():  # non-trivial batch-norm statistics, for the folding to matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    tv, pth, hkl = (os.path.join(ctx.work, f'e_resnet34_{x}') for x in ('torchvision.pth', 'export.pth', 'export.hkl'))
+    torch.save(model.state_dict(), tv)
     save = os.path.join(ctx.work, 'e_run')
-    args = [os.path.join(ctx.work, 'e_resnet34_export.pth'), str(s['e_classes']),
-            '--imagenetpath', data, '--depth', '18', '--beta', '1e+3', '--epochs', '1', '--dtype', 'bfloat16',
-            '--save', save, '--no_progress', '--device', ctx.device, *s['e_flags']]
-    res, _ = worker(ctx, 'e', args, timeout, 'e')
-    log = read_log(save)
-    if log:
-        r = log[-1]
-        res.update({k: r.get(k) for k in ('epoch', 'train_time', 'test_time', 'train_acc', 'test_acc', 'train_loss')})
-        res['at_losses'] = [m[0] for m in r.get('at_losses', [])]
-    res['images'] = {'classes': s['e_classes'], 'train': s['e_classes'] * s['e_train'], 'val': s['e_classes'] * s['e_val'],
-                     'size': '500x375 JPEG'}
+    res, out = worker(ctx, 'main', ['convert_teacher', f'torchvision:resnet34:{tv}', pth, hkl, '--then', 'imagenet',
+                                    '--imagenetpath', data, '--depth', '18', '--beta', '1e+3', '--epochs', '1',
+                                    '--dtype', 'bfloat16', '--save', save, '--no_progress', '--device', ctx.device,
+                                    '--teacher_params', pth, *s['e_flags']], ctx.allow('e_imagenet'), 'e')
+    res.update(last_record(save, ('epoch', 'train_time', 'test_time', 'train_acc', 'test_acc', 'train_loss')),
+               convert_output=[line for line in out.splitlines() if ' tensors, ' in line],
+               images={'classes': s['e_classes'], 'train': s['e_classes'] * s['e_train'],
+                       'val': s['e_classes'] * s['e_val'], 'size': '500x375 JPEG'})
     if res.get('error'):
         raise CheckFailed(res['error'], res)
-    if not log or len(res['at_losses']) != 4:
-        raise CheckFailed(f'expected one log line with 4 AT losses, got {log[-1:] or "none"}', res)
-    if not res.get('hkl_equals_pth'):
+    load = project('training.teachers').load_teacher_export
+    p_pth, p_hkl = load(pth)[1], load(hkl)[1]
+    res['hkl_equals_pth'] = set(p_pth) == set(p_hkl) and all(torch.equal(p_pth[k], p_hkl[k]) for k in p_pth)
+    if len(res.get('at_losses', [])) != 4:
+        raise CheckFailed(f'expected a log line with 4 AT losses, got {read_log(save)[-1:] or "none"}', res)
+    if not res['hkl_equals_pth']:
         raise CheckFailed('the .hkl export does not load to the .pth export\'s tensors', res)
     return res
 
@@ -467,7 +434,7 @@ def race_verdict(control, tested, fixed):
     return {'verdict': 'inconclusive', 'why': why}
 
 
-def check_f(ctx, timeout):
+def check_f(ctx):
     s = ctx.sizes
     data = project('synthetic').make_image_folder(os.path.join(ctx.work, 'f_data'), 5, s['f_train'], s['f_val'])
     save = os.path.join(ctx.work, 'f_run')
@@ -476,11 +443,8 @@ def check_f(ctx, timeout):
     args = [data, ctx.device, int(not ctx.unfixed), '--imagenetpath', data, '--depth', '18', '--epochs', '1', '--dtype',
             'half', '--channels_last', '1', '--decoder', decoder, '--save', save, '--no_progress', '--device',
             ctx.device, *s['f_flags']]
-    res, _ = worker(ctx, 'f', args, timeout, 'f')
-    log = read_log(save)
-    if log:
-        res.update({k: log[-1].get(k) for k in ('epoch', 'train_time', 'train_loss', 'train_acc', 'test_acc')})
-    res['train_decoder'] = decoder
+    res, _ = worker(ctx, 'f', args, ctx.allow('f_nvjpeg_half'), 'f')
+    res.update(last_record(save, ('epoch', 'train_time', 'train_loss', 'train_acc', 'test_acc')), train_decoder=decoder)
     if res.get('error'):
         raise CheckFailed(res['error'], res)
     problems = [f'{split} views {d["mean"]:.2f} levels off PIL\'s on average (max {d["max"]:.0f})'
@@ -519,15 +483,6 @@ SIZES = {
 }
 
 
-def unusable(env, mode):
-    """Why no check can run on what the probe found (torch not importable; on the device, no GPU), or None."""
-    if 'packages' in env and 'torch' not in env:  # the probe ran, and torch did not import
-        return f'torch cannot be imported by {env.get("executable")} ({env.get("torch_error") or "not installed"})'
-    if mode == 'device' and env.get('cuda_available') is False:
-        return f'torch {env["torch"]} (CUDA {env.get("torch_cuda")}) sees no CUDA GPU'
-    return None
-
-
 def run(args):
     clock = Clock(args.start or time.time(), args.budget)
     os.makedirs(args.out, exist_ok=True)
@@ -539,34 +494,31 @@ def run(args):
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     if args.rehearse:
         env['CUDA_VISIBLE_DEVICES'] = ''
-    # the rehearsal compiles with dynamo's eager backend: the same tracing, guards and recompiles,
-    # without inductor's C++ code generation, which takes minutes on 2 CPU cores
-    backend = args.compile_backend or ('eager' if args.rehearse else '')
+    # the workers' torch.compile backend: the rehearsal's is dynamo's eager one, the same tracing,
+    # guards and recompiles without inductor's C++ code generation (minutes on 2 CPU cores)
+    backend = env.get('GPU_CHECK_COMPILE_BACKEND') or ('eager' if args.rehearse else '')
+    env['GPU_CHECK_COMPILE_BACKEND'] = backend
     ctx = argparse.Namespace(log=log, work=work, env=env, dataroot=os.path.abspath(args.dataroot),
-                             device='cpu' if args.rehearse else 'cuda', sizes=SIZES[mode],
-                             scale=1 if not args.rehearse else 2, compile_backend=backend, unfixed=args.unfixed)
+                             device='cpu' if args.rehearse else 'cuda', sizes=SIZES[mode], allow=clock.allow,
+                             unfixed=args.unfixed)
     train_dir = os.path.join(ctx.dataroot, 'train')
     ctx.classes = len(os.listdir(train_dir)) if os.path.isdir(train_dir) else 10
     only = set(args.only.split(',')) if args.only else None
     report = {'mode': mode, 'started_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(clock.start)),
-              'budget_s': args.budget, 'order': CHECKS, 'dataroot': ctx.dataroot,
+              'budget_s': args.budget, 'caps_s': {k: v[0] for k, v in STEPS.items()}, 'margin_s': MARGIN_S,
+              'order': CHECKS, 'dataroot': ctx.dataroot,
               'compile_backend': backend or 'inductor (torch.compile default)',
-              'setup': json.loads(args.setup) if args.setup else {}}
-
+              'setup': json.loads(args.setup) if args.setup else {},
+              'environment': {'status': 'pending'}, 'decode': {'status': 'pending'},
+              **{name: {'status': 'pending'} for name in CHECKS}}
     lock = threading.Lock()
 
     def save():
         with lock:
             report['seconds'] = round(clock.now(), 1)
-            tmp = json_path + '.tmp'
-            with open(tmp, 'w') as fh:
+            with open(json_path + '.tmp', 'w') as fh:
                 json.dump(report, fh, indent=1, default=str)
-            os.replace(tmp, json_path)
-
-    report['environment'] = {'status': 'pending'}
-    report['decode'] = {'status': 'pending'}
-    for name in CHECKS:
-        report[name] = {'status': 'pending'}
+            os.replace(json_path + '.tmp', json_path)
     save()  # before anything that can hang: the JSON says how far the run got
 
     def progress(partial):  # a check's sub-results so far, into the JSON (from the output's thread too)
@@ -574,7 +526,7 @@ def run(args):
         save()
     current, ctx.progress = [None], progress
     log(f'== environment ({mode})')
-    res, _ = worker(ctx, 'env', [], min(SETUP_S['env'], max(clock.left(), 1)), 'env')
+    res, _ = worker(ctx, 'env', [], clock.allow('env'), 'env')
     report['environment'] = res
     log(json.dumps(res))
     save()
@@ -587,7 +539,7 @@ def run(args):
         return 1
     log('== decode the CIFAR JPEGs once, for every later process')
     decoded = os.path.join(work, 'decoded')
-    res, _ = worker(ctx, 'decode', [ctx.dataroot, decoded], min(SETUP_S['decode'], max(clock.left(), 1)), 'decode')
+    res, _ = worker(ctx, 'decode', [ctx.dataroot, decoded], clock.allow('decode'), 'decode')
     res['status'] = 'failed' if res.get('error') else 'ok'
     if res['status'] == 'ok':  # else the checks read the JPEGs themselves
         ctx.dataroot = decoded
@@ -598,22 +550,21 @@ def run(args):
     report['decode'] = res
     save()
     for name in CHECKS:
-        letter = name[0]
-        budget = BUDGETS[name] * ctx.scale
-        entry = {'budget_s': budget, 'started_s': round(clock.now(), 1)}
-        if only is not None and letter not in only and name not in only:
+        steps = [s for s in STEPS if s == name or s.startswith(name[0] + '.')]
+        allowed, least = clock.allow(steps[-1]), STEPS[steps[0]][1]
+        entry = {'cap_s': sum(STEPS[s][0] for s in steps), 'allowed_s': round(allowed),
+                 'started_s': round(clock.now(), 1)}
+        if only is not None and name[0] not in only and name not in only:
             entry.update(status='skipped', note=f'not selected (--only {args.only})')
-        elif clock.left() < MIN_START[name]:
-            entry.update(status='skipped', note=f'{clock.left():.0f}s of the {args.budget}s budget left; '
-                                                 f'it needs at least {MIN_START[name]}s to start')
+        elif allowed < least:
+            entry.update(status='skipped', note=f'{allowed:.0f}s of the {args.budget}s budget left for it; '
+                                                 f'it needs at least {least}s to start')
         else:
-            timeout = min(budget, clock.left())
-            log(f'== {name} (up to {timeout:.0f}s; {clock.left():.0f}s left)')
+            log(f'== {name} (up to {allowed:.0f}s; its cap {entry["cap_s"]}s)')
             current[0], report[name] = name, {**entry, 'status': 'running'}
             t = time.perf_counter()
             try:
-                entry.update(RUNNERS[name](ctx, timeout))
-                entry['status'] = 'ok'
+                entry.update(RUNNERS[name](ctx), status='ok')
             except CheckFailed as e:
                 entry.update(e.args[1] if len(e.args) > 1 else {})
                 entry.update(status='inconclusive' if isinstance(e, Inconclusive) else 'failed', error=e.args[0])
@@ -666,7 +617,7 @@ def tf32_state():
 
 
 def patch_compile(backend):
-    """--compile-backend: torch.compile with another backend (eager: dynamo's tracing without codegen)."""
+    """torch.compile with another backend than inductor, where one is named."""
     if backend:
         import functools
         import torch
@@ -674,25 +625,19 @@ def patch_compile(backend):
 
 
 def worker_a(argv, result):
-    p = argparse.ArgumentParser()
-    p.add_argument('--dataroot', required=True)
-    p.add_argument('--device', required=True)
-    p.add_argument('--batch', type=int, required=True)
-    a = p.parse_args(argv)
+    """argv: DATAROOT DEVICE BATCH"""
     import numpy as np
     import torch
     sys.path.insert(0, ROOT)
     from cifar import MEAN, STD
-    from training.data import channel_stats, normalized, open_cifar
-    from training.distill import Distiller
-    from training.distill import FunctionalNet
-    from training.device import place_params
     from resnet import wrn, wrn_params
+    from training.data import channel_stats, normalized, open_cifar
+    from training.device import place_params
+    from training.distill import Distiller, FunctionalNet
     precision = set_fp32_ieee()  # TF32 off, on every torch
-    device = torch.device(a.device)
-
-    test = open_cifar(a.dataroot, 'CIFAR10', False)
-    n = min(a.batch, len(test))
+    device = torch.device(argv[1])
+    test = open_cifar(argv[0], 'CIFAR10', False)
+    n = min(int(argv[2]), len(test))
     idx = [round(i * (len(test) - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the classes
     if hasattr(test, 'data'):  # the decoded cache: torchvision's CIFAR10, pixels in memory
         x = torch.from_numpy(test.data[idx]).permute(0, 3, 1, 2)
@@ -702,59 +647,55 @@ def worker_a(argv, result):
     x = normalized(x, *channel_stats(MEAN, STD, 'cpu'))
     y = torch.tensor([test.targets[i] for i in idx])
     torch.manual_seed(0)
-    classes = len(test.classes)
-    p_s, p_t = wrn_params(16, 1, classes), wrn_params(16, 2, classes)
+    p_s, p_t = wrn_params(16, 1, len(test.classes)), wrn_params(16, 2, len(test.classes))
 
     def forward(dev, dtype):
-        s, t = {k: v.clone() for k, v in p_s.items()}, {k: v.clone() for k, v in p_t.items()}
-        place_params(s, dev, dtype, False, True)
-        place_params(t, dev, dtype, False, False)
-        d = Distiller(FunctionalNet(wrn, s), FunctionalNet(wrn, t), beta=1e3, alpha=0.)
+        def distiller(**kw):  # on fresh copies of the same weights
+            s, t = {k: v.clone() for k, v in p_s.items()}, {k: v.clone() for k, v in p_t.items()}
+            place_params(s, dev, dtype, False, True)
+            place_params(t, dev, dtype, False, False)
+            return s, Distiller(FunctionalNet(wrn, s), FunctionalNet(wrn, t), beta=1e3, alpha=0., **kw)
+
+        def grads(s):
+            return torch.cat([s[k].grad.flatten() for k in sorted(s) if s[k].grad is not None])
+        s, d = distiller()
         xx, yy = x.to(dev, dtype), y.to(dev)
         logits, losses = d(xx, yy, True)
         losses['loss'].backward()
-        out = {'logits': logits, 'loss': losses['loss'],
-               **{f'at_loss_{i}': v for i, v in enumerate(v for k, v in losses.items() if k.startswith('at_loss.'))},
-               'grads': torch.cat([s[k].grad.flatten() for k in sorted(s) if s[k].grad is not None])}
+        out = {'logits': logits, 'loss': losses['loss'], 'grads': grads(s),
+               **{f'at_loss_{i}': v for i, v in enumerate(v for k, v in losses.items() if k.startswith('at_loss.'))}}
         with torch.no_grad():
             d.alpha = 0.9  # KD + AT on the same batch
             out['loss_kd'] = d(xx, yy, True)[1]['loss']
             out['logits_eval'] = d(xx, yy, False)[0]  # running statistics after the two updates
         # one step of gradient-based AT: input gradients of both nets, the student's with a graph,
-        # and backward through it (double backprop), on fresh copies of the same weights
-        s, t = {k: v.clone() for k, v in p_s.items()}, {k: v.clone() for k, v in p_t.items()}
-        place_params(s, dev, dtype, False, True)
-        place_params(t, dev, dtype, False, False)
-        g = Distiller(FunctionalNet(wrn, s), FunctionalNet(wrn, t), beta=1e3, alpha=0., grad_beta=1.)
+        # and backward through it (double backprop)
+        s, g = distiller(grad_beta=1.)
         losses = g(xx, yy, True)[1]
         losses['loss'].backward()
-        out['grad_at_loss'] = losses['grad_at_loss']
-        out['grad_at_step_grads'] = torch.cat([s[k].grad.flatten() for k in sorted(s) if s[k].grad is not None])
+        out.update(grad_at_loss=losses['grad_at_loss'], grad_at_step_grads=grads(s))
         return {k: v.detach().to('cpu', torch.float64) for k, v in out.items()}
 
     t0 = time.perf_counter()
-    ref = forward(torch.device('cpu'), torch.float64)
-    cpu = forward(torch.device('cpu'), torch.float32)
+    ref, cpu = forward(torch.device('cpu'), torch.float64), forward(torch.device('cpu'), torch.float32)
     t1 = time.perf_counter()
     dev = forward(device, torch.float32)
     if device.type == 'cuda':
         torch.cuda.synchronize()
     t2 = time.perf_counter()
 
-    def diff(u, v):
-        m = (u - v).abs().max().item()
-        return m, m / max(v.abs().max().item(), 1e-30)
+    def rel(u, v):
+        return (u - v).abs().max().item() / max(v.abs().max().item(), 1e-30)
     compare = {}
     for k in dev:
-        ab, rel = diff(dev[k], cpu[k])
-        rtol = RTOL.get(k, RTOL_DEFAULT)
-        compare[k] = {'max_abs': ab, 'max_rel': rel, 'rtol': rtol, 'ok': rel <= rtol,
-                      'cpu_vs_fp64_rel': diff(cpu[k], ref[k])[1], 'device_vs_fp64_rel': diff(dev[k], ref[k])[1]}
-        if dev[k].numel() == 1:
-            compare[k]['value'] = dev[k].item()
+        r, rtol = rel(dev[k], cpu[k]), RTOL.get(k, RTOL_DEFAULT)
+        compare[k] = {'max_abs': (dev[k] - cpu[k]).abs().max().item(), 'max_rel': r, 'rtol': rtol, 'ok': r <= rtol,
+                      'cpu_vs_fp64_rel': rel(cpu[k], ref[k]), 'device_vs_fp64_rel': rel(dev[k], ref[k]),
+                      **({'value': dev[k].item()} if dev[k].numel() == 1 else {})}
     json.dump({'device': str(device), 'batch': n, 'student': 'WRN-16-1', 'teacher': 'WRN-16-2', 'seed': 0,
                'beta': 1e3, 'tf32': False, 'precision_set': precision,
-               'cudnn_benchmark': torch.backends.cudnn.benchmark, 'cpu_seconds': round(t1 - t0, 2), 'device_seconds': round(t2 - t1, 2),
+               'cudnn_benchmark': torch.backends.cudnn.benchmark, 'cpu_seconds': round(t1 - t0, 2),
+               'device_seconds': round(t2 - t1, 2),
                'tolerance': f'rel = max|{device.type} - cpu| / max|cpu| (fp32 both) <= rtol: '
                             f'{RTOL_DEFAULT:g} for logits and losses, {RTOL["grads"]:g} for the gradients '
                             f'and the gradient-AT step (its loss compares normalised input gradients)',
@@ -786,52 +727,27 @@ def memory_figures():
     return out
 
 
-def worker_main(argv, result):
-    """cifar / imagenet / benchmark main(argv) in this process, then its peak memory."""
-    module, argv = argv[0], argv[1:]
+def main_in_process(module, argv, res):
+    """A script's main(argv) (cifar, imagenet, benchmark, convert_teacher) in this process, into res
+    with its seconds and the process's peak memory."""
     sys.path[:0] = [ROOT, os.path.join(ROOT, 'scripts')]
     t = time.perf_counter()
-    error = call_main(module, argv)
-    res = {'error': error, 'main_seconds': round(time.perf_counter() - t, 2), **memory_figures()}
+    res['error'] = call_main(module, argv)
+    res.update({f'{module}_seconds': round(time.perf_counter() - t, 2)}, **memory_figures())
     import torch
     if torch.cuda.is_available():  # what "fp32" meant in this process: TF32 where it is on
         res['tf32'] = tf32_state()
-    json.dump(res, open(result, 'w'), indent=1)
-    return 1 if error else 0
+    return res
 
 
-def worker_e(argv, result):
-    """A random torchvision ResNet-34, folded by convert_teacher.py's CLI, teaches imagenet.py.
-    argv: EXPORT_PATH CLASSES imagenet.py-arguments..."""
-    teacher_out, classes, rest = argv[0], int(argv[1]), argv[2:]
-    import torch
-    import torchvision
-    torch.manual_seed(0)
-    model = torchvision.models.resnet34(weights=None, num_classes=classes).eval()
-    for m in model.modules():  # non-trivial batch-norm statistics, for the folding to matter
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    tv = teacher_out + '.torchvision.pth'
-    torch.save(model.state_dict(), tv)
-    t = time.perf_counter()
-    hkl = os.path.splitext(teacher_out)[0] + '.hkl'  # the 2017 format too: hickle and h5py on this machine
-    conv = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'convert_teacher.py'),
-                           f'torchvision:resnet34:{tv}', teacher_out, hkl], capture_output=True, text=True)
-    print(conv.stdout + conv.stderr, end='')
-    res = {'convert_seconds': round(time.perf_counter() - t, 2), 'convert_output': conv.stdout.strip()}
-    if conv.returncode != 0:
-        res['error'] = f'convert_teacher.py exit {conv.returncode}: {tail(conv.stderr or conv.stdout)}'
-        json.dump(res, open(result, 'w'), indent=1)
-        return 1
-    sys.path[:0] = [ROOT]
-    from training.teachers import load_teacher_export
-    p_pth, p_hkl = load_teacher_export(teacher_out)[1], load_teacher_export(hkl)[1]
-    res['hkl_equals_pth'] = set(p_pth) == set(p_hkl) and all(torch.equal(p_pth[k], p_hkl[k]) for k in p_pth)
-    t = time.perf_counter()
-    res['error'] = call_main('imagenet', [*rest, '--teacher_params', teacher_out])
-    res['main_seconds'] = round(time.perf_counter() - t, 2)
-    res.update(memory_figures())
+def worker_main(argv, result):
+    """argv: MODULE ARGS... [--then MODULE ARGS...]: each in turn, until one fails (a process start saved)."""
+    calls, res = [[]], {}
+    for a in argv:
+        calls.append([]) if a == '--then' else calls[-1].append(a)
+    for call in calls:
+        if main_in_process(call[0], call[1:], res)['error']:
+            break
     json.dump(res, open(result, 'w'), indent=1)
     return 1 if res['error'] else 0
 
@@ -948,29 +864,21 @@ def worker_f(argv, result):
         res['decoded_vs_pil'] = off_pil(plain(files, dev), pil)
     res['decoded_on'] = device + (' (nvjpeg)' if dev.type == 'cuda' else ' (libjpeg-turbo: the CPU has no nvjpeg)')
     res['criterion'] = f'per image, mean |decoded - PIL| < {PIL_LEVELS} levels; views: mean <= 1'
-    t = time.perf_counter()
-    res['error'] = call_main('imagenet', rest)
-    res['main_seconds'] = round(time.perf_counter() - t, 2)
-    res.update(memory_figures())
+    main_in_process('imagenet', rest, res)
     json.dump(res, open(result, 'w'), indent=1)
     return 1 if res['error'] else 0
 
 
-WORKERS = {'a': worker_a, 'main': worker_main, 'e': worker_e, 'f': worker_f, 'env': worker_env,
-           'decode': worker_decode}
+WORKERS = {'a': worker_a, 'main': worker_main, 'f': worker_f, 'env': worker_env, 'decode': worker_decode}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ['worker']:
         name, result, rest = argv[1], argv[2], argv[3:]
-        backend = ''
-        if rest[:1] == ['--compile-backend']:
-            backend, rest = rest[1], rest[2:]
-        rest = rest[1:] if rest[:1] == ['--'] else rest
         try:
             if name not in ('env', 'decode'):  # those two import no torch: the probe says whether it imports
-                patch_compile(backend)
+                patch_compile(os.environ.get('GPU_CHECK_COMPILE_BACKEND', ''))
             return WORKERS[name](rest, result)
         except Exception as e:
             traceback.print_exc()
@@ -994,10 +902,8 @@ def main(argv=None):
     r.add_argument('--setup', default='', help='JSON: what the shell script did before (install, unpack)')
     r.add_argument('--work', default='', help='scratch folder (default: a new temporary one), removed at the end')
     r.add_argument('--keep-work', action='store_true')
-    r.add_argument('--compile-backend', default=os.environ.get('GPU_CHECK_COMPILE_BACKEND', ''),
-                   help='torch.compile backend in the workers (default: inductor, torch\'s own default)')
     c = sub.add_parser('cap', help="print a setup step's cap in seconds (gpu_check.sh's install and unpack)")
-    c.add_argument('step', choices=list(SETUP_S))
+    c.add_argument('step', choices=['install', 'unpack'])
     t = sub.add_parser('tiny-cifar')
     t.add_argument('dir')
     st = sub.add_parser('stop', help='write the JSON of a run that cannot start (no wheels, no archive)')
@@ -1006,7 +912,7 @@ def main(argv=None):
     st.add_argument('--mode', default='device')
     args = p.parse_args(argv)
     if args.cmd == 'cap':
-        print(SETUP_S[args.step])
+        print(STEPS[args.step][0])
         return 0
     if args.cmd == 'tiny-cifar':
         project('synthetic').make_tiny_cifar(args.dir)

@@ -5,9 +5,10 @@
 # (scripts/gpu_check.py says what each measures), each with a time budget, into $OUT/gpu_check.json
 # and $OUT/gpu_check.log. A failed check is recorded and the next one runs; the exit status is
 # non-zero if any failed (an inconclusive check is no failure, and no pass: the JSON's status says
-# so). With no wheels or no archive it writes the JSON with the reason and stops;
-# so does the driver where torch cannot be imported. Every step has a cap (gpu_check.py's SETUP_S
-# and BUDGETS): they sum to less than the 480 s budget.
+# so). With no wheels or no archive it writes the JSON with the reason and stops; so does the driver
+# where torch cannot be imported. Every step has a cap (gpu_check.py's STEPS, reasoned in
+# docs/gpu.md); with a margin they sum to the 480 s budget, and seconds a step leaves unused go to
+# the next ones.
 #
 #   bash scripts/make_wheelhouse.sh          # here, once: .wheelhouse/ and .gpu_check/cifar10-jpg.tar.gz
 #   bash scripts/gpu_check.sh                # there, carrying .wheelhouse and .gpu_check; $OUT is the

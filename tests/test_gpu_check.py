@@ -11,8 +11,8 @@ import pytest
 from conftest import OFFLINE_ENV, ROOT
 
 CHECKS = ['a_cuda_vs_cpu', 'd_resume', 'e_imagenet', 'f_nvjpeg_half', 'b_at_epoch', 'c_benchmark']  # correctness first
-TOP_KEYS = {'mode', 'started_utc', 'budget_s', 'order', 'dataroot', 'compile_backend', 'setup', 'environment',
-            'decode', *CHECKS, 'seconds', 'failed', 'inconclusive', 'status'}
+TOP_KEYS = {'mode', 'started_utc', 'budget_s', 'caps_s', 'margin_s', 'order', 'dataroot', 'compile_backend', 'setup',
+            'environment', 'decode', *CHECKS, 'seconds', 'failed', 'inconclusive', 'status'}
 BENCH = ['fast', 'fast-cl', 'fast-nocl', 'fast-half', 'fast-bf16', 'fast-nobench']
 
 
@@ -147,36 +147,67 @@ def test_make_wheelhouse_builds_what_the_device_lacks(wheelhouse):
     assert 'every requirement is on the device or in' in p.stdout and 'of 64 MiB' in p.stdout
 
 
-def test_caps_fit_the_budget_correctness_first(tmp_path, monkeypatch):
-    """The run's scheduler, with every step taking its whole cap (a hung worker): it ends within --budget,
-    and the correctness checks (a, d, e) each get their full cap before any speed check starts."""
+def run_schedule(tmp_path, monkeypatch, took, shell_s=0):
+    """The driver's scheduler alone, on a fake clock, gpu_check.sh's install and unpack having taken
+    shell_s: each step takes took(step, seconds allowed). Returns the gpu_check module, the report,
+    {step: seconds allowed} and the seconds the whole run took."""
     import types
     sys.path.insert(0, str(ROOT / 'scripts'))
     import gpu_check
-    now = [1000.0]
+    now, allowed = [1000.0], {}
 
-    def spend(timeout):
-        now[0] += timeout
-        return {}
-    fake_time = types.SimpleNamespace(time=lambda: now[0], perf_counter=lambda: now[0], strftime=time.strftime,
-                                      gmtime=time.gmtime)
-    monkeypatch.setattr(gpu_check, 'time', fake_time)
-    monkeypatch.setattr(gpu_check, 'worker', lambda ctx, name, args, timeout, tag: ({'error': 'hung'}, spend(timeout)))
-    monkeypatch.setattr(gpu_check, 'RUNNERS', {name: lambda ctx, timeout: spend(timeout) for name in gpu_check.CHECKS})
+    def step(name, seconds):
+        allowed[name] = seconds
+        now[0] += took(name, seconds)
+    steps = {c: [c] for c in CHECKS}
+    steps['b_at_epoch'] = ['b.fp32', 'b.bf16_cl', 'b.bf16_cl_compile']
+    monkeypatch.setattr(gpu_check, 'time', types.SimpleNamespace(time=lambda: now[0], perf_counter=lambda: now[0],
+                                                                 strftime=time.strftime, gmtime=time.gmtime))
+    monkeypatch.setattr(gpu_check, 'worker', lambda ctx, name, args, timeout, tag: (step(tag, timeout), ({}, ''))[1])
+    monkeypatch.setattr(gpu_check, 'RUNNERS', {c: lambda ctx, c=c: [step(s, ctx.allow(s)) for s in steps[c]] and {}
+                                               for c in CHECKS})
     (tmp_path / 'data' / 'train').mkdir(parents=True)
-    start, budget = now[0], 480
+    start = now[0] - shell_s
     gpu_check.main(['run', '--out', str(tmp_path / 'out'), '--dataroot', str(tmp_path / 'data'),
-                    '--budget', str(budget), '--start', str(start), '--work', str(tmp_path / 'work')])
-    report = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())
-    assert report['order'] == CHECKS and now[0] - start <= budget
-    for name in CHECKS[:3]:
-        assert report[name]['status'] == 'ok' and report[name]['seconds'] == gpu_check.BUDGETS[name], name
-    started = [report[n]['started_s'] for n in CHECKS if 'started_s' in report[n]]
+                    '--budget', '480', '--start', str(start), '--work', str(tmp_path / 'work')])
+    return gpu_check, json.loads((tmp_path / 'out' / 'gpu_check.json').read_text()), allowed, now[0] - start
+
+
+def test_every_step_hung_still_ends_within_the_budget_each_check_given_its_cap(tmp_path, monkeypatch):
+    """Every step takes all it is allowed (a hung worker): each check still gets its whole cap, in
+    order, and the run ends MARGIN_S before the budget (the last kill and the JSON fit in it)."""
+    gpu_check, report, allowed, seconds = run_schedule(tmp_path, monkeypatch, lambda step, allowed: allowed)
+    caps = {k: cap for k, (cap, _) in gpu_check.STEPS.items()}
+    assert sum(caps.values()) + gpu_check.MARGIN_S <= 480 and seconds == 480 - gpu_check.MARGIN_S
+    assert allowed['env'] == caps['install'] + caps['unpack'] + caps['env']  # the shell's steps took no time here
+    assert {k: v for k, v in allowed.items() if k != 'env'} == {k: v for k, v in caps.items()
+                                                                if k not in ('install', 'unpack', 'env')}
+    assert report['order'] == CHECKS and all(report[c]['status'] == 'ok' for c in CHECKS)
+    started = [report[c]['started_s'] for c in CHECKS]
     assert started == sorted(started)
     assert 'compile' not in gpu_check.BENCH_CONFIGS  # c would compile cold: b's flags are not its
     flags = gpu_check.SIZES['device']['b_flags']
     batch = int(flags[flags.index('--batch_size') + 1])
     assert 50000 % batch == 0 and 10000 % batch == 0  # no partial batch: --compile sees one shape
+
+
+def test_unused_seconds_carry_to_the_compile_run_and_c_keeps_its_cap(tmp_path, monkeypatch):
+    """The shell's install and unpack took 10 s of their 30, every step before the compile run half its
+    cap: the compile run may take its cap and all those unused seconds, and c still gets its cap."""
+    def took(step, allowed):
+        return allowed if step == 'b.bf16_cl_compile' else cap(step) / 2
+
+    def cap(step):
+        return gpu_check.STEPS[step][0]
+    import gpu_check
+    _, report, allowed, seconds = run_schedule(tmp_path, monkeypatch, took, shell_s=10)
+    before = list(gpu_check.STEPS)[:list(gpu_check.STEPS).index('b.bf16_cl_compile')]
+    unused = cap('install') + cap('unpack') - 10 + sum(cap(s) / 2 for s in before[2:])
+    assert allowed['b.bf16_cl_compile'] == pytest.approx(cap('b.bf16_cl_compile') + unused) and unused > 150
+    assert allowed['c_benchmark'] == pytest.approx(cap('c_benchmark'))
+    assert seconds == pytest.approx(480 - gpu_check.MARGIN_S - cap('c_benchmark') / 2)
+    assert report['b_at_epoch']['allowed_s'] == round(480 - gpu_check.MARGIN_S - cap('c_benchmark') - (
+        10 + sum(cap(s) / 2 for s in before[2:] if not s.startswith('b.'))))
 
 
 @pytest.mark.parametrize('case', ['no wheels', 'no archive'])
@@ -239,7 +270,7 @@ def test_b_and_c_write_each_sub_result_as_it_finishes_and_a_fallback_is_no_ok(tm
     sys.path.insert(0, str(ROOT / 'scripts'))
     import gpu_check
     seen = []
-    ctx = argparse.Namespace(work=str(tmp_path), sizes=gpu_check.SIZES['rehearsal'], classes=10, scale=1,
+    ctx = argparse.Namespace(work=str(tmp_path), sizes=gpu_check.SIZES['rehearsal'], classes=10, allow=lambda step: 100,
                              device='cpu', dataroot=str(tmp_path), progress=lambda partial: seen.append(
                                  json.loads(json.dumps(partial))))
 
@@ -257,14 +288,14 @@ def test_b_and_c_write_each_sub_result_as_it_finishes_and_a_fallback_is_no_ok(tm
         return {'error': 'ended early'}, ''
     monkeypatch.setattr(gpu_check, 'worker', fake_worker)
     with pytest.raises(gpu_check.CheckFailed) as e:
-        gpu_check.check_b(ctx, 100)
+        gpu_check.check_b(ctx)
     assert [list(p['runs']) for p in seen] == [['fp32'], ['fp32', 'bf16_cl'], ['fp32', 'bf16_cl', 'bf16_cl_compile']]
     assert [r['status'] for r in seen[-1]['runs'].values()] == ['ok', 'ok', 'fell_back_to_eager']
     assert e.value.args[0] == ('bf16_cl_compile: --compile fell back to eager '
                                '(cifar.py: --compile unavailable here (X); running eagerly)')
     seen.clear()
     with pytest.raises(gpu_check.CheckFailed):
-        gpu_check.check_c(ctx, 100)
+        gpu_check.check_c(ctx)
     assert seen == [{'partial': {'fast': {'train_median': 10.0, 'eval_median': 20.0, 'repeats': 1}}},
                     {'partial': {'fast': {'train_median': 20.0, 'eval_median': 30.0, 'repeats': 2}}}]
 
@@ -296,7 +327,8 @@ def test_check_f_reports_a_race_it_did_not_rule_out_as_no_pass(tmp_path, monkeyp
     import argparse
     sys.path.insert(0, str(ROOT / 'scripts'))
     import gpu_check
-    ctx = argparse.Namespace(work=str(tmp_path), sizes=gpu_check.SIZES['rehearsal'], device='cuda', unfixed=False)
+    ctx = argparse.Namespace(work=str(tmp_path), sizes=gpu_check.SIZES['rehearsal'], allow=lambda step: 100,
+                             device='cuda', unfixed=False)
 
     def fake_worker(ctx, name, args, timeout, tag, on_line=None):
         assert name == 'f' and args[2] == 1 and '--decoder' in args and args[args.index('--decoder') + 1] == 'nvjpeg'
@@ -308,8 +340,8 @@ def test_check_f_reports_a_race_it_did_not_rule_out_as_no_pass(tmp_path, monkeyp
                 'race': {'verdict': verdict, 'why': 'the reason'}}, ''
     monkeypatch.setattr(gpu_check, 'worker', fake_worker)
     if raised is None:
-        assert gpu_check.check_f(ctx, 100)['train_loss'] == 1.5
+        assert gpu_check.check_f(ctx)['train_loss'] == 1.5
         return
     with pytest.raises(gpu_check.CheckFailed) as e:
-        gpu_check.check_f(ctx, 100)
+        gpu_check.check_f(ctx)
     assert type(e.value).__name__ == raised and 'the reason' in e.value.args[0]
