@@ -42,7 +42,7 @@ MARGIN_S = 15  # after the last step: its kill (TERM, 5 s, KILL, 3 s), the last 
 B_RUNS = {'fp32': [], 'bf16_cl': ['--dtype', 'bfloat16', '--channels_last', '1'],
           'bf16_cl_compile': ['--dtype', 'bfloat16', '--channels_last', '1', '--compile']}
 BENCH_CONFIGS = 'fast,fast-cl,fast-nocl,fast-half,fast-bf16,fast-nobench'
-FELL_BACK = '--compile unavailable here'  # engine.Compiled's line when compiling failed and it ran eagerly
+FELL_BACK = '--compile unavailable here'  # loop.Compiled's line when compiling failed and it ran eagerly
 # check a: rel = max|device - cpu| / max|cpu|, both fp32 with TF32 off
 RTOL = {'grads': 1e-3, 'grad_at_step_grads': 1e-3, 'grad_at_loss': 1e-3}
 RTOL_DEFAULT = 1e-4
