@@ -113,7 +113,7 @@ class CifarOptions(options.Options):
     tensorboard_every: int = shared('tensorboard_every')
     no_progress: bool = shared('no_progress')
     allow_change: str = shared('allow_change')
-    at_weight: Optional[float] = derived()  # beta on the whole batch (options.at_weight)
+    at_weight: Optional[float] = derived('beta', 'ngpu', 'at_sum_replicas')  # beta on the whole batch (options.at_weight)
 
 
 def build_parser():

@@ -71,8 +71,8 @@ class ImagenetOptions(options.Options):
     channels_last: int = flag(1, 'channels_last memory format for inputs and weights', choices=[0, 1],
                               may_change=True)
     allow_change: str = shared('allow_change')
-    at_group_list: Optional[list] = derived()  # --at_groups as numbers
-    at_weight: Optional[float] = derived()  # beta on the whole batch (options.at_weight)
+    at_group_list: Optional[list] = derived('at_groups')  # --at_groups as numbers
+    at_weight: Optional[float] = derived('beta', 'ngpu', 'at_sum_replicas')  # beta on the whole batch (options.at_weight)
 
 
 def build_parser():

@@ -421,7 +421,14 @@ def fit(opt, run, prog):
     # rank 0 reads the checkpoint and hands it to the others, which may be on machines without it
     state = dist.broadcast_object(read_resume(opt.resume, run.saved) if opt.resume and lead else None)
     if state:
-        restore(opt.resume, state, run.saved, optimizer)
+        # a teacher --allow_change lets differ is the one just loaded, not the checkpoint's copy
+        new_teacher = bool(opt.allowed_changes() & {'teacher_id', 'teacher_params'})
+        restore(opt.resume, state, {k: v for k, v in run.saved.items() if not (new_teacher and is_teacher(k))},
+                optimizer)
+        # the options' lr and weight decay at the resume epoch, not the checkpoint's: equal to them
+        # bit for bit unless --allow_change lets them differ, and then the new ones take effect
+        for group, new in zip(optimizer.param_groups, run.make_optimizer(run.schedule.lr(state['epoch'])).param_groups):
+            group.update({k: v for k, v in new.items() if k != 'params'})
     epoch = state['epoch'] if state else 0
     model = distributed(run.distiller, run.device)  # every rank starts from rank 0's weights
     signals, plan = Signals(prog), SignalPlan()
@@ -494,6 +501,10 @@ def read_resume(path, saved):
     with as_user_error(ValueError):
         check_params(state['params'], saved, f'--resume {path}')
     return state
+
+
+def is_teacher(name):
+    return name.startswith('teacher.')
 
 
 def restore(path, state, saved, optimizer):

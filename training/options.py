@@ -43,10 +43,21 @@ def flag(default, help=None, *, v2017=False, may_change=False, **argparse_kw):
                                                 may_change=may_change, argparse=argparse_kw))
 
 
-def derived():
-    """An option decided from the others after parsing (at_weight): saved and compared with them, but
-    no flag. None until decided, and not compared against a checkpoint that lacks it."""
-    return field(default=None)  # no 'group' in its metadata: Options.parser makes no flag of it
+def derived(*sources):
+    """An option decided from the others (`sources`) after parsing (at_weight): saved and compared with
+    them, but no flag. None until decided, and not compared against a checkpoint that lacks it; free
+    to differ on resume where one of its sources is."""
+    return field(default=None, metadata=dict(sources=sources))  # no 'group': Options.parser makes no flag of it
+
+
+# Options --allow_change may not name: a resumed run could not take their new value, so it would be
+# accepted and ignored (every other option is read from the options when the run is built, and takes
+# effect; loop.fit sets the optimizer's lr and weight decay from them, not from the checkpoint).
+NOT_ON_RESUME = {
+    **dict.fromkeys(('model', 'depth', 'width', 'init'), 'the weights come from the checkpoint'),
+    'seed': 'the random states come from the checkpoint',
+    'preset': 'the options it sets are compared one by one: name those',
+}
 
 
 # The flags both scripts take, declared once: help, whether they may change on resume, and the default
@@ -119,6 +130,12 @@ class Options:
     def may_change(cls):
         return {f.name for f in fields(cls) if f.metadata.get('may_change')}
 
+    def allowed_changes(self):
+        """The options that may differ from a checkpoint's: those declared so, those --allow_change
+        names, and those derived from either."""
+        allowed = self.may_change() | set(filter(None, self.allow_change.split(',')))
+        return allowed | {f.name for f in fields(self) if allowed & set(f.metadata.get('sources', ()))}
+
     def record(self):
         """The options as plain JSON values, as log.txt and model.pt7 hold them."""
         return json.loads(json.dumps(asdict(self)))
@@ -186,10 +203,15 @@ def check_options(opt, positive=(), not_negative=()):
         raise UserError(f'--compile with --ngpu {opt.ngpu}: the replicas would share one compiled function, which '
                         f'recompiles for each GPU; use --ngpu 1, or torchrun with one GPU per process')
     changeable = [n for n in opt.allow_change.split(',') if n]
-    unknown = [n for n in changeable if n not in vars(opt) or n in opt.may_change()]
+    flags = {f.name for f in fields(opt) if 'group' in f.metadata}
+    unknown = [n for n in changeable if n not in flags or n in opt.may_change()]
     if unknown:
         raise UserError(f'--allow_change {opt.allow_change}: {unknown[0]!r} is not an option compared on resume '
                         f'(those are the flags\' names without --, except {", ".join(sorted(opt.may_change()))})')
+    for name in changeable:
+        if name in NOT_ON_RESUME:
+            raise UserError(f'--allow_change {name}: a resumed run cannot take a new --{name} '
+                            f'({NOT_ON_RESUME[name]}); start a new run for it')
 
 
 def check_teacher_needed(opt, has_teacher, teacher_flag, terms):
@@ -216,7 +238,7 @@ def check_resume(opt):
     if not isinstance(record, dict):
         return
     saved = type(opt).from_record(record, f'--resume {opt.resume}')
-    allowed = opt.may_change() | set(filter(None, opt.allow_change.split(',')))
+    allowed = opt.allowed_changes()
     if Schedule(opt).depends_on_epochs:
         allowed.discard('epochs')  # a linear beta is spread over them
     now = opt.record()

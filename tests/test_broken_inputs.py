@@ -1,0 +1,106 @@
+"""What a user hands over, broken or changed (issue 30): a resumed run takes every option it is allowed
+to change, or refuses it; a teacher that never finished is said so; a moved dataset resumes; broken
+files of every kind are one line, a non-zero exit, and no earlier file lost."""
+import shutil
+
+import pytest
+import torch
+
+import cifar
+from training import loop
+from training.data import PAD_MODES
+from conftest import make_class_folders, read_log, run_cifar
+from test_bad_input import run_inprocess
+
+NET = ['--depth', 10, '--width', 0.25, '--batch_size', 16, '--nthread', 0, '--tensorboard', 0]
+STUDENT = [*NET, '--beta', 1000, '--alpha', 0.5, '--epoch_step', '[5]']  # no lr drop in epoch 2
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """Two teachers (seeds 0 and 1), and a student of the first with one epoch of two done."""
+    root = tmp_path_factory.mktemp('runs')
+    make_class_folders(root / 'data')
+    make_class_folders(root / 'more', train_per_class=20, seed=1)
+    for seed in (0, 1):
+        run_cifar([*NET, '--dataroot', root / 'data', '--epochs', 1, '--seed', seed, '--save', root / f't{seed}'], root)
+    run_cifar([*STUDENT, '--dataroot', root / 'data', '--teacher_id', root / 't0', '--epochs', 1,
+               '--save', root / 'student'], root)
+    return root
+
+
+def resume(runs, tmp_path, capfd, monkeypatch, *argv):
+    """Resumes a copy of the student for its second epoch; (exit status, stderr lines, what epoch 2 ran
+    with: (optimizer, run))."""
+    shutil.copytree(runs / 'student', tmp_path / 'student')
+    seen = []
+    write = loop.EpochWriter.__call__
+    monkeypatch.setattr(loop.EpochWriter, '__call__',
+                        lambda self, stats, optimizer, rng=None: (seen.append((optimizer, self.run)),
+                                                                  write(self, stats, optimizer, rng))[1])
+    base = [*STUDENT, '--dataroot', str(runs / 'data'), '--teacher_id', str(runs / 't0'), '--epochs', '2',
+            '--resume', str(tmp_path / 'student/model.pt7'), '--no_progress']
+    argv = list(map(str, [*base, *argv]))
+    code, err = run_inprocess(cifar.main, argv, 'cifar.py', capfd)
+    return code, err, seen[-1] if seen else None
+
+
+def teacher_tensor(folder):
+    return torch.load(folder / 'model.pt7', weights_only=True)['params']['conv0']
+
+
+# option, new value, what epoch 2 must show: the new value in effect (base: lr 0.1, ratio 0.2, drop at 5)
+TAKES_EFFECT = [
+    ('lr', 0.05, lambda o, r, d: o.param_groups[0]['lr'] == 0.05),
+    ('weight_decay', 0.001, lambda o, r, d: o.param_groups[0]['weight_decay'] == 0.001),
+    ('epoch_step', '[2]', lambda o, r, d: o.param_groups[0]['lr'] == pytest.approx(0.1 * 0.2)),
+    ('epoch_step,lr_decay_ratio', ('[2]', 0.5), lambda o, r, d: o.param_groups[0]['lr'] == 0.05),
+    ('batch_size', 8, lambda o, r, d: r.train_loader.batch_size == 8),
+    ('temperature', 2, lambda o, r, d: r.distiller.temperature == 2),
+    ('alpha', 0.9, lambda o, r, d: r.distiller.alpha == 0.9),
+    ('beta', 500, lambda o, r, d: r.distiller.beta == 500),
+    ('beta_decay,epoch_step', ('step', '[2]'), lambda o, r, d: r.distiller.beta == pytest.approx(1000 * 0.2)),
+    ('at_mode', 'paper', lambda o, r, d: r.distiller.at_mode == 'paper'),
+    ('at_pool', 'features', lambda o, r, d: r.distiller.at_pool == 'features'),
+    ('sym_beta', 0.5, lambda o, r, d: r.distiller.sym_beta == 0.5),
+    ('randomcrop_pad', 2, lambda o, r, d: r.train_loader.pad == 2),
+    ('pad_mode', 'zeros', lambda o, r, d: r.train_loader.pad_mode == PAD_MODES['zeros']),
+    ('loader', 'torchvision', lambda o, r, d: isinstance(r.train_loader, torch.utils.data.DataLoader)),
+    ('dtype', 'double', lambda o, r, d: r.params_s['conv0'].dtype == torch.float64),
+    ('dataroot', 'more', lambda o, r, d: len(r.train_loader.labels) == 60),
+    ('teacher_id', 't1', lambda o, r, d: torch.equal(r.saved['teacher.conv0'].cpu(), teacher_tensor(d / 't1'))),
+]
+
+
+@pytest.mark.parametrize('name,value,check', TAKES_EFFECT, ids=[c[0] for c in TAKES_EFFECT])
+def test_an_allowed_change_takes_effect_in_the_resumed_run(runs, tmp_path, capfd, monkeypatch, name, value, check):
+    value = runs / value if name in ('dataroot', 'teacher_id') else value
+    values = value if isinstance(value, tuple) else (value,)
+    argv = [a for n, v in zip(name.split(','), values) for a in (f'--{n}', v)]
+    code, err, seen = resume(runs, tmp_path, capfd, monkeypatch, *argv, '--allow_change', name)
+    assert code == 0, err
+    optimizer, run = seen
+    assert check(optimizer, run, runs), f'--{name} {value} did not take effect'
+    assert [r['epoch'] for r in read_log(tmp_path / 'student')] == [1, 2]
+
+
+def test_an_unchanged_resume_keeps_the_checkpoints_lr_and_teacher(runs, tmp_path, capfd, monkeypatch):
+    code, err, (optimizer, run) = resume(runs, tmp_path, capfd, monkeypatch)
+    assert code == 0, err
+    assert optimizer.param_groups[0]['lr'] == 0.1 and optimizer.param_groups[0]['weight_decay'] == 0.0005
+    assert torch.equal(run.saved['teacher.conv0'].cpu(), teacher_tensor(runs / 't0'))
+
+
+def test_an_allowed_change_the_teacher_cannot_take_is_one_line(runs, tmp_path, capfd, monkeypatch):
+    code, err, seen = resume(runs, tmp_path, capfd, monkeypatch, '--normalize', 'cifar100', '--allow_change', 'normalize')
+    assert code == 1 and seen is None and len(err) == 1
+    assert 'was trained on --normalize 2017 inputs, the student\'s are --normalize cifar100' in err[0]
+
+
+@pytest.mark.parametrize('name,value', [('depth', 16), ('width', 0.5), ('model', 'nin'), ('init', 'crd'),
+                                        ('seed', 1), ('preset', 'crd')])
+def test_an_option_a_resume_cannot_take_is_refused_at_allow_change(runs, tmp_path, capfd, monkeypatch, name, value):
+    code, err, seen = resume(runs, tmp_path, capfd, monkeypatch, '--allow_change', name)
+    assert code == 1 and seen is None
+    assert len(err) == 1 and err[0].startswith(f'cifar.py: error: --allow_change {name}: a resumed run cannot take'), err
+    assert [r['epoch'] for r in read_log(tmp_path / 'student')] == [1]
