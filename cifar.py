@@ -4,6 +4,7 @@
     python cifar.py --save logs/at_16_1_16_2 --teacher_id resnet_16_2_teacher --beta 1e+3
     python cifar.py --preset crd --model resnet8x4 --teacher_id logs/cifar100/resnet32x4_teacher --beta 1e+3
 """
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -24,7 +25,7 @@ from training.distill import check_at, factt_adapters
 from training.errors import UserError
 from training.options import derived, flag, shared
 from training.device import Dist, Precision, seed_everything, select_device
-from training.teachers import check_teacher_data, load_teacher_run
+from training.teachers import check_teacher_data, load_teacher_run, teacher_record
 
 PROG = 'cifar.py'
 MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
@@ -237,6 +238,10 @@ def build(opt):
     if f_t:
         check_teacher_data(info, dict(normalize=opt.normalize, **data),
                            compare_classes=bool(opt.alpha or opt.grad_beta))
+        if not info['finished'] and Dist(device).rank == 0:  # an early-stopped teacher may be meant: a warning
+            print(f'warning: teacher {info["folder"]} did not finish its schedule: it trained {info["epoch"]} of '
+                  f'{info["epochs"]} epochs', file=sys.stderr)
+        data.update(teacher_record(info))
     n_groups, at_groups = cifar_model_groups(opt.model), None
     if f_t and cifar_model_groups(info['model']) != n_groups:
         if opt.beta or opt.factt_beta:
@@ -260,7 +265,8 @@ def build(opt):
                 **{'teacher.' + k: v for k, v in params_t.items()},
                 **{'adapter.' + k: v for k, v in adapters.items()}} if f_t else params_s),
         description=f'student {cifar_model_name(opt.model, opt.depth, opt.width)}' + (
-            f', teacher {info["name"]} from {info["folder"]}' if f_t else ''), data=data)
+            f', teacher {info["name"]} from {info["folder"]} (epoch {info["epoch"]} of {info["epochs"]})'
+            if f_t else ''), data=data)
 
 
 def check_fits(f, params, size, name):

@@ -1,7 +1,10 @@
 """What a user hands over, broken or changed (issue 30): a resumed run takes every option it is allowed
 to change, or refuses it; a teacher that never finished is said so; a moved dataset resumes; broken
 files of every kind are one line, a non-zero exit, and no earlier file lost."""
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch
 import cifar
 from training import loop
 from training.data import PAD_MODES
-from conftest import make_class_folders, read_log, run_cifar
+from conftest import OFFLINE_ENV, ROOT, make_class_folders, read_log, run_cifar
 from test_bad_input import run_inprocess
 
 NET = ['--depth', 10, '--width', 0.25, '--batch_size', 16, '--nthread', 0, '--tensorboard', 0]
@@ -18,7 +21,8 @@ STUDENT = [*NET, '--beta', 1000, '--alpha', 0.5, '--epoch_step', '[5]']  # no lr
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    """Two teachers (seeds 0 and 1), and a student of the first with one epoch of two done."""
+    """Two teachers (seeds 0 and 1), one stopped after epoch 1 of 3 (half), and a student of the first
+    with one epoch of two done."""
     root = tmp_path_factory.mktemp('runs')
     make_class_folders(root / 'data')
     make_class_folders(root / 'more', train_per_class=20, seed=1)
@@ -26,6 +30,10 @@ def runs(tmp_path_factory):
         run_cifar([*NET, '--dataroot', root / 'data', '--epochs', 1, '--seed', seed, '--save', root / f't{seed}'], root)
     run_cifar([*STUDENT, '--dataroot', root / 'data', '--teacher_id', root / 't0', '--epochs', 1,
                '--save', root / 'student'], root)
+    p = subprocess.run([sys.executable, ROOT / 'cifar.py', *map(str, NET), '--dataroot', root / 'data', '--epochs', '3',
+                        '--no_progress', '--save', root / 'half'], cwd=root, capture_output=True, text=True,
+                       env={**OFFLINE_ENV, 'AT_TEST_SIGNALS': '4:TERM'})  # 3 steps an epoch: stops in epoch 2
+    assert p.returncode == 143 and [r['epoch'] for r in read_log(root / 'half')] == [1], p.stderr
     return root
 
 
@@ -104,3 +112,17 @@ def test_an_option_a_resume_cannot_take_is_refused_at_allow_change(runs, tmp_pat
     assert code == 1 and seen is None
     assert len(err) == 1 and err[0].startswith(f'cifar.py: error: --allow_change {name}: a resumed run cannot take'), err
     assert [r['epoch'] for r in read_log(tmp_path / 'student')] == [1]
+
+
+@pytest.mark.parametrize('teacher,epochs,warned', [('half', 3, True), ('t0', 1, False)])
+def test_the_teachers_epochs_are_recorded_and_an_unfinished_one_warned(runs, tmp_path, capfd, teacher, epochs, warned):
+    code, err = run_inprocess(cifar.main, list(map(str, [*STUDENT, '--dataroot', runs / 'data', '--teacher_id',
+                                                         runs / teacher, '--epochs', 1, '--save', tmp_path / 's',
+                                                         '--no_progress'])), 'cifar.py', capfd)
+    assert code == 0, err
+    warning = f'warning: teacher {runs / teacher} did not finish its schedule: it trained 1 of 3 epochs'
+    assert [line for line in err if 'teacher' in line] == ([warning] if warned else [])
+    assert {k: read_log(tmp_path / 's')[0][k] for k in ('teacher_epoch', 'teacher_epochs')} == dict(
+        teacher_epoch=1, teacher_epochs=epochs)
+    session = json.loads((tmp_path / 's/run.json').read_text())['sessions'][0]
+    assert (session['teacher_epoch'], session['teacher_epochs']) == (1, epochs)

@@ -439,7 +439,8 @@ def fit(opt, run, prog):
         rundir.make_save(opt.save)
         if state and state.get('record'):
             rundir.repair_log(writer.log_path, state['epoch'], state['record'])
-        rundir.record_session(opt.save, run.device, dist.world, epoch)
+        rundir.record_session(opt.save, run.device, dist.world, epoch,
+                              **{k: v for k, v in (run.data or {}).items() if k.startswith('teacher_')})
         if opt.tensorboard:
             writer.board = Board(opt.save, len(run.train_loader),
                                  (n_images(run.train_loader), n_images(run.test_loader)), opt.tensorboard_every,

@@ -230,15 +230,16 @@ def session(device, world, epoch):
     }
 
 
-def record_session(folder, device, world, epoch):
-    """Appends this session to folder/run.json, atomically: a kill leaves the old file or the new one."""
+def record_session(folder, device, world, epoch, **extra):
+    """Appends this session (with `extra`: the teacher's epochs) to folder/run.json, atomically: a kill
+    leaves the old file or the new one."""
     path = os.path.join(folder, 'run.json')
     try:
         with open(path) as fh:
             sessions = json.load(fh)['sessions']
     except (OSError, ValueError, KeyError, TypeError):  # a new run, or a file no longer readable
         sessions = []
-    sessions.append(session(device, world, epoch))
+    sessions.append({**session(device, world, epoch), **extra})
     with open(path + '.tmp', 'w') as fh:
         json.dump({'sessions': sessions}, fh, indent=1)
         fh.write('\n')

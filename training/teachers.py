@@ -8,7 +8,7 @@ import torch
 
 from resnet import (CIFAR_MODELS, cifar_model_head, cifar_model_name, cifar_model_params, expected_export_shapes,
                     fold_torchvision, folded_resnet, wrn_depth_to_blocks)
-from training.rundir import load_checkpoint, read_json_stats, safe_load, student_params
+from training.rundir import finished, load_checkpoint, read_json_stats, safe_load, student_params
 from training.errors import UserError, as_user_error
 from utils import check_params
 
@@ -55,7 +55,14 @@ def load_teacher_run(run_id, num_classes=None):
         check_params(params, expected, f'teacher {folder}/model.pt7')
     return CIFAR_MODELS[model], {k: params[k].float() for k in expected}, dict(
         name=cifar_model_name(model, depth, width), folder=folder, num_classes=run_classes, model=model,
-        dataset=info.get('dataset', 'CIFAR10'), **data_settings(info))
+        dataset=info.get('dataset', 'CIFAR10'), **data_settings(info),
+        # how far the teacher trained, and whether that was its whole schedule (rundir.finished)
+        epoch=stats[-1].get('epoch'), epochs=stats[-1].get('epochs'), finished=finished(folder) is not None)
+
+
+def teacher_record(info):
+    """The teacher's trained and planned epochs, as the student's log.txt and run.json keep them."""
+    return dict(teacher_epoch=info['epoch'], teacher_epochs=info['epochs'])
 
 
 def data_settings(record):
