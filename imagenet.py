@@ -19,7 +19,7 @@ from training import loop
 from training import imagenet_data
 from training import options
 from training import rundir
-from training.data import check_classes, image_folder, rank_batch
+from training.data import check_classes, class_digest, image_folder, rank_batch
 from training.loop import evaluate
 from training.errors import UserError, as_user_error
 from training.rundir import checkpoint_params, load_checkpoint
@@ -145,6 +145,7 @@ def build(opt):
     # a teacher export is a fixed file: only the student is checkpointed
     return loop.Run(opt, device, precision, train_loader, val_loader, num_classes, params_s, distiller,
                     make_optimizer, saved=params_s, topk=(1, 5),
+                    data=dict(class_digest=class_digest(train_loader.dataset.classes)),
                     description=f'student ResNet-{opt.depth}' + (f', teacher {opt.teacher_params}' if f_t else ''))
 
 

@@ -126,3 +126,17 @@ def test_the_teachers_epochs_are_recorded_and_an_unfinished_one_warned(runs, tmp
         teacher_epoch=1, teacher_epochs=epochs)
     session = json.loads((tmp_path / 's/run.json').read_text())['sessions'][0]
     assert (session['teacher_epoch'], session['teacher_epochs']) == (1, epochs)
+
+
+def test_the_same_data_named_another_way_resumes_and_other_data_is_one_line(runs, tmp_path, capfd, monkeypatch):
+    shutil.copytree(runs / 'data', tmp_path / 'moved')
+    monkeypatch.chdir(tmp_path)  # the run started on runs/data; it resumes on a relative path to a copy
+    code, err, _ = resume(runs, tmp_path, capfd, monkeypatch, '--dataroot', 'moved')
+    assert code == 0, err
+    assert [r['epoch'] for r in read_log(tmp_path / 'student')] == [1, 2]
+    shutil.rmtree(tmp_path / 'student')
+    code, err, seen = resume(runs, tmp_path, capfd, monkeypatch, '--dataroot', runs / 'more')
+    assert code == 1 and seen is None and len(err) == 1
+    assert err[0].endswith(f'--dataroot {runs / "more"} holds other data than the run was trained on (images '
+                           f'[48, 24] in the checkpoint, [60, 24] now)'), err
+    assert [r['epoch'] for r in read_log(tmp_path / 'student')] == [1]

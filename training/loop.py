@@ -29,7 +29,7 @@ from training.device import (Dist, Precision, data_parallel, distributed, fused_
                              place_params, rank_rng_state, rank_rng_states, rng_state, set_rng_state)
 from training.distill import Distiller, FunctionalNet
 from training.errors import SignalPlan, Signals, Stopped, UserError, as_user_error
-from training.options import Schedule
+from training.options import DATA_PATHS, Schedule
 from utils import AT_PREFIX, check_params, is_trained, n_trained
 
 
@@ -418,9 +418,11 @@ def fit(opt, run, prog):
     lead = dist.rank == 0  # only rank 0 writes and prints
     optimizer = run.make_optimizer(opt.lr)
     generator = getattr(run.train_loader, 'generator', None)
+    run.data = {**(run.data or {}), 'images': [n_images(run.train_loader), n_images(run.test_loader)]}
     # rank 0 reads the checkpoint and hands it to the others, which may be on machines without it
     state = dist.broadcast_object(read_resume(opt.resume, run.saved) if opt.resume and lead else None)
     if state:
+        check_same_data(opt, run, state.get('record') or {})
         # a teacher --allow_change lets differ is the one just loaded, not the checkpoint's copy
         new_teacher = bool(opt.allowed_changes() & {'teacher_id', 'teacher_params'})
         restore(opt.resume, state, {k: v for k, v in run.saved.items() if not (new_teacher and is_teacher(k))},
@@ -494,6 +496,20 @@ def n_images(loader):
 
 
 # ---------------------------------------------------------------- resume, and each epoch's files
+
+def check_same_data(opt, run, record):
+    """A resumed run's data is the checkpoint's by what it holds (class names, image size, image counts),
+    wherever it lies and however its path is written (options.DATA_PATHS), unless --allow_change names
+    its path: then other data is what is asked for."""
+    if set(DATA_PATHS) & set(opt.allow_change.split(',')):
+        return
+    for key in ('class_digest', 'image_size', 'images'):
+        value = run.data.get(key)
+        if key in record and record[key] != value:
+            where = ' '.join(f'--{n} {getattr(opt, n)}' for n in DATA_PATHS if hasattr(opt, n))
+            raise UserError(f'--resume {opt.resume}: {where} holds other data than the run was trained on '
+                            f'({key} {record[key]} in the checkpoint, {value} now)')
+
 
 def read_resume(path, saved):
     """A model.pt7 to resume, its params checked against `saved` and under its names."""

@@ -228,6 +228,11 @@ def check_teacher_needed(opt, has_teacher, teacher_flag, terms):
 
 # ---------------------------------------------------------------- options compared on resume
 
+# Where the data is: not compared as text (a moved copy, or the same folder named another way, is the
+# same data) but by what it holds, once it is read (loop.check_same_data).
+DATA_PATHS = ('dataroot', 'imagenetpath')
+
+
 def check_resume(opt):
     """Refuses to resume a checkpoint under options that change what it trains: one line naming the
     first difference and both values. Which options may change is declared with each (flag's
@@ -238,7 +243,7 @@ def check_resume(opt):
     if not isinstance(record, dict):
         return
     saved = type(opt).from_record(record, f'--resume {opt.resume}')
-    allowed = opt.allowed_changes()
+    allowed = opt.allowed_changes() | set(DATA_PATHS)
     if Schedule(opt).depends_on_epochs:
         allowed.discard('epochs')  # a linear beta is spread over them
     now = opt.record()
