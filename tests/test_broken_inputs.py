@@ -140,3 +140,71 @@ def test_the_same_data_named_another_way_resumes_and_other_data_is_one_line(runs
     assert err[0].endswith(f'--dataroot {runs / "more"} holds other data than the run was trained on (images '
                            f'[48, 24] in the checkpoint, [60, 24] now)'), err
     assert [r['epoch'] for r in read_log(tmp_path / 'student')] == [1]
+
+
+# ---------------------------------------------------------------- an unreadable image (item 1)
+
+def break_image(path, how):
+    """Replaces the image at `path` by a broken one."""
+    good = path.read_bytes()
+    if how == 'truncated':  # a whole header, cut pixels: found only where the file is decoded in full
+        path.write_bytes(good[:len(good) // 2])
+    else:
+        path.write_bytes({'empty': b'', 'random': bytes(range(256)) * 4, 'text': b'not an image\n'}[how])
+
+
+@pytest.mark.parametrize('loader,nthread', [('fast', 0), ('torchvision', 0), ('torchvision', 2)])
+@pytest.mark.parametrize('how', ['empty', 'truncated'])
+def test_an_unreadable_image_is_one_line_naming_it(tmp_path, capfd, loader, nthread, how):
+    data = make_class_folders(tmp_path / 'data', train_per_class=4, test_per_class=2)
+    bad = data / 'train/class1/002.png'
+    break_image(bad, how)
+    code, err = run_inprocess(cifar.main, list(map(str, [*NET, '--dataroot', data, '--epochs', 1, '--loader', loader,
+                                                         '--nthread', nthread, '--save', tmp_path / 's',
+                                                         '--no_progress'])), 'cifar.py', capfd)
+    reason = {'empty': 'empty file', 'truncated': 'image file is truncated'}[how]
+    assert code == 1 and len(err) == 1 and err[0].startswith(f'cifar.py: error: cannot read image {bad}: {reason}'), err
+    if loader == 'fast':  # decoded up front: before the run folder exists
+        assert not (tmp_path / 's').exists()
+
+
+@pytest.mark.parametrize('decoder,nthread', [('pil', 0), ('pil', 1), ('torchvision', 1)])
+def test_an_unreadable_imagenet_image_is_one_line_where_it_is_met(tmp_path, capfd, decoder, nthread):
+    import imagenet
+    data = make_class_folders(tmp_path / 'data', classes=5, train_per_class=1, test_per_class=1)
+    (data / 'test').rename(data / 'val')
+    bad = data / 'train/class3/000.png'
+    break_image(bad, 'truncated')
+    code, err = run_inprocess(imagenet.main, list(map(str, [
+        '--imagenetpath', data, '--width', 0.25, '--batch_size', 5, '--epochs', 1, '--nthread', nthread,
+        '--decoder', decoder, '--save', tmp_path / 's', '--no_progress', '--tensorboard', 0])), 'imagenet.py', capfd)
+    assert code == 1 and len(err) == 1 and err[0].startswith(f'imagenet.py: error: cannot read image {bad}: '), err
+
+
+def test_the_nvjpeg_batch_decode_names_an_unreadable_file(tmp_path):
+    from torchvision.datasets import ImageFolder
+    from training import imagenet_data as D
+    from training.errors import UserError
+    data = make_class_folders(tmp_path / 'data', classes=2, train_per_class=2, test_per_class=0)
+    bad = data / 'train/class1/001.png'
+    break_image(bad, 'truncated')
+    items = D.Images(ImageFolder(data / 'train'), False, 'nvjpeg')
+    (files, boxes, paths), _ = D.collate_files([items[i] for i in range(len(items))])
+    with pytest.raises(UserError, match=f'^cannot read image {bad}: '):
+        D.decode_batch(files, boxes, paths, torch.device('cpu'), False)
+
+
+def test_check_images_lists_every_unreadable_image(tmp_path):
+    data = make_class_folders(tmp_path / 'data', train_per_class=3, test_per_class=1)
+    bad = {data / 'train/class0/001.png': 'empty', data / 'test/class2/000.png': 'random',
+           data / 'train/class1/002.png': 'truncated'}
+    script = [sys.executable, ROOT / 'scripts/check_images.py']
+    assert subprocess.run([*script, data, '--workers', '2'], capture_output=True, env=OFFLINE_ENV).returncode == 0
+    for path, how in bad.items():
+        break_image(path, how)
+    (data / 'train/class0/notes.txt').write_text('not an image, nor named like one\n')
+    p = subprocess.run([*script, data, '--workers', '2'], capture_output=True, text=True, env=OFFLINE_ENV)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr
+    assert sorted(p.stdout.splitlines()) == sorted(f'cannot read image {path}: {reason}' for path, reason in zip(
+        bad, ['empty file', 'not an image file that can be decoded', 'image file is truncated']))
+    assert p.stderr.splitlines()[-1] == f'check_images.py: 3 of 12 images under {data} cannot be read'

@@ -80,8 +80,8 @@ def test_device_decoding_equals_the_torchvision_decoder(folder, train):
     """decode_batch, the nvjpeg path, run on the CPU: the same boxes and views, PNG included."""
     files, tv = D.Images(folder, train, 'nvjpeg', seed=2), D.Images(folder, train, 'torchvision', seed=2)
     keys = [(i, 4) for i in range(len(files))] if train else list(range(len(files)))
-    (raw, boxes), labels = D.collate_files([files[k] for k in keys])
-    out = D.decode_batch(raw, boxes, torch.device('cpu'), train)
+    (raw, boxes, paths), labels = D.collate_files([files[k] for k in keys])
+    out = D.decode_batch(raw, boxes, paths, torch.device("cpu"), train)
     assert torch.equal(out, torch.stack([tv[k][0].permute(2, 0, 1) for k in keys]))
     assert labels.tolist() == [tv[k][1] for k in keys]
 
@@ -99,13 +99,13 @@ def test_only_a_files_error_falls_back_to_decoding_one_by_one(folder, monkeypatc
     def fail(*a, **kw):
         raise error
     files = D.Images(folder, False, 'nvjpeg')
-    (raw, boxes), _ = D.collate_files([files[i] for i in range(len(files))])
+    (raw, boxes, paths), _ = D.collate_files([files[i] for i in range(len(files))])
     monkeypatch.setattr(torchvision.io, 'decode_jpeg', fail)
     if falls_back:
-        assert D.decode_batch(raw, boxes, torch.device('cpu'), False).shape == (len(files), 3, 224, 224)
+        assert D.decode_batch(raw, boxes, paths, torch.device('cpu'), False).shape == (len(files), 3, 224, 224)
     else:
         with pytest.raises(type(error), match='CUDA'):
-            D.decode_batch(raw, boxes, torch.device('cpu'), False)
+            D.decode_batch(raw, boxes, paths, torch.device('cpu'), False)
 
 
 def test_nvjpeg_decodes_on_one_stream_per_gpu_from_unpinned_files(folder, monkeypatch):

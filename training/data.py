@@ -5,6 +5,7 @@ import os
 import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -20,10 +21,33 @@ PAD_MODES = {'reflect': 'reflect', 'zeros': 'constant'}  # --pad_mode: torch's a
 
 # ---------------------------------------------------------------- datasets
 
+@contextmanager
+def reading_image(path):
+    """A file that cannot be read or decoded, whatever the decoder says, is one line naming it: in a
+    DataLoader worker too (errors.message takes it back out of torch's wrapping)."""
+    try:
+        yield
+    except Exception as e:
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        reason = ('empty file' if empty else e.strerror if isinstance(e, OSError) and e.strerror else
+                  'not an image file that can be decoded' if type(e).__name__ == 'UnidentifiedImageError' else
+                  (str(e).strip().splitlines() or [type(e).__name__])[0])
+        raise UserError(f'cannot read image {path}: {reason}') from None
+
+
+def open_rgb(path):
+    """The file as an RGB PIL image, as ImageFolder's loader gives it (without its copy of RGB files)."""
+    from PIL import Image
+    with reading_image(path), open(path, 'rb') as fh:
+        img = Image.open(fh)
+        img.load()
+        return img if img.mode == 'RGB' else img.convert('RGB')
+
+
 def image_folder(folder, transform=None):
     from torchvision import datasets
     try:
-        return datasets.ImageFolder(folder, transform)
+        return datasets.ImageFolder(folder, transform, loader=open_rgb)
     except (FileNotFoundError, OSError) as e:
         raise UserError(f'cannot read class folders in {folder}: {e}') from None
 
@@ -105,7 +129,7 @@ def image_shape(dataset):
     from PIL import Image
 
     def size(path):
-        with Image.open(path) as im:
+        with reading_image(path), Image.open(path) as im:
             return im.size[::-1]
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL releases the GIL while it reads
         return one_size(set(pool.map(size, [path for path, _ in dataset.samples])), dataset.root)

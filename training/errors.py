@@ -45,6 +45,13 @@ def leave(code=0):
     sys.exit(code)
 
 
+def message(e):
+    """A UserError's line. One raised in a DataLoader worker comes back rebuilt around the worker's
+    whole traceback (torch's ExceptionWrapper.reraise): its last line, less the type, is the message."""
+    text = str(e)
+    return text.splitlines()[-1].split(': ', 1)[-1] if '\nOriginal Traceback' in text else text
+
+
 def cli(main, prog):
     """Runs a script's main: bad input is one line on stderr and exit 1, never a traceback. A run
     stopped by a signal exits 128 + its number (130 for SIGINT, 143 for SIGTERM), so that a shell
@@ -52,7 +59,7 @@ def cli(main, prog):
     try:
         main()
     except UserError as e:
-        die(prog, e, code=1)
+        die(prog, message(e), code=1)
     except Stopped as e:
         leave(128 + (e.signum or 15))
     except KeyboardInterrupt:  # before training starts; during it, fit handles the signal

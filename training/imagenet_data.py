@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from training.data import channel_stats, normalized
+from training.data import channel_stats, normalized, open_rgb, reading_image
 from training.device import memory_format
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -67,15 +67,6 @@ def draw_box(height, width, g):
     return top, left, h, w, bool(torch.rand(1, generator=g) < 0.5)
 
 
-def open_rgb(path):
-    """The file as an RGB PIL image, as ImageFolder's loader gives it (without its copy of RGB files)."""
-    from PIL import Image
-    with open(path, 'rb') as fh:
-        img = Image.open(fh)
-        img.load()
-    return img if img.mode == 'RGB' else img.convert('RGB')
-
-
 def pil_view(img, box):
     """The 2017 view of a PIL image (`box` from draw_box for training, None for val) as uint8 HWC."""
     from PIL import Image
@@ -92,7 +83,8 @@ def pil_view(img, box):
 def read_tensor(path):
     """The file as a uint8 (3, H, W) tensor, decoded by torchvision.io (libjpeg-turbo, as PIL)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    with reading_image(path):
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
 
 
 def tensor_view(x, box):
@@ -108,7 +100,7 @@ def tensor_view(x, box):
 
 class Images(torch.utils.data.Dataset):
     """An ImageFolder's images as uint8 (224, 224, 3) views; a training item's key is (index, epoch).
-    With the nvjpeg decoder an item is the file's bytes and its box, for decode_batch."""
+    With the nvjpeg decoder an item is the file's bytes, its box and its path, for decode_batch."""
 
     def __init__(self, folder, train, decoder='pil', seed=0):
         self.classes, self.samples, self.targets = folder.classes, folder.samples, folder.targets
@@ -129,17 +121,15 @@ class Images(torch.utils.data.Dataset):
             return tensor_view(x, draw_box(*x.shape[1:], g) if g else None).permute(1, 2, 0), label
         from PIL import Image
         from torchvision.io import read_file
-        box = (0, 0, 0, 0, False)  # val: unused
-        if g:
-            with Image.open(path) as img:  # the header alone: the box needs the size, not the pixels
-                box = draw_box(img.height, img.width, g)
-        return read_file(path), torch.tensor(box, dtype=torch.long), label
+        with reading_image(path), Image.open(path) as img:  # the header alone: the box needs the size
+            box = draw_box(img.height, img.width, g) if g else (0, 0, 0, 0, False)  # val: unused
+            return read_file(path), torch.tensor(box, dtype=torch.long), path, label
 
 
 def collate_files(items):
-    """A batch of (file bytes, box, label) items: the files stay a list (their sizes differ)."""
-    files, boxes, labels = zip(*items)
-    return (list(files), torch.stack(boxes)), torch.tensor(labels)
+    """A batch of (file bytes, box, path, label) items: the files stay a list (their sizes differ)."""
+    files, boxes, paths, labels = zip(*items)
+    return (list(files), torch.stack(boxes), paths), torch.tensor(labels)
 
 
 DECODE_STREAMS = {}  # per GPU: the stream nvjpeg's outputs are allocated on (decode_jpegs_apart)
@@ -183,7 +173,7 @@ def device_failure(error):
         s in str(error) for s in ('CUDA error', 'CUDA out of memory'))
 
 
-def decode_batch(files, boxes, device, train):
+def decode_batch(files, boxes, paths, device, train):
     """A batch's uint8 (B, 3, 224, 224) views, decoded on `device` (nvjpeg on a GPU, decode_jpegs_apart)."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     try:
@@ -192,7 +182,10 @@ def decode_batch(files, boxes, device, train):
     except RuntimeError as e:  # a file that is no JPEG (ImageNet has a few PNGs): one at a time, on the CPU
         if device_failure(e):  # not the files' fault: out of memory, or the GPU itself
             raise
-        images = [decode_image(f, mode=ImageReadMode.RGB).to(device) for f in files]
+        images = []
+        for f, path in zip(files, paths):
+            with reading_image(path):
+                images.append(decode_image(f, mode=ImageReadMode.RGB).to(device))
     return torch.stack([tensor_view(x, box if train else None) for x, box in zip(images, boxes.tolist())])
 
 
@@ -205,8 +198,8 @@ def decoder_difference(folder, decoder, device='cpu', seed=0, epoch=1):
         ref = torch.stack([Images(folder, train, 'pil', seed)[k][0] for k in keys]).permute(0, 3, 1, 2)
         other = Images(folder, train, decoder, seed)
         if decoder == 'nvjpeg':
-            (files, boxes), _ = collate_files([other[k] for k in keys])
-            got = decode_batch(files, boxes, torch.device(device), train).cpu()
+            (files, boxes, paths), _ = collate_files([other[k] for k in keys])
+            got = decode_batch(files, boxes, paths, torch.device(device), train).cpu()
         else:
             got = torch.stack([other[k][0] for k in keys]).permute(0, 3, 1, 2)
         d = (ref.int() - got.int()).abs().float()
