@@ -208,3 +208,89 @@ def test_check_images_lists_every_unreadable_image(tmp_path):
     assert sorted(p.stdout.splitlines()) == sorted(f'cannot read image {path}: {reason}' for path, reason in zip(
         bad, ['empty file', 'not an image file that can be decoded', 'image file is truncated']))
     assert p.stderr.splitlines()[-1] == f'check_images.py: 3 of 12 images under {data} cannot be read'
+
+
+# ---------------------------------------------------------------- a full disk (item 2)
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """open() (and io.open, tensorboard's) whose files named like `.name` fail every write with ENOSPC
+    once `.on` is set, as a full file system's do."""
+    import builtins
+    import errno
+    import io
+    import os
+    from types import SimpleNamespace
+    disk, real = SimpleNamespace(name=None, on=False), builtins.open
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def fake_open(file, mode='r', *args, **kwargs):
+        fh = real(file, mode, *args, **kwargs)
+        hit = disk.on and set(mode) & set('wax') and disk.name in os.path.basename(str(file))
+        return Full(fh) if hit else fh
+    monkeypatch.setattr(builtins, 'open', fake_open)
+    monkeypatch.setattr(io, 'open', fake_open)
+    return disk
+
+
+# the file that cannot be written (a name, or the start of one), the epoch model.pt7 keeps and the
+# epochs log.txt holds, when the disk fills up at epoch 2's end (the event file: after its step points)
+FULL = [('model.pt7.tmp', 'model.pt7', 1, [1]), ('log.txt', 'log.txt', 2, [1]),
+        ('events.out.tfevents', 'events.out.tfevents', 2, [1, 2])]
+
+
+@pytest.mark.parametrize('name,shown,kept,logged', FULL, ids=[c[1] for c in FULL])
+def test_a_full_disk_mid_run_is_one_line_that_names_the_file_and_the_kept_epoch(
+        tmp_path, capfd, monkeypatch, full_disk, name, shown, kept, logged):
+    import re
+    data = make_class_folders(tmp_path / 'data', train_per_class=4, test_per_class=2)
+    save = tmp_path / 's'
+    write = loop.EpochWriter.__call__
+
+    def epoch_end(self, stats, optimizer, rng=None):  # the disk fills up during epoch 2
+        full_disk.on = stats['epoch'] == 2
+        return write(self, stats, optimizer, rng)
+    monkeypatch.setattr(loop.EpochWriter, '__call__', epoch_end)
+    full_disk.name = name
+    argv = list(map(str, [*NET, '--dataroot', data, '--epochs', 2, '--save', save, '--no_progress',
+                          '--tensorboard', int(shown.startswith('events')), '--tensorboard_every', 1]))
+    code, err = run_inprocess(cifar.main, argv, 'cifar.py', capfd)
+    assert code == 1 and len(err) == 1, err
+    assert re.fullmatch(f'cifar.py: error: cannot write {re.escape(str(save / shown))}[^ ]*: No space left on device; '
+                        f'model.pt7 keeps epoch {kept}; continue with --resume auto --save {re.escape(str(save))}',
+                        err[0]), err
+    assert torch.load(save / 'model.pt7', weights_only=True)['epoch'] == kept
+    assert [r['epoch'] for r in read_log(save)] == logged and not list(save.glob('*.tmp'))
+    full_disk.on = False  # room again: the run goes on from the kept epoch
+    monkeypatch.setattr(loop.EpochWriter, '__call__', write)
+    code, err = run_inprocess(cifar.main, [*argv, '--resume', 'auto'], 'cifar.py', capfd)
+    assert code == 0, err
+    assert [r['epoch'] for r in read_log(save)] == [1, 2]
+
+
+def test_a_full_disk_at_run_json_is_one_line_and_keeps_the_run(runs, tmp_path, capfd, monkeypatch, full_disk):
+    from conftest import tree_digest
+    shutil.copytree(runs / 't0', tmp_path / 't0')
+    before = tree_digest(tmp_path / 't0')
+    full_disk.name, full_disk.on = 'run.json', True
+    code, err = run_inprocess(cifar.main, list(map(str, [*NET, '--dataroot', runs / 'data', '--epochs', 2,
+                                                         '--resume', tmp_path / 't0/model.pt7', '--no_progress'])),
+                              'cifar.py', capfd)
+    assert code == 1 and err == [f'cifar.py: error: cannot write {tmp_path / "t0/run.json"}: No space left on device; '
+                                 f'model.pt7 keeps epoch 1; continue with --resume auto --save {tmp_path / "t0"}'], err
+    assert tree_digest(tmp_path / 't0') == before

@@ -9,9 +9,12 @@ is written, and --tensorboard 1 says in one line how to install it.
 """
 import glob
 import os
+import threading
+from contextlib import contextmanager
 
 from training.errors import UserError
 from training.options import Schedule
+from training.rundir import WriteError
 
 LAST = 'test/loss'  # an epoch's points are written in one flush, this one last: where it is, the epoch is whole
 
@@ -75,13 +78,27 @@ class Board:
     The point at every `every`-th step is the mean train loss of the epoch's batches since the last one."""
 
     def __init__(self, folder, steps_per_epoch, images, every, start_epoch, records):
-        self.steps_per_epoch, self.images, self.every = steps_per_epoch, images, every
+        self.folder, self.steps_per_epoch, self.images, self.every = folder, steps_per_epoch, images, every
+        self.writer, self.broken = None, False
         written = epochs_written(folder)
-        self.writer = writer_class()(folder, purge_step=start_epoch * steps_per_epoch + 1)
+        quiet_writer_thread()
+        with self.writing():
+            self.writer = writer_class()(folder, purge_step=start_epoch * steps_per_epoch + 1)
         for r in records:  # epochs a kill (or a session without tensorboard) left without points
             if r['epoch'] <= start_epoch and r['epoch'] not in written:
                 self.epoch(r, lr_at(r))
         self.window, self.window_epoch = [], None
+
+    @contextmanager
+    def writing(self):
+        """tensorboard writes from a thread of its own, and raises its error at the next call here."""
+        try:
+            yield
+        except OSError as e:
+            self.broken = True
+            path = e.filename or (self.writer.file_writer.event_writer._file_name if self.writer else
+                                  os.path.join(self.folder, 'events.out.tfevents.*'))
+            raise WriteError(f'cannot write {path}: {e.strerror or e}') from None
 
     def steps(self, epoch, losses):
         """Train losses of batches (batch number within the epoch, loss), in order."""
@@ -91,17 +108,35 @@ class Board:
             self.window.append(loss)
             step = (epoch - 1) * self.steps_per_epoch + batch
             if step % self.every == 0:
-                self.writer.add_scalar('step/train_loss', sum(self.window) / len(self.window), step)
+                with self.writing():
+                    self.writer.add_scalar('step/train_loss', sum(self.window) / len(self.window), step)
+                    self.writer.flush()  # watched live; a kill loses none of it
                 self.window = []
-                self.writer.flush()  # watched live; a kill loses none of it
 
     def epoch(self, record, lr):
-        for tag, value in epoch_scalars(record, lr, self.images).items():
-            self.writer.add_scalar(tag, value, record['epoch'])
-        self.writer.flush()
+        with self.writing():
+            for tag, value in epoch_scalars(record, lr, self.images).items():
+                self.writer.add_scalar(tag, value, record['epoch'])
+            self.writer.flush()
 
     def flush(self):
-        self.writer.flush()
+        with self.writing():
+            self.writer.flush()
 
     def close(self):
-        self.writer.close()
+        if not self.broken:  # a broken writer fails its close too: its error is already out
+            with self.writing():
+                self.writer.close()
+
+
+def quiet_writer_thread():
+    """tensorboard's writer thread dies with the error its main-thread calls raise again (Board.writing):
+    its own traceback would be a second report."""
+    hook = threading.excepthook
+    if getattr(hook, 'board', False):
+        return
+    def quiet(args):
+        if type(args.thread).__name__ != '_AsyncWriterThread':
+            hook(args)
+    quiet.board = True
+    threading.excepthook = quiet

@@ -434,19 +434,22 @@ def fit(opt, run, prog):
     epoch = state['epoch'] if state else 0
     model = distributed(run.distiller, run.device)  # every rank starts from rank 0's weights
     signals, plan = Signals(prog), SignalPlan()
-    writer = EpochWriter(opt, run, generator, plan)
+    writer = EpochWriter(opt, run, generator, plan, epoch)
     if lead:
         if state:
             print(f'resumed from {opt.resume} at epoch {epoch}, lr {run.schedule.lr(epoch):g}')
         rundir.make_save(opt.save)
-        if state and state.get('record'):
-            rundir.repair_log(writer.log_path, state['epoch'], state['record'])
-        rundir.record_session(opt.save, run.device, dist.world, epoch,
-                              **{k: v for k, v in (run.data or {}).items() if k.startswith('teacher_')})
-        if opt.tensorboard:
-            writer.board = Board(opt.save, len(run.train_loader),
-                                 (n_images(run.train_loader), n_images(run.test_loader)), opt.tensorboard_every,
-                                 epoch, rundir.read_json_stats(writer.log_path) if os.path.exists(writer.log_path) else [])
+        try:
+            if state and state.get('record'):
+                rundir.repair_log(writer.log_path, state['epoch'], state['record'])
+            rundir.record_session(opt.save, run.device, dist.world, epoch,
+                                  **{k: v for k, v in (run.data or {}).items() if k.startswith('teacher_')})
+            if opt.tensorboard:
+                writer.board = Board(opt.save, len(run.train_loader),
+                                     (n_images(run.train_loader), n_images(run.test_loader)), opt.tensorboard_every,
+                                     epoch, rundir.read_json_stats(writer.log_path) if os.path.exists(writer.log_path) else [])
+        except rundir.WriteError as e:
+            raise writer.failed(e) from None
         print(f'{run.description}: {writer.n_parameters:,} parameters ({writer.n_trained:,} trained); '
               f'{run.num_classes} classes; device {run.device}'
               + (f' x {dist.world} processes' if dist.world > 1 else '') + f'; run folder {opt.save}')
@@ -485,6 +488,8 @@ def fit(opt, run, prog):
                   f'--resume auto --save {opt.save}', file=sys.stderr)
         # a rank that got no signal itself stops with its peers, as if it had got SIGTERM
         raise Stopped(signal.Signals[signals.name] if signals.name else signal.SIGTERM) from None
+    except rundir.WriteError as e:
+        raise writer.failed(e) from None
     finally:
         if writer.board:
             writer.board.close()
@@ -551,14 +556,20 @@ class EpochWriter:
     """on_epoch_end of rank 0: model.pt7 first, then its log line, then the epoch's TensorBoard points
     (`board`, where there is one), then one line on stdout."""
 
-    def __init__(self, opt, run, generator, plan):
+    def __init__(self, opt, run, generator, plan, epoch):
         self.opt, self.run, self.generator, self.plan = opt, run, generator, plan
-        self.board = None
+        self.board, self.kept = None, epoch  # kept: the epoch model.pt7 holds
         self.log_path = os.path.join(opt.save, 'log.txt')
         # log.txt's n_parameters is the 2017 count, of every tensor of the student's dict (batch-norm
         # statistics too); the trained count is printed beside it
         self.n_parameters = sum(v.numel() for v in run.params_s.values())
         self.n_trained = n_trained(run.params_s)
+
+    def failed(self, e):
+        """A file that could not be written (rundir.WriteError) as the run's last line."""
+        kept = (f'model.pt7 keeps epoch {self.kept}; continue with --resume auto --save {self.opt.save}'
+                if self.kept else 'no epoch was saved')
+        return UserError(f'{e}; {kept}')
 
     def __call__(self, stats, optimizer, rng=None):
         """rng: rank_rng_states' (rank 0's, [other ranks']) under torchrun; else this process's, read here."""
@@ -575,6 +586,7 @@ class EpochWriter:
         rundir.save_checkpoint(os.path.join(opt.save, 'model.pt7'), self.run.saved, optimizer, stats['epoch'],
                         rng=rng, record=record, **({'rng_ranks': rng_ranks} if rng_ranks else {}),
                         **({'scaler': scaler.state_dict()} if scaler else {}))
+        self.kept = stats['epoch']
         self.plan.fire(f'ckpt{stats["epoch"]}')
         rundir.append_log(self.log_path, record)
         if self.board:

@@ -13,6 +13,7 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 from training.errors import UserError
 
@@ -42,6 +43,23 @@ def make_save(folder):
         raise UserError(f'--save {folder} is not writable: {e.strerror}') from None
 
 
+class WriteError(UserError):
+    """A run folder's file that could not be written: a full disk, a quota, a lost mount. fit adds
+    which epoch model.pt7 keeps."""
+
+
+@contextmanager
+def writing(path, tmp=None):
+    """An OSError writing `path` is one line naming it; the half-written `tmp` goes, so that the whole
+    file it was to replace stays and takes no more space."""
+    try:
+        yield
+    except OSError as e:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteError(f'cannot write {path}: {e.strerror or e}') from None
+
+
 def safe_load(path, what):
     """torch.load with weights_only=True (a file cannot run code); bad files raise UserError."""
     import torch
@@ -69,11 +87,12 @@ def save_checkpoint(path, params, optimizer, epoch, **extra):
     state = dict(params={k: v.detach().cpu() for k, v in params.items()},
                  optimizer=optimizer.state_dict(), epoch=epoch, **extra)
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        with open(tmp, 'wb') as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
 
 def read_json_stats(log_path):
@@ -92,10 +111,17 @@ def read_json_stats(log_path):
 
 
 def append_log(log_path, record):
-    with open(log_path, 'a') as fh:
-        fh.write('json_stats: ' + json.dumps(record) + '\n')
-        fh.flush()
-        os.fsync(fh.fileno())
+    size = os.path.getsize(log_path) if os.path.isfile(log_path) else 0
+    with writing(log_path):
+        try:
+            with open(log_path, 'a') as fh:
+                fh.write('json_stats: ' + json.dumps(record) + '\n')
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            if os.path.isfile(log_path):
+                os.truncate(log_path, size)  # no torn line; a resume writes the record back from model.pt7
+            raise
 
 
 def repair_log(log_path, epoch, record):
@@ -111,11 +137,12 @@ def repair_log(log_path, epoch, record):
     repaired = ''.join(line + '\n' for line in kept) + 'json_stats: ' + json.dumps(record) + '\n'
     if repaired != text:
         tmp = log_path + '.tmp'
-        with open(tmp, 'w') as fh:
-            fh.write(repaired)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, log_path)
+        with writing(log_path, tmp):
+            with open(tmp, 'w') as fh:
+                fh.write(repaired)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, log_path)
 
 
 def json_stats_epoch(line):
@@ -240,10 +267,11 @@ def record_session(folder, device, world, epoch, **extra):
     except (OSError, ValueError, KeyError, TypeError):  # a new run, or a file no longer readable
         sessions = []
     sessions.append({**session(device, world, epoch), **extra})
-    with open(path + '.tmp', 'w') as fh:
-        json.dump({'sessions': sessions}, fh, indent=1)
-        fh.write('\n')
-    os.replace(path + '.tmp', path)
+    with writing(path, path + '.tmp'):
+        with open(path + '.tmp', 'w') as fh:
+            json.dump({'sessions': sessions}, fh, indent=1)
+            fh.write('\n')
+        os.replace(path + '.tmp', path)
     return sessions
 
 
