@@ -294,3 +294,91 @@ def test_a_full_disk_at_run_json_is_one_line_and_keeps_the_run(runs, tmp_path, c
     assert code == 1 and err == [f'cifar.py: error: cannot write {tmp_path / "t0/run.json"}: No space left on device; '
                                  f'model.pt7 keeps epoch 1; continue with --resume auto --save {tmp_path / "t0"}'], err
     assert tree_digest(tmp_path / 't0') == before
+
+
+# ---------------------------------------------------------------- every file the project reads, broken (item 6)
+
+def broken(path, how, monkeypatch):
+    """Breaks the file at `path`: each way a file a user hands over can be wrong. No read permission is
+    simulated (tests may run as root, whom chmod does not stop): open() refuses that path."""
+    import builtins
+    import io
+    good = path.read_bytes() if path.is_file() else b''
+    if how == 'no_permission':
+        real = builtins.open
+
+        def refusing(file, *args, **kwargs):
+            if str(file) == str(path) and refusing.on:
+                raise PermissionError(13, 'Permission denied', str(file))
+            return real(file, *args, **kwargs)
+        refusing.on = True
+        monkeypatch.setattr(builtins, 'open', refusing)
+        monkeypatch.setattr(io, 'open', refusing)
+        return refusing
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if how == 'folder':
+        path.mkdir()
+    else:
+        path.write_bytes({'empty': b'', 'truncated': good[:len(good) // 2], 'random': bytes(range(256)) * 8,
+                          'wrong_kind': b'{"sessions": 3}\n' if path.suffix != '.json' else b'json_stats: {}\n'}[how])
+
+
+HOW = ['empty', 'truncated', 'random', 'wrong_kind', 'no_permission', 'folder']
+# what is broken: (file under a fresh copy of `runs`, the command that reads it); an image in a
+# folder is what ImageFolder walks into, so a folder there is no image at all (not a case)
+READS = {
+    'image': ('data/train/class1/002.png', ['--dataroot', '{d}/data', '--save', '{d}/new']),
+    'checkpoint': ('t0/model.pt7', ['--dataroot', '{d}/data', '--resume', '{d}/t0/model.pt7', '--epochs', 2]),
+    'run.json': ('t0/run.json', ['--dataroot', '{d}/data', '--resume', '{d}/t0/model.pt7', '--epochs', 2]),
+    'teacher checkpoint': ('t0/model.pt7', ['--dataroot', '{d}/data', '--teacher_id', '{d}/t0', '--beta', 1000,
+                                            '--save', '{d}/new']),
+    'teacher log.txt': ('t0/log.txt', ['--dataroot', '{d}/data', '--teacher_id', '{d}/t0', '--beta', 1000,
+                                       '--save', '{d}/new']),
+    'class folder': ('data/train/class1', ['--dataroot', '{d}/data', '--save', '{d}/new']),
+}
+CASES = [pytest.param(what, how, id=f'{what}-{how}') for what in READS
+         for how in {'image': HOW[:-1], 'class folder': ['a_file']}.get(what, HOW)]
+
+
+@pytest.mark.parametrize('what,how', CASES)
+def test_every_file_broken_every_way_is_one_line(runs, tmp_path, capfd, monkeypatch, what, how):
+    from conftest import tree_digest
+    for name in ('data', 't0'):
+        shutil.copytree(runs / name, tmp_path / name)
+    path, argv = READS[what]
+    if how == 'a_file':  # where the class folder should be
+        shutil.rmtree(tmp_path / path)
+        (tmp_path / path).write_bytes(b'')
+    refusing = None if what == 'class folder' else broken(tmp_path / path, how, monkeypatch)
+    digests = lambda: {name: tree_digest(tmp_path / name) for name in ('data', 't0')}  # noqa: E731
+    if refusing:  # the digests read every file
+        refusing.on = False
+    before = digests()
+    if refusing:
+        refusing.on = True
+    argv = [str(a).format(d=tmp_path) for a in [*NET, '--epochs', 1, '--no_progress', *argv]]
+    code, err = run_inprocess(cifar.main, argv, 'cifar.py', capfd)
+    assert code not in (0, None) and len(err) == 1 and err[0].startswith('cifar.py: error: '), err
+    if refusing:
+        refusing.on = False
+    assert digests() == before
+
+
+EXPORTS = [pytest.param(ext, how, id=f'{ext}-{how}') for ext in ('pth', 'hkl') for how in HOW]
+
+
+@pytest.mark.parametrize('ext,how', EXPORTS)
+def test_every_teacher_export_broken_every_way_is_one_line(tmp_path, capfd, monkeypatch, ext, how):
+    from training import teachers
+    path = tmp_path / f'teacher.{ext}'
+    tensors = {'conv0': torch.zeros(4, 3, 7, 7), 'fc.weight': torch.zeros(5, 8)}
+    if ext == 'pth':
+        torch.save(tensors, path)
+    else:
+        import hickle
+        hickle.dump({k: v.numpy() for k, v in tensors.items()}, str(path))
+    if ext == 'hkl' and how == 'no_permission':
+        pytest.skip('h5py opens files in C: open() cannot refuse them, and chmod does not stop root')
+    broken(path, how, monkeypatch)
+    code, err = run_inprocess(lambda: teachers.load_teacher_export(str(path)), [], 'imagenet.py', capfd)
+    assert code not in (0, None) and len(err) == 1 and err[0].startswith('imagenet.py: error: '), err

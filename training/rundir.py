@@ -98,15 +98,19 @@ def save_checkpoint(path, params, optimizer, epoch, **extra):
 def read_json_stats(log_path):
     """The json_stats records of a log.txt, in order."""
     records = []
-    with open(log_path) as fh:
-        for n, line in enumerate(fh, 1):
-            i = line.find('json_stats: ')
-            if i < 0:
-                continue
-            try:
-                records.append(json.loads(line[i + len('json_stats: '):]))
-            except json.JSONDecodeError:
-                raise UserError(f'{log_path}, line {n}: not a valid json_stats line') from None
+    try:
+        with open(log_path) as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f'cannot read {log_path}: {getattr(e, "strerror", None) or "not a text file"}') from None
+    for n, line in enumerate(lines, 1):
+        i = line.find('json_stats: ')
+        if i < 0:
+            continue
+        try:
+            records.append(json.loads(line[i + len('json_stats: '):]))
+        except json.JSONDecodeError:
+            raise UserError(f'{log_path}, line {n}: not a valid json_stats line') from None
     return records
 
 
@@ -194,7 +198,8 @@ def run_status(folder, epochs, epoch_step):
 # ---------------------------------------------------------------- run.json: where a run came from
 # It holds a list of sessions: the first is the run's start, and each resume appends one, since a
 # resumed run may go on with other code, another torch or another machine, and a reader needs all of
-# them to trust the curves. Nothing in it can fail a run: what cannot be found reads "unknown".
+# them to trust the curves. What cannot be found reads "unknown"; a run.json that cannot be read stops
+# a resume (record_session) rather than being written over.
 
 CODE = os.path.dirname(os.path.abspath(__file__))
 # the CPU features that decide which kernels torch runs (fp32 vectorisation, bf16/fp16 autocast)
@@ -261,11 +266,16 @@ def record_session(folder, device, world, epoch, **extra):
     """Appends this session (with `extra`: the teacher's epochs) to folder/run.json, atomically: a kill
     leaves the old file or the new one."""
     path = os.path.join(folder, 'run.json')
-    try:
-        with open(path) as fh:
-            sessions = json.load(fh)['sessions']
-    except (OSError, ValueError, KeyError, TypeError):  # a new run, or a file no longer readable
-        sessions = []
+    sessions = []
+    if os.path.lexists(path):  # one this run cannot read is the user's to look at, not to lose
+        try:
+            with open(path) as fh:
+                sessions = json.load(fh)['sessions']
+            if not isinstance(sessions, list):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f'cannot read {path} ({getattr(e, "strerror", None) or "not a run.json"}): move it '
+                            f'away to go on without the record of earlier sessions') from None
     sessions.append({**session(device, world, epoch), **extra})
     with writing(path, path + '.tmp'):
         with open(path + '.tmp', 'w') as fh:
