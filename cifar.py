@@ -96,7 +96,7 @@ class CifarOptions(options.Options):
     at_pool: str = flag('attention', 'AT between maps of different sizes: attention (2017: average-pool the larger '
                         'attention map; whole multiples only) or features (RepDistiller: adaptive-average-pool the '
                         'larger feature map; any sizes)', choices=AT_POOLS)
-    at_mode: str = flag('code', options.AT_MODE_HELP, choices=AT_MODES)
+    at_mode: str = shared('at_mode', choices=AT_MODES)
     beta_decay: str = flag('none', 'AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr '
                            'drops), linear (down to beta/epochs at the last epoch)',
                            choices=['none', 'step', 'linear'])

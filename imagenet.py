@@ -57,7 +57,7 @@ class ImagenetOptions(options.Options):
     cuda: bool = flag(False, "(cifar.py's 2017 flag, accepted here too; see --device)", may_change=True)
     at_sum_replicas: Optional[int] = shared('at_sum_replicas')
     at_groups: str = flag('0,1,2,3', 'groups whose attention is transferred, e.g. 2,3')
-    at_mode: str = flag('code', options.AT_MODE_HELP, choices=AT_MODES)
+    at_mode: str = shared('at_mode', choices=AT_MODES)
     evaluate: str = flag('', 'only evaluate on val: the --resume student, or an export file (.pth, .hkl, '
                          'torchvision:NAME)', may_change=True, nargs='?', const='resume')
     seed: int = shared('seed')

@@ -35,6 +35,11 @@ ALLOW_CHANGE_HELP = ('on resume, options (names without --, comma-separated, e.g
                      'differ from the checkpoint\'s: a moved dataset or teacher; any other change is refused')
 
 
+AT_MODE_HELP = ('AT loss: code (the 2017 code\'s mean of squared differences of the maps; --beta 1e+3 is the '
+                'paper\'s setting) or paper (Eq. 2 as written: beta/2 times the 2-norm, not squared, per sample; '
+                'docs/losses.md)')
+
+
 def flag(default, help=None, *, v2017=False, may_change=False, **argparse_kw):
     """A command-line option, declared as a field of an Options dataclass: its annotation is its type,
     `v2017` puts it in the 2017 group of --help, and `may_change` lets it differ from the checkpoint's
@@ -72,6 +77,7 @@ SHARED_FLAGS = {
     'temperature': dict(default=4, help='KD temperature'),
     'alpha': dict(default=0, help='KD weight'),
     'beta': dict(default=0, help='AT weight'),
+    'at_mode': dict(default='code', help=AT_MODE_HELP),  # choices: utils.AT_MODES, which imports torch
     'save': dict(default='', may_change=True,
                  help='run folder for model.pt7 and log.txt (default: logs/<script>_<time>)'),
     'ngpu': dict(default=1, help='GPUs to split each batch over'),
@@ -89,9 +95,9 @@ SHARED_FLAGS = {
 }
 
 
-def shared(name, default=MISSING, v2017=False):
+def shared(name, default=MISSING, v2017=False, **argparse_kw):
     """The field of SHARED_FLAGS[name], with this script's default where it has its own."""
-    spec = dict(SHARED_FLAGS[name])
+    spec = dict(SHARED_FLAGS[name], **argparse_kw)
     spec['default'] = spec['default'] if default is MISSING else default
     return flag(v2017=v2017, **spec)
 
@@ -155,11 +161,6 @@ class Options:
                 raise UserError(f'{where}: its option {f.name} is {value!r}, not of type {kind.__name__}')
             values[f.name] = value
         return cls(**values)
-
-
-AT_MODE_HELP = ('AT loss: code (the 2017 code\'s mean of squared differences of the maps; --beta 1e+3 is the '
-                'paper\'s setting) or paper (Eq. 2 as written: beta/2 times the 2-norm, not squared, per sample; '
-                'docs/losses.md)')
 
 
 def at_weight(opt):
