@@ -237,19 +237,21 @@ def test_two_gpu_data_parallel_with_at_losses():
     assert params_s['fc.weight'].grad is not None
 
 
-def test_imagenet_defaults_match_2017():
+IMAGENET_2017_DEFAULTS = dict(  # the 2017 imagenet.py's flags and defaults
+    depth=18, width=1, imagenetpath='', nthread=4, teacher_params='', batch_size=256, lr=0.1, epochs=100,
+    weight_decay=1e-4, epoch_step='[30,60,90]', lr_decay_ratio=0.1, temperature=4, alpha=0, beta=0, dtype='float',
+    resume='', save='', ngpu=1, gpu_id='0')
+
+
+def test_imagenet_defaults_are_2017s_but_nthreads():
     import imagenet
     opt = vars(imagenet.build_parser().parse_args([]))
-    expected = dict(depth=18, width=1, imagenetpath='', teacher_params='', batch_size=256, lr=0.1,
-                    epochs=100, weight_decay=1e-4, epoch_step='[30,60,90]', lr_decay_ratio=0.1, temperature=4,
-                    alpha=0, beta=0, dtype='float', resume='', save='', ngpu=1, gpu_id='0')
-    for k, v in expected.items():
-        assert opt[k] == v, k
-    assert opt['at_groups'] == '0,1,2,3' and opt['evaluate'] == ''
+    assert {k: opt[k] for k in IMAGENET_2017_DEFAULTS} == {**IMAGENET_2017_DEFAULTS, 'nthread': None}
     # 2017: 4 workers; now the CPUs this process may use, and an explicit --nthread as given
     from training import imagenet_data
-    assert opt['nthread'] is None and imagenet.parse_args(['--imagenetpath', 'x']).nthread == imagenet_data.default_workers()
+    assert imagenet.parse_args(['--imagenetpath', 'x']).nthread == imagenet_data.default_workers()
     assert imagenet.parse_args(['--imagenetpath', 'x', '--nthread', '4']).nthread == 4
+    assert opt['at_groups'] == '0,1,2,3' and opt['evaluate'] == ''  # new flags: every group, and training
 
 
 def test_beta_under_ngpu_and_the_2017_sum_over_replicas(capsys):
