@@ -2,18 +2,22 @@
 traceback, and nothing left behind. The entry scripts' cases are generated from their parsers, so a
 new flag is tried as soon as it exists (a text flag must be given its bad values below)."""
 import argparse
+import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import cifar
 import imagenet
 from training import errors
-from resnet import CIFAR_MODELS
-from conftest import OFFLINE_ENV, ROOT, make_class_folders
+from resnet import CIFAR_MODELS, fold_torchvision
+from conftest import OFFLINE_ENV, ROOT, make_class_folders, run_cifar
+from test_imagenet import random_torchvision
 
 sys.path.insert(0, str(ROOT / 'scripts'))
 import benchmark  # noqa: E402
@@ -36,6 +40,22 @@ BAD_TEXT = {
     'gpu_id': [],  # CUDA_VISIBLE_DEVICES: a machine without GPUs has nothing to check it against
 }
 NOT_FLAGS = {'help', 'cuda', 'compile', 'no_progress'}  # switches take no value
+# what the line says, where it matters: (script, flag, value) -> a part of the line
+SAYS = {
+    ('cifar', '--lr', 'x'): 'invalid float', ('cifar', '--lr', '-1'): '--lr must not be negative',
+    ('cifar', '--weight_decay', '-1'): '--weight_decay must not be negative',
+    ('cifar', '--width', '0'): '--width must be positive', ('cifar', '--batch_size', '0'): 'batch_size',
+    ('cifar', '--batch_size', '-1'): 'batch_size', ('cifar', '--dataset', 'MNIST'): 'CIFAR10',
+    ('cifar', '--dtype', 'int8'): 'dtype', ('cifar', '--device', 'tpu'): 'cpu or cuda',
+    ('cifar', '--device', 'cuda'): 'no CUDA', ('cifar', '--randomcrop_pad', '-1'): '--randomcrop_pad must not be negative',
+    **{('cifar', '--epoch_step', v): 'JSON list of ints' for v in ('x', '[1.5]', '{}')},
+    ('cifar', '--dataroot', MISSING): 'could not be downloaded', ('cifar', '--teacher_id', MISSING): 'no run folder',
+    ('cifar', '--resume', MISSING): 'no such checkpoint', ('cifar', '--resume', A_FILE): 'cannot read checkpoint',
+    ('imagenet', '--lr', '-1'): '--lr must not be negative',
+    ('imagenet', '--temperature', '0'): '--temperature must be positive',
+    ('imagenet', '--teacher_params', MISSING): 'no such teacher file',
+    ('imagenet', '--teacher_params', A_FILE): 'cannot read teacher',
+}
 
 
 def cases(parser, prog):
@@ -51,7 +71,7 @@ def cases(parser, prog):
         else:
             values = BAD_TEXT.get(name, [None])
         for v in values:
-            yield pytest.param(prog, flag, v, id=f'{prog}{flag}={v}')
+            yield pytest.param(prog, flag, v, SAYS.get((prog, flag, v)), id=f'{prog}{flag}={v}')
 
 
 ENTRY = [*cases(cifar.build_parser(), 'cifar'), *cases(imagenet.build_parser(), 'imagenet')]
@@ -70,7 +90,37 @@ def data(tmp_path_factory):
             Image.new('RGB', (4, 4), (60 * c, 0, 0)).save(root / 'tiny' / split / f'c{c}' / '0.png')
     make_class_folders(root / 'imagenet', classes=5, train_per_class=1, test_per_class=1)
     os.rename(root / 'imagenet' / 'test', root / 'imagenet' / 'val')
+    make_class_folders(root / 'cifar4', classes=4, train_per_class=2, test_per_class=1)
+    make_class_folders(root / 'imagenet4', classes=4, train_per_class=1, test_per_class=1)
+    os.rename(root / 'imagenet4' / 'test', root / 'imagenet4' / 'val')
     (root / 'a_file').write_text('not what was asked for\n')
+    # runs and checkpoints as they should not be: a finished run, and broken copies of it
+    run_cifar(['--depth', 10, '--batch_size', 16, '--nthread', 0, '--dataroot', 'cifar', '--epochs', 1,
+               '--save', 'logs/done'], root)
+    shutil.copytree(root / 'logs/done', root / 'logs/badlog')
+    with open(root / 'logs/badlog/log.txt', 'a') as fh:
+        fh.write('json_stats: {"epoch": 2, "train_loss": \n')
+    (root / 'logs/nomodel').mkdir()
+    shutil.copy(root / 'logs/done/log.txt', root / 'logs/nomodel/log.txt')
+    (root / 'corrupt.pt7').write_bytes((root / 'logs/done/model.pt7').read_bytes()[:300])
+    torch.save({'something': 1}, root / 'notrun.pt7')
+    wrong = torch.load(root / 'logs/done/model.pt7', weights_only=True)
+    wrong['params'] = {k: v for k, v in wrong['params'].items() if k != 'fc.bias'}
+    torch.save(wrong, root / 'missingkey.pt7')
+    # ImageNet teacher exports: a good one, and broken copies
+    good = fold_torchvision(random_torchvision('resnet34', num_classes=5).state_dict())
+    buffer = io.BytesIO()
+    torch.save(good, buffer)
+    (root / 'corrupt.pth').write_bytes(buffer.getvalue()[:1000])
+    (root / 'corrupt.hkl').write_bytes(b'no hdf5 here')
+    for name, change in {
+        'missing': lambda d: d.pop('group2.block1.conv1.bias'),
+        'extra': lambda d: d.__setitem__('group9.something', torch.zeros(1)),
+        'shape': lambda d: d.__setitem__('group1.block0.conv_dim.weight', torch.zeros(128, 64, 3, 3)),
+    }.items():
+        d = dict(good)
+        change(d)
+        torch.save(d, root / f'{name}.pth')
     return root
 
 
@@ -114,8 +164,8 @@ def assert_one_line_refusal(code, err, before, sandbox, data, data_before, what)
     assert tree(data) == data_before, f'{what}: changed the data folder'
 
 
-@pytest.mark.parametrize('prog,flag,value', ENTRY)
-def test_entry_script_flags(prog, flag, value, data, sandbox, capfd):
+@pytest.mark.parametrize('prog,flag,value,says', ENTRY)
+def test_entry_script_flags(prog, flag, value, says, data, sandbox, capfd):
     if value is None:
         pytest.fail(f'{prog}.py {flag}: a text flag with no bad values in BAD_TEXT')
     module = {'cifar': cifar, 'imagenet': imagenet}[prog]
@@ -126,6 +176,7 @@ def test_entry_script_flags(prog, flag, value, data, sandbox, capfd):
     before, data_before = tree(sandbox), tree(data)
     code, err = run_inprocess(module.main, argv, f'{prog}.py', capfd)
     assert_one_line_refusal(code, err, before, sandbox, data, data_before, f'{prog}.py {flag} {value!r}')
+    assert err[0].startswith(f'{prog}.py: error: ') and (says or '') in err[0], err
 
 
 # values each flag takes, in combinations that do not go together: (argv after the base, what the line says)
@@ -193,6 +244,11 @@ PAIRS = [
     ('imagenet', '--evaluate', None, '--resume', '', []),
     ('imagenet', '--decoder', 'nvjpeg', '--device', 'cpu', []),
 ]
+PAIR_SAYS = {  # what the line says beyond the flags' names, where it matters: (script, flag A, flag B) -> a part
+    ('cifar', '--grad_beta', '--compile'): 'without --compile', ('imagenet', '--evaluate', '--resume'): '--resume',
+    ('cifar', '--randomcrop_pad', '--dataroot'): 'smaller than the images (32 pixels)',
+    ('imagenet', '--decoder', '--device'): '--decoder nvjpeg decodes on a CUDA GPU; the device is cpu',
+}
 
 
 @pytest.mark.parametrize('prog,flag_a,value_a,flag_b,value_b,more', PAIRS,
@@ -209,10 +265,60 @@ def test_flags_that_cannot_go_together(prog, flag_a, value_a, flag_b, value_b, m
     what = f'{prog}.py {" ".join(pair)}'
     assert_one_line_refusal(code, err, before, sandbox, data, data_before, what)
     assert flag_a in err[0] or flag_b in err[0], (what, err)  # the line names what does not go together
+    assert PAIR_SAYS.get((prog, flag_a, flag_b), '') in err[0], (what, err)
+
+
+# Refusals that need more than a bad value or a pair: runs, checkpoints and teacher files that are
+# not what they should be, made by the `data` fixture. (script, argv after the base, what the line says)
+REFUSED = [
+    ('cifar', ['--depth', '11'], '6n+4'), ('cifar', ['--depth', '4'], '6n+4'),
+    ('cifar', ['--bogus', '1'], 'unrecognized'), ('cifar', ['--epoch_step', '60,120'], 'JSON list of ints'),
+    ('cifar', ['--teacher_id', 'nomodel'], 'has no model.pt7'),
+    ('cifar', ['--teacher_id', 'badlog'], 'not a valid json_stats line'),
+    ('cifar', ['--teacher_id', 'done', '--alpha', '0.9', '--dataset', 'CIFAR100', '--dataroot', 'cifar4'],
+     'trained on 3 classes'),
+    ('cifar', ['--resume', 'corrupt.pt7'], 'cannot read checkpoint'),
+    ('cifar', ['--resume', 'notrun.pt7'], 'not a model.pt7'),
+    ('cifar', ['--resume', 'missingkey.pt7', '--batch_size', '16'], "missing tensor 'fc.bias'"),
+    ('cifar', ['--resume', 'logs/done/model.pt7', '--depth', '16'], '--depth is 10 in the checkpoint and 16 now'),
+    ('cifar', ['--save', 'logs/done'], 'already holds a run'),
+    ('cifar', ['--save', 'corrupt.pt7/run'], 'not writable'),
+    ('cifar', ['--ngpu', '2'], '--ngpu 2'), ('cifar', ['--gpu_id', '7', '--device', 'cuda'], 'no CUDA'),
+    ('imagenet', ['--teacher_params', 'corrupt.pth'], 'cannot read teacher'),
+    ('imagenet', ['--teacher_params', 'corrupt.hkl'], 'cannot read teacher'),
+    ('imagenet', ['--teacher_params', 'missing.pth'], "missing tensor 'group2.block1.conv1.bias'"),
+    ('imagenet', ['--teacher_params', 'extra.pth'], "unexpected tensor 'group9.something'"),
+    ('imagenet', ['--teacher_params', 'shape.pth'], "'group1.block0.conv_dim.weight' has shape"),
+    ('imagenet', ['--teacher_params', 'torchvision:resnet34'], 'cannot download'),
+    ('imagenet', ['--teacher_params', 'torchvision:vgg16'], 'resnet18 or resnet34'),
+    ('imagenet', ['--depth', '50'], '--depth must be one of'), ('imagenet', ['--at_groups', '1,4'], '--at_groups'),
+    ('imagenet', ['--imagenetpath', ''], '--imagenetpath'),
+    ('imagenet', ['--imagenetpath', 'imagenet/train'], 'no train/ folder'),
+    ('imagenet', ['--imagenetpath', 'imagenet4'], 'train/ has 4 classes; top-5 error needs at least 5'),
+    ('imagenet', ['--ngpu', '2'], '--ngpu 2'),
+]
+
+
+@pytest.mark.parametrize('prog,argv,says', REFUSED, ids=[f'{p}:{" ".join(a)}' for p, a, _ in REFUSED])
+def test_refused_with_what_is_wrong(prog, argv, says, data, sandbox, capfd, monkeypatch):
+    monkeypatch.chdir(data)  # the runs and files the cases name
+    base = (['--dataroot', 'cifar', '--depth', '10'] if prog == 'cifar' else
+            ['--imagenetpath', 'imagenet', '--width', '0.25', '--batch_size', '5'])
+    argv = [*base, '--epochs', '1', '--nthread', '0', '--save', 'logs/run', '--no_progress', *argv]
+    data_before = tree(data)
+    code, err = run_inprocess({'cifar': cifar, 'imagenet': imagenet}[prog].main, argv, f'{prog}.py', capfd)
+    assert_one_line_refusal(code, err, data_before, data, data, data_before, f'{prog}.py {argv}')
+    assert err[0].startswith(f'{prog}.py: error: ') and says in err[0], err
+
+
+def test_every_told_line_belongs_to_a_case():
+    assert not set(SHELL_SAYS) - {shell_key(*c) for c in SHELL}
+    assert not set(PAIR_SAYS) - {(p, a, b) for p, a, _, b, _, _ in PAIRS}
 
 
 def test_every_text_flag_has_bad_values():
     missing = [p.values[1] for p in ENTRY if p.values[2] is None]
+    assert not set(SAYS) - {p.values[:3] for p in ENTRY}, 'SAYS names a case that is not generated'
     assert not missing, f'text flags with no bad values in BAD_TEXT: {missing}'
 
 
@@ -274,14 +380,33 @@ SHELL = [  # (script, arguments, environment)
     ('imagenet.sh', [], {'EPOCHS': 'x'}), ('imagenet.sh', [], {'BATCH': '0'}), ('imagenet.sh', [], {'NTHREAD': 'x'}),
     ('imagenet.sh', [], {'LAUNCH': 'x'}), ('imagenet.sh', [], {'BETA': 'x'}), ('imagenet.sh', [], {'EPOCH_STEP': 'x'}),
     ('imagenet.sh', [], {'LOGS': '{data}/a_file'}), ('imagenet.sh', [], {'TEACHER_WEIGHTS': '{missing}'}),
+    ('imagenet.sh', [], {'IMAGENETPATH': ''}), ('imagenet.sh', [], {'IMAGENETPATH': '{data}/imagenet/train'}),
+    ('imagenet.sh', [], {'LAUNCH': 'torchrun'}), ('imagenet.sh', [], {'LAUNCH': 'ngpu:0'}),
+    ('imagenet.sh', [], {'EPOCHS': '0'}), ('imagenet.sh', [], {}),  # offline, no TEACHER_WEIGHTS
     ('gpu_check.sh', ['--nope'], {}), ('gpu_check.sh', ['--budget', 'x'], {}), ('gpu_check.sh', ['--only', 'z'], {}),
     ('gpu_check.sh', ['--budget'], {}),
     ('make_wheelhouse.sh', ['--nope'], {}), ('make_wheelhouse.sh', ['--archive', '{missing}'], {}),
 ]
 
 
-@pytest.mark.parametrize('script,argv,env', SHELL, ids=[f'{s}:{" ".join(a)}:{e}' for s, a, e in SHELL])
+SHELL_SAYS = {  # what the line says, where it matters: (script, arguments, environment) -> a part of the line
+    ('imagenet.sh', '--nope', ''): 'unknown argument --nope', ('imagenet.sh', '', "IMAGENETPATH=''"): 'set IMAGENETPATH',
+    ('imagenet.sh', '', "IMAGENETPATH='{missing}'"): 'is not a folder',
+    ('imagenet.sh', '', "IMAGENETPATH='{data}/imagenet/train'"): 'has no train/ folder',
+    ('imagenet.sh', '', "TEACHER_WEIGHTS='{missing}'"): 'TEACHER_WEIGHTS=',
+    ('imagenet.sh', '', "LAUNCH='torchrun'"): 'LAUNCH=torchrun', ('imagenet.sh', '', "LAUNCH='ngpu:0'"): 'LAUNCH=ngpu:0',
+    ('imagenet.sh', '', "EPOCHS='0'"): 'EPOCHS must be', ('imagenet.sh', '', "BETA='x'"): 'BETA must be a number',
+    ('imagenet.sh', '', ''): 'cannot download',
+}
+
+
+def shell_key(script, argv, env):
+    return script, ' '.join(argv), ','.join(f'{k}={v!r}' for k, v in env.items())
+
+
+@pytest.mark.parametrize('script,argv,env', SHELL, ids=[':'.join(shell_key(*c)) for c in SHELL])
 def test_shell_script_input(script, argv, env, data, tmp_path):
+    says = SHELL_SAYS.get(shell_key(script, argv, env), '')
     fill = dict(data=data, missing=tmp_path / 'no' / 'such')
     env = {k: v.format(**fill) for k, v in env.items()}
     if script == 'table1.sh':
@@ -295,4 +420,9 @@ def test_shell_script_input(script, argv, env, data, tmp_path):
     p = subprocess.run(['bash', str(ROOT / 'scripts' / script), *[a.format(**fill) for a in argv]],
                        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**OFFLINE_ENV, **env})
     err = [line for line in p.stderr.splitlines() if line.strip()]
+    if says == 'cannot download':  # LOGS, made to fetch the teacher into, is left empty
+        (tmp_path / 'logs').rmdir()
     assert_one_line_refusal(p.returncode, err, before, tmp_path, data, data_before, f'{script} {argv} {env}')
+    assert err[0].startswith(f'{script}: error: ') and says in err[0], err
+    if says == 'cannot download':  # and what to do about it
+        assert 'TEACHER_WEIGHTS=' in err[0] and 'imagenet.py' not in p.stdout  # no run started
