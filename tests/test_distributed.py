@@ -43,6 +43,7 @@ def test_two_process_run(odd_data, tmp_path, loader):
     assert nn_test_accuracy(params, 10, 1, odd_data) == pytest.approx(log[-1]['test_acc'], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loader', ['fast', 'torchvision'])
 def test_two_process_resume_repeats_the_uninterrupted_run(odd_data, tmp_path, loader):
     """DistributedDataParallel from a checkpoint: the same figures and weights as without the cut. With

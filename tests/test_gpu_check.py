@@ -44,6 +44,7 @@ def wheelhouse(tmp_path_factory):
     return (wheels, p), ''
 
 
+@pytest.mark.slow
 def test_rehearsal_runs_every_check_in_order(tmp_path, wheelhouse):
     """The whole check on the CPU, installing a wheelhouse built here as the device does (where pip
     reaches an index to build one)."""

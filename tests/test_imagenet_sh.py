@@ -145,6 +145,7 @@ def error_of(eval_txt):
     return found[0]
 
 
+@pytest.mark.slow
 def test_end_to_end_skip_and_resume(tmp_path):
     """5 classes of 500x375 JPEGs (2 train, 1 val each) and a random torchvision ResNet-34 as TEACHER_WEIGHTS."""
     make_imagenet(tmp_path / 'data')
