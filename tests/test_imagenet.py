@@ -11,20 +11,16 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import convert_teacher
 import synthetic
 import utils
-from conftest import OFFLINE_ENV, ROOT
+from conftest import OFFLINE_ENV, ROOT, run_script
 from resnet import fold_torchvision, folded_resnet, resnet_imagenet, resnet_imagenet_params
 from training.teachers import load_teacher_export as load_teacher
 
 
 def run_imagenet(args, cwd, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / 'imagenet.py'), '--no_progress', *map(str, args)],
-                       cwd=cwd, capture_output=True, text=True, timeout=600,
-                       env=OFFLINE_ENV)
-    if check and p.returncode != 0:
-        raise AssertionError(f'imagenet.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}')
-    return p
+    return run_script('imagenet', args, cwd, check)
 
 
 def random_torchvision(name, num_classes=1000, seed=0):
@@ -93,10 +89,8 @@ def test_folded_torchvision_gives_torchvision_logits(name, tmp_path):
 def test_pth_and_hkl_exports_round_trip(tmp_path):
     model = random_torchvision('resnet18')
     torch.save(model.state_dict(), tmp_path / 'tv.pth')
-    out = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'convert_teacher.py'),
-                          f'torchvision:resnet18:{tmp_path / "tv.pth"}', tmp_path / 'e.pth', tmp_path / 'e.hkl'],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert convert_teacher.main([f'torchvision:resnet18:{tmp_path / "tv.pth"}', str(tmp_path / 'e.pth'),
+                                 str(tmp_path / 'e.hkl')]) == 0
     folded = fold_torchvision(model.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -111,8 +105,7 @@ def test_pth_and_hkl_exports_round_trip(tmp_path):
     raw = hickle.load(str(tmp_path / 'e.hkl'))
     assert isinstance(raw['conv0.weight'], np.ndarray)  # hickle files hold numpy arrays
     # and back: .hkl -> .pth gives the same tensors
-    subprocess.run([sys.executable, str(ROOT / 'scripts' / 'convert_teacher.py'), tmp_path / 'e.hkl',
-                    tmp_path / 'back.pth'], check=True, capture_output=True)
+    assert convert_teacher.main([str(tmp_path / 'e.hkl'), str(tmp_path / 'back.pth')]) == 0
     back = torch.load(tmp_path / 'back.pth', weights_only=True)
     assert all(torch.equal(back[k], folded[k]) for k in folded)
 
