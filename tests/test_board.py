@@ -37,6 +37,7 @@ def raw_steps(folder, tag):
                   for v in e.summary.value if v.tag == tag)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_draws_the_uninterrupted_curves(tiny_data, tmp_path):
     args = [*ARGS, '--dataroot', tiny_data]
     run_cifar([*args, '--save', 'logs/whole'], tmp_path)

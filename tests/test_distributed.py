@@ -25,7 +25,7 @@ def odd_data(tmp_path_factory):
     return make_class_folders(tmp_path_factory.mktemp('odd'), classes=3, train_per_class=16, test_per_class=7)
 
 
-@pytest.mark.parametrize('loader', ['fast', 'torchvision'])
+@pytest.mark.parametrize('loader', ['fast', pytest.param('torchvision', marks=pytest.mark.slow)])
 def test_two_process_run(odd_data, tmp_path, loader):
     p = torchrun(['--dataroot', odd_data, '--depth', 10, '--batch_size', 16, '--nthread', 0, '--epochs', 2,
                   '--loader', loader, '--save', 'logs/ddp'], tmp_path)
@@ -114,7 +114,7 @@ def _crops_worker(rank, init, root, nthread, out):
     errors.leave()
 
 
-@pytest.mark.parametrize('nthread', [0, 1])
+@pytest.mark.parametrize('nthread', [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_ranks_crop_and_flip_apart_with_the_torchvision_loader(tmp_path, nthread):
     """Every image the same: what tells two ranks' batches apart is their crops and flips. Seeded alike,
     the ranks would draw the same ones, and the global batch would hold B/N distinct augmentations."""

@@ -29,6 +29,7 @@ def extract_subset(archive, dest, train_per_class, test_per_class):
 
 
 @pytest.mark.skipif(not ARCHIVE.is_file(), reason=f'no real CIFAR-10 at {ARCHIVE}')
+@pytest.mark.slow
 def test_real_cifar10_subset_learns(tmp_path):
     data = extract_subset(ARCHIVE, tmp_path / 'cifar10', 300, 50)
     assert sorted(p.name for p in (data / 'train').iterdir())[:3] == ['airplane', 'automobile', 'bird']

@@ -54,6 +54,7 @@ def test_distilled_student_resumes_exactly(tiny_data, tmp_path):
            [(r['train_loss'], r['test_acc'], r['at_losses']) for r in cut]
 
 
+@pytest.mark.slow
 def test_kill_9_at_chosen_steps_never_loses_the_run(tiny_data, tmp_path):
     """SIGKILL mid-epoch, and between a checkpoint and its log line; resuming each time ends
     in the log of the uninterrupted run. 48 images in batches of 16: 3 steps an epoch."""
@@ -74,7 +75,7 @@ def test_kill_9_at_chosen_steps_never_loses_the_run(tiny_data, tmp_path):
            [[r[k] for k in keys] for r in read_log(tmp_path / 'logs/whole')]
 
 
-@pytest.mark.parametrize('epoch', [1, 2])  # the first epoch (no log.txt yet) and the last
+@pytest.mark.parametrize('epoch', [pytest.param(1, marks=pytest.mark.slow), 2])  # the first epoch (no log.txt yet) and the last
 def test_kill_between_checkpoint_and_log_line_at_the_edges(tiny_data, tmp_path, epoch):
     args = [*SMALL, '--dataroot', tiny_data, '--epochs', 2]
     run_cifar([*args, '--save', 'logs/whole'], tmp_path)
@@ -99,7 +100,7 @@ def test_a_line_torn_by_a_kill_goes_and_the_checkpoint_line_comes_back(tiny_data
     assert len(lines) == 2 and lines[0] + '\n' == whole and [r['epoch'] for r in read_log(tmp_path / 'logs/t')] == [1, 2]
 
 
-@pytest.mark.parametrize('sig', ['TERM', 'INT'])
+@pytest.mark.parametrize('sig', ['TERM', pytest.param('INT', marks=pytest.mark.slow)])
 def test_signal_stops_cleanly_and_resume_continues(tiny_data, tmp_path, sig):
     args = [*SMALL, '--dataroot', tiny_data, '--epochs', 3, '--save', 'logs/s']
     p = start_cifar(args, tmp_path, AT_TEST_SIGNALS=f'5:{sig}')  # mid-epoch 2
