@@ -200,6 +200,7 @@ def test_stops_at_the_first_run_that_does_not_finish(tmp_path):
                                 f'finished runs are skipped, {d} continues')
 
 
+@pytest.mark.slow
 def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
     """resnet56 -> resnet20 with AT for 1 epoch on a tiny 100-class folder (the teacher, then the student);
     a second call finds both done; the table has their cells and shows the others missing."""

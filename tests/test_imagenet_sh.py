@@ -200,6 +200,7 @@ def test_end_to_end_skip_and_resume(tmp_path):
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in before} == before
 
 
+@pytest.mark.slow  # table1.sh's test, run every day, is the same behaviour
 def test_an_interrupted_run_stops_the_script_with_its_status(tmp_path):
     """SIGTERM at the first training run's 1st step: imagenet.py exits 143, and the script stops there
     with that status, says how to go on, and starts neither the AT run nor the evaluations."""
