@@ -153,15 +153,26 @@ def break_image(path, how):
         path.write_bytes({'empty': b'', 'random': bytes(range(256)) * 4, 'text': b'not an image\n'}[how])
 
 
+def run_with_workers(name, argv, nthread, capfd):
+    """(exit code, stderr lines) of a run; with DataLoader workers in a process of its own, which is
+    what is tested there: in this one, the failed loader's queue threads could write into a later test."""
+    import importlib
+    argv = ['--no_progress', *map(str, argv)]
+    if not nthread:
+        return run_inprocess(importlib.import_module(name).main, argv, f'{name}.py', capfd)
+    p = subprocess.run([sys.executable, str(ROOT / f'{name}.py'), *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=OFFLINE_ENV)
+    return p.returncode, [line for line in p.stderr.splitlines() if line.strip()]
+
+
 @pytest.mark.parametrize('loader,nthread', [('fast', 0), ('torchvision', 0), ('torchvision', 2)])
 @pytest.mark.parametrize('how', ['empty', 'truncated'])
 def test_an_unreadable_image_is_one_line_naming_it(tmp_path, capfd, loader, nthread, how):
     data = make_class_folders(tmp_path / 'data', train_per_class=4, test_per_class=2)
     bad = data / 'train/class1/002.png'
     break_image(bad, how)
-    code, err = run_inprocess(cifar.main, list(map(str, [*NET, '--dataroot', data, '--epochs', 1, '--loader', loader,
-                                                         '--nthread', nthread, '--save', tmp_path / 's',
-                                                         '--no_progress'])), 'cifar.py', capfd)
+    argv = [*NET, '--dataroot', data, '--epochs', 1, '--loader', loader, '--nthread', nthread, '--save', tmp_path / 's']
+    code, err = run_with_workers('cifar', argv, nthread, capfd)
     reason = {'empty': 'empty file', 'truncated': 'image file is truncated'}[how]
     assert code == 1 and len(err) == 1 and err[0].startswith(f'cifar.py: error: cannot read image {bad}: {reason}'), err
     if loader == 'fast':  # decoded up front: before the run folder exists
@@ -170,14 +181,13 @@ def test_an_unreadable_image_is_one_line_naming_it(tmp_path, capfd, loader, nthr
 
 @pytest.mark.parametrize('decoder,nthread', [('pil', 0), ('pil', 1), ('torchvision', 1)])
 def test_an_unreadable_imagenet_image_is_one_line_where_it_is_met(tmp_path, capfd, decoder, nthread):
-    import imagenet
     data = make_class_folders(tmp_path / 'data', classes=5, train_per_class=1, test_per_class=1)
     (data / 'test').rename(data / 'val')
     bad = data / 'train/class3/000.png'
     break_image(bad, 'truncated')
-    code, err = run_inprocess(imagenet.main, list(map(str, [
+    code, err = run_with_workers('imagenet', [
         '--imagenetpath', data, '--width', 0.25, '--batch_size', 5, '--epochs', 1, '--nthread', nthread,
-        '--decoder', decoder, '--save', tmp_path / 's', '--no_progress', '--tensorboard', 0])), 'imagenet.py', capfd)
+        '--decoder', decoder, '--save', tmp_path / 's', '--tensorboard', 0], nthread, capfd)
     assert code == 1 and len(err) == 1 and err[0].startswith(f'imagenet.py: error: cannot read image {bad}: '), err
 
 
