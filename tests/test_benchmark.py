@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -25,6 +27,7 @@ def test_benchmark_prints_a_row_per_config(tiny_data):
     assert p.stdout.count('# repeat') == 6 and 'WRN-10-1 student, WRN-10-2 teacher, AT, batch 8' in p.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_bad_options_are_one_line(tiny_data):
     for args, expected in ((['--teacher', '16'], "--teacher must be DEPTH,WIDTH"),
                            (['--teacher', '11,2'], "--teacher must be DEPTH,WIDTH"),
@@ -47,6 +50,7 @@ def test_benchmark_refuses_an_unknown_config(tiny_data):
              'fast-cl', 'fast-nobench', 'nn-loop'])]
 
 
+@pytest.mark.slow
 def test_benchmark_measures_both_memory_formats_and_cudnn_benchmark_off(tiny_data, tmp_path):
     """fast-cl and fast-nocl are both measured whatever the device's default; fast-nobench runs in a
     process of its own (cuDNN's kernel choice is per process); --json holds the figures."""

@@ -63,6 +63,7 @@ def test_two_process_resume_repeats_the_uninterrupted_run(odd_data, tmp_path, lo
     assert len(b['rng_ranks']) == 1 and not torch.equal(b['rng']['torch'], b['rng_ranks'][0]['torch'])
 
 
+@pytest.mark.slow
 def test_two_process_gradient_at(odd_data, tmp_path):
     """Double backprop inside DistributedDataParallel's one forward: gradient AT and flip symmetry."""
     run_cifar(['--dataroot', odd_data, '--depth', 10, '--batch_size', 16, '--nthread', 0, '--epochs', 1,
@@ -74,6 +75,7 @@ def test_two_process_gradient_at(odd_data, tmp_path):
     assert r['grad_at_loss'][0] > 0 and r['sym_loss'][0] > 0 and len(r['at_losses']) == 3
 
 
+@pytest.mark.slow
 def test_world_larger_than_dataset(tmp_path):
     data = make_class_folders(tmp_path / 'one', classes=1, train_per_class=1, test_per_class=1)
     p = torchrun(['--dataroot', data, '--depth', 10, '--epochs', 1, '--nthread', 0, '--save', 'logs/x'], tmp_path)
@@ -87,6 +89,7 @@ def test_world_larger_than_dataset(tmp_path):
     assert not (tmp_path / 'logs/x').exists()
 
 
+@pytest.mark.slow
 def test_imagenet_two_processes(tmp_path):
     from test_imagenet import make_image_folder
     make_image_folder(tmp_path / 'data')

@@ -99,6 +99,7 @@ def test_rehearsal_runs_every_check_in_order(tmp_path, wheelhouse):
     print(f'rehearsal: {seconds:.0f}s')
 
 
+@pytest.mark.slow
 def test_a_failed_check_is_recorded_and_the_next_ones_run(tmp_path):
     """No data for a: it fails; d makes its own data and passes; the others are not selected. Exit 1."""
     out = tmp_path / 'out'
@@ -134,6 +135,7 @@ def test_bad_option_is_one_line(tmp_path):
         'gpu_check.sh: error: unknown option --fast (see --help)']
 
 
+@pytest.mark.slow
 def test_make_wheelhouse_builds_what_the_device_lacks(wheelhouse):
     """Built in a venv of its own (whatever this Python's setuptools), then installed with no index
     into an empty folder and imported from there."""

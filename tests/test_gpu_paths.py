@@ -122,6 +122,7 @@ def test_a_rank_the_checkpoint_lacks_draws_from_its_own_seed():
     assert device.rank_rng_state(state, 0) is state['rng']
 
 
+@pytest.mark.slow
 def test_resume_where_only_rank_0_has_the_checkpoint(tiny_data, tmp_path):
     """Two machines without a shared disk: rank 1 starts from rank 0's checkpoint, not from scratch."""
     (tmp_path / 'a').mkdir()
@@ -145,6 +146,7 @@ def test_resume_where_only_rank_0_has_the_checkpoint(tiny_data, tmp_path):
     assert not (tmp_path / 'b/logs').exists()
 
 
+@pytest.mark.slow
 def test_rank_0_downloads_first_and_every_rank_stops_with_it(tmp_path):
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                         str(ROOT / 'cifar.py'), '--no_progress', *map(str, SMALL), '--dataroot', 'no/data',

@@ -269,6 +269,7 @@ def test_2017_imagenet_checkpoint_evaluates_and_resumes(imagenet_work):
     assert not any(k.startswith(('student.', 'teacher.')) for k in state['params'])  # saved the plain way now
 
 
+@pytest.mark.slow
 def test_evaluate_under_torchrun_counts_all_of_val(imagenet_work):
     w = imagenet_work
     single = run_imagenet(['--imagenetpath', 'data', '--evaluate', 'resnet-34-export.pth'], w).stdout

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -17,6 +18,7 @@ def visualize(args, cwd):
     return p.stdout
 
 
+@pytest.mark.slow
 def test_cifar_runs_activation_and_gradient_maps(tiny_data, tmp_path):
     small = ['--depth', 10, '--batch_size', 16, '--nthread', 0, '--dataroot', tiny_data, '--epochs', 1]
     run_cifar([*small, '--save', 'logs/t'], tmp_path)
