@@ -6,8 +6,7 @@
 """
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import replace
 
 import torch
 
@@ -48,73 +47,74 @@ WIDTH_MODELS = ('wrn', 'nin')  # the networks --width shapes; the benchmark's ar
 CHANNELS_LAST = {'cpu': True, 'cuda': False}  # CPU: about 1.1x end to end (docs/speed.md); CUDA: not measured yet
 
 
-@dataclass
+@options.options_class
 class CifarOptions(options.Options):
     """cifar.py's options, typed, in --help's order."""
-    depth: int = flag(16, 'WRN depth, 6n+4', v2017=True)
-    width: float = flag(1, 'WRN widening factor k; for NIN, 1 is NIN-wide and 0.45 NIN-thin', v2017=True)
-    dataset: str = flag('CIFAR10', 'CIFAR10 or CIFAR100', v2017=True)
-    dataroot: str = flag('.', 'torchvision CIFAR folder (downloaded when missing), or a class-folder dataset with '
-                              'train/ and test/', v2017=True)
-    dtype: str = shared('dtype', v2017=True)
-    nthread: int = flag(4, 'DataLoader workers', v2017=True, may_change=True)
-    teacher_id: str = flag('', 'teacher run: a name under logs/, or a run folder', v2017=True)
-    batch_size: int = shared('batch_size', 128, v2017=True)
-    lr: float = shared('lr', v2017=True)
-    epochs: int = shared('epochs', 200, v2017=True)
-    weight_decay: float = shared('weight_decay', 0.0005, v2017=True)
-    epoch_step: str = shared('epoch_step', '[60,120,160]', v2017=True)
-    lr_decay_ratio: float = shared('lr_decay_ratio', 0.2, v2017=True)
-    resume: str = shared('resume', v2017=True)
-    randomcrop_pad: float = flag(4, 'reflect padding before the random 32x32 crop', v2017=True)
-    temperature: float = shared('temperature', v2017=True)
-    alpha: float = shared('alpha', v2017=True)
-    beta: float = shared('beta', v2017=True)
-    cuda: bool = flag(False, '(2017 flag, kept for compatibility; see --device)', v2017=True, may_change=True)
-    save: str = shared('save', v2017=True)
-    ngpu: int = shared('ngpu', v2017=True)
-    gpu_id: str = shared('gpu_id', v2017=True)
-    model: str = flag('wrn', 'wrn: Wide ResNet (--depth, --width); nin: Network-in-Network (--width); the CIFAR-100 '
-                      'benchmark\'s resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 '
-                      '(named in full), ResNet50, MobileNetV2, ShuffleV1, ShuffleV2',
-                      choices=list(CIFAR_MODELS), metavar='MODEL')
-    preset: str = flag('none', 'crd: the CIFAR-100 recipe of RepDistiller (240 epochs, batch 64, lr 0.05 (0.01 for '
-                       'MobileNetV2, ShuffleV1, ShuffleV2), x0.1 after 150, 180, 210, momentum kept, zero padding, '
-                       'CIFAR-100 mean/std, --at_pool features, --init crd); flags given override it',
-                       choices=['none', 'crd'])
-    init: Optional[str] = flag(None, 'initialisation of the WRN: 2017 (kaiming fan_in convs, bn weights uniform in '
-                               '[0, 1), kaiming linear) or crd (RepDistiller\'s wrn.py: kaiming fan_out convs, bn '
-                               'weight 1, torch\'s linear weight, zero bias); default: 2017 for wrn and nin, crd for '
-                               'the benchmark\'s other networks (their only one)', choices=list(INITS))
-    lr_restart_momentum: int = flag(1, '1: a fresh optimizer at each lr step, so the momentum restarts (2017); 0: '
-                                    'only the lr changes', choices=[0, 1])
-    pad_mode: str = flag('reflect', 'padding before the random crop: reflect (2017) or zeros (torchvision '
-                         'RandomCrop\'s default)', choices=['reflect', 'zeros'])
-    normalize: str = flag('2017', 'mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 '
-                          'statistics)', choices=list(NORMALIZE))
-    at_sum_replicas: Optional[int] = shared('at_sum_replicas')
-    at_pool: str = flag('attention', 'AT between maps of different sizes: attention (2017: average-pool the larger '
-                        'attention map; whole multiples only) or features (RepDistiller: adaptive-average-pool the '
-                        'larger feature map; any sizes)', choices=AT_POOLS)
-    at_mode: str = shared('at_mode', choices=AT_MODES)
-    beta_decay: str = flag('none', 'AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr '
-                           'drops), linear (down to beta/epochs at the last epoch)',
-                           choices=['none', 'step', 'linear'])
-    factt_beta: float = flag(0, 'F-ActT (full-activation transfer) weight')
-    grad_beta: float = flag(0, 'gradient-based AT weight (paper section 3.2; needs a teacher)')
-    sym_beta: float = flag(0, 'flip-symmetry weight on the gradient attention')
-    seed: int = shared('seed')
-    device: str = shared('device')
-    loader: str = flag('fast', 'fast: whole dataset on the device, batched augmentation; torchvision: the 2017 '
-                       'per-image path', choices=['fast', 'torchvision'])
-    channels_last: Optional[int] = flag(None, 'channels_last memory format (default: where it measured faster for '
-                                        'this device type)', choices=[0, 1], may_change=True)
-    compile: bool = shared('compile')
-    tensorboard: Optional[int] = shared('tensorboard')
-    tensorboard_every: int = shared('tensorboard_every')
-    no_progress: bool = shared('no_progress')
-    allow_change: str = shared('allow_change')
-    at_weight: Optional[float] = derived('beta', 'ngpu', 'at_sum_replicas')  # beta on the whole batch (options.at_weight)
+    depth = flag(int, 16, 'WRN depth, 6n+4', v2017=True)
+    width = flag(float, 1, 'WRN widening factor k; for NIN, 1 is NIN-wide and 0.45 NIN-thin', v2017=True)
+    dataset = flag(str, 'CIFAR10', 'CIFAR10 or CIFAR100', v2017=True)
+    dataroot = flag(str, '.', 'torchvision CIFAR folder (downloaded when missing), or a class-folder dataset with '
+                    'train/ and test/', v2017=True)
+    dtype = shared('dtype')
+    nthread = flag(int, 4, 'DataLoader workers', v2017=True, may_change=True)
+    teacher_id = flag(str, '', 'teacher run: a name under logs/, or a run folder', v2017=True)
+    batch_size = shared('batch_size', 128)
+    lr = shared('lr')
+    epochs = shared('epochs', 200)
+    weight_decay = shared('weight_decay', 0.0005)
+    epoch_step = shared('epoch_step', '[60,120,160]')
+    lr_decay_ratio = shared('lr_decay_ratio', 0.2)
+    resume = shared('resume')
+    randomcrop_pad = flag(float, 4, 'pixels of padding (--pad_mode) before the random crop back to the image size',
+                          v2017=True)
+    temperature = shared('temperature')
+    alpha = shared('alpha')
+    beta = shared('beta')
+    cuda = shared('cuda')
+    save = shared('save')
+    ngpu = shared('ngpu')
+    gpu_id = shared('gpu_id')
+    model = flag(str, 'wrn', 'wrn: Wide ResNet (--depth, --width); nin: Network-in-Network (--width); the CIFAR-100 '
+                 'benchmark\'s resnet8, 14, 20, 32, 44, 56, 110, resnet8x4, resnet32x4, vgg8, 11, 13, 16, 19 '
+                 '(named in full), ResNet50, MobileNetV2, ShuffleV1, ShuffleV2',
+                 choices=list(CIFAR_MODELS), metavar='MODEL')
+    preset = flag(str, 'none', 'crd: the CIFAR-100 recipe of RepDistiller (240 epochs, batch 64, lr 0.05 (0.01 for '
+                  'MobileNetV2, ShuffleV1, ShuffleV2), x0.1 after 150, 180, 210, momentum kept, zero padding, '
+                  'CIFAR-100 mean/std, --at_pool features, --init crd); flags given override it',
+                  choices=['none', 'crd'])
+    init = flag(str, None, 'initialisation of the WRN: 2017 (kaiming fan_in convs, bn weights uniform in '
+                '[0, 1), kaiming linear) or crd (RepDistiller\'s wrn.py: kaiming fan_out convs, bn '
+                'weight 1, torch\'s linear weight, zero bias); default: 2017 for wrn and nin, crd for '
+                'the benchmark\'s other networks (their only one)', choices=list(INITS))
+    lr_restart_momentum = flag(int, 1, '1: a fresh optimizer at each lr step, so the momentum restarts (2017); 0: '
+                               'only the lr changes', choices=[0, 1])
+    pad_mode = flag(str, 'reflect', 'padding before the random crop: reflect (2017) or zeros (torchvision '
+                    'RandomCrop\'s default)', choices=['reflect', 'zeros'])
+    normalize = flag(str, '2017', 'mean/std: 2017 (the reference\'s, for both datasets) or cifar100 (the CIFAR-100 '
+                     'statistics)', choices=list(NORMALIZE))
+    at_sum_replicas = shared('at_sum_replicas')
+    at_pool = flag(str, 'attention', 'AT between maps of different sizes: attention (2017: average-pool the larger '
+                   'attention map; whole multiples only) or features (RepDistiller: adaptive-average-pool the '
+                   'larger feature map; any sizes)', choices=AT_POOLS)
+    at_mode = shared('at_mode', choices=AT_MODES)
+    beta_decay = flag(str, 'none', 'AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr '
+                      'drops), linear (down to beta/epochs at the last epoch)',
+                      choices=['none', 'step', 'linear'])
+    factt_beta = flag(float, 0, 'F-ActT (full-activation transfer) weight')
+    grad_beta = flag(float, 0, 'gradient-based AT weight (paper section 3.2; needs a teacher)')
+    sym_beta = flag(float, 0, 'flip-symmetry weight on the gradient attention')
+    seed = shared('seed')
+    device = shared('device')
+    loader = flag(str, 'fast', 'fast: whole dataset on the device, batched augmentation; torchvision: the 2017 '
+                  'per-image path', choices=['fast', 'torchvision'])
+    channels_last = flag(int, None, 'channels_last memory format (default: where it measured faster for '
+                         'this device type)', choices=[0, 1], may_change=True)
+    compile = shared('compile')
+    tensorboard = shared('tensorboard')
+    tensorboard_every = shared('tensorboard_every')
+    no_progress = shared('no_progress')
+    allow_change = shared('allow_change')
+    at_weight = derived(float, 'beta', 'ngpu', 'at_sum_replicas')  # beta on the whole batch (options.at_weight)
 
 
 def build_parser():
@@ -127,7 +127,10 @@ def parse_args(argv=None):
     if known.preset != 'none':
         p.set_defaults(**{**PRESETS[known.preset], **PRESET_MODELS[known.preset].get(known.model, {})})
     opt = CifarOptions.from_namespace(p.parse_args(argv))
-    opt.init = check_init(opt)
+    own = inits(opt.model)
+    if opt.init not in (None, *own):
+        raise UserError(f'--init {opt.init}: {cifar_model_name(opt.model, opt.depth, opt.width)} has only the '
+                        f'{own[0]} initialisation; pass --init {own[0]}')
     board.check_option(opt)
     if opt.model not in WIDTH_MODELS and opt.width != 1:
         raise UserError(f'--model {opt.model} has no --width: its name fixes its channels (drop --width {opt.width:g})')
@@ -142,7 +145,6 @@ def parse_args(argv=None):
             raise UserError(str(e)) from None
     if opt.model in WIDTH_MODELS and int(16 * opt.width) < 1:
         raise UserError(f'--width {opt.width} leaves a group with no channels')
-    opt.at_weight = options.at_weight(opt)
     if opt.dataset not in DATASETS:
         raise UserError(f'--dataset must be one of {", ".join(DATASETS)}, got {opt.dataset!r}')
     if opt.grad_beta and not opt.teacher_id:
@@ -155,16 +157,28 @@ def parse_args(argv=None):
     return opt
 
 
-def check_init(opt):
-    """--init resolved: the WRN has both initialisations, NIN only 2017's (RepDistiller has no NIN to
-    take one from), the benchmark's other networks only crd (their code's; 2017 had none of them)."""
-    own = INITS_OF.get(opt.model, ('crd',))
-    if opt.init is None:
-        return own[0]
-    if opt.init not in own:
-        raise UserError(f'--init {opt.init}: {cifar_model_name(opt.model, opt.depth, opt.width)} has only the '
-                        f'{own[0]} initialisation; pass --init {own[0]}')
-    return opt.init
+def inits(model):
+    """The initialisations of a network, its default first: the WRN has both, NIN only 2017's
+    (RepDistiller has no NIN to take one from), the benchmark's other networks only crd (their code's;
+    2017 had none of them)."""
+    return INITS_OF.get(model, ('crd',))
+
+
+def settle(opt, device, default_save):
+    """The options as the run records them, decided once, here (Options are frozen): --init from
+    --model, --channels_last from the device, --tensorboard from what is installed, --resume auto and
+    --save from the run folder, and the derived at_weight."""
+    resume, save = rundir.run_folder(opt.resume, opt.save, default_save)
+    return replace(opt, init=opt.init or inits(opt.model)[0], resume=resume, save=save,
+                   channels_last=int(CHANNELS_LAST[device.type]) if opt.channels_last is None else opt.channels_last,
+                   tensorboard=board.enabled(opt.tensorboard), at_weight=options.at_weight(opt))
+
+
+def setup(argv=None):
+    """A run's options, parsed, checked and settled, and its device."""
+    opt = parse_args(argv)
+    device = select_device(opt.device, opt.gpu_id, opt.ngpu)
+    return settle(opt, device, time.strftime('cifar_%Y%m%d-%H%M%S')), device
 
 
 # ---------------------------------------------------------------- data
@@ -221,11 +235,8 @@ def create_loaders(opt, device):
 
 # ---------------------------------------------------------------- run
 
-def build(opt):
-    """Everything a run needs, from parsed options: data, networks, loss and optimizer."""
-    device = select_device(opt.device, opt.gpu_id, opt.ngpu)
-    if opt.channels_last is None:
-        opt.channels_last = int(CHANNELS_LAST[device.type])
+def build(opt, device):
+    """Everything a run needs, from settled options (setup): data, networks, loss and optimizer."""
     precision = Precision(opt.dtype, device.type, bool(opt.channels_last))
     seed_everything(opt.seed)
     train_loader, test_loader, classes, size = create_loaders(opt, device)
@@ -280,11 +291,10 @@ def check_fits(f, params, size, name):
 
 
 def main(argv=None):
-    opt = parse_args(argv)
+    opt, device = setup(argv)
     print('parsed options:', vars(opt))
-    rundir.check_save(opt, time.strftime('cifar_%Y%m%d-%H%M%S'))
     options.check_resume(opt)
-    loop.fit(opt, build(opt), PROG)
+    loop.fit(opt, build(opt, device), PROG)
 
 
 if __name__ == '__main__':

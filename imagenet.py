@@ -6,8 +6,7 @@
 """
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import replace
 
 import torch
 
@@ -30,49 +29,49 @@ from training.teachers import load_teacher_export
 PROG = 'imagenet.py'
 
 
-@dataclass
+@options.options_class
 class ImagenetOptions(options.Options):
     """imagenet.py's options, typed, in --help's order."""
-    depth: int = flag(18, '18 or 34', v2017=True)
-    width: float = flag(1, v2017=True)
-    imagenetpath: str = flag('', 'folder with train/ and val/ in ImageFolder layout', v2017=True)
-    dtype: str = shared('dtype', v2017=True)
-    nthread: Optional[int] = flag(None, 'loader workers per process (2017: 4; default: the CPUs this process may use '
-                                  '/ processes per machine)', v2017=True, may_change=True)
-    teacher_params: str = flag('', 'teacher export: .pth, .hkl, or torchvision:resnet34[:local_state_dict.pth]',
-                               v2017=True)
-    batch_size: int = shared('batch_size', 256, v2017=True)
-    lr: float = shared('lr', v2017=True)
-    epochs: int = shared('epochs', 100, v2017=True)
-    weight_decay: float = shared('weight_decay', 1e-4, v2017=True)
-    epoch_step: str = shared('epoch_step', '[30,60,90]', v2017=True)
-    lr_decay_ratio: float = shared('lr_decay_ratio', 0.1, v2017=True)
-    resume: str = shared('resume', v2017=True)
-    temperature: float = shared('temperature', v2017=True)
-    alpha: float = shared('alpha', v2017=True)
-    beta: float = shared('beta', v2017=True)
-    save: str = shared('save', v2017=True)
-    ngpu: int = shared('ngpu', v2017=True)
-    gpu_id: str = shared('gpu_id', v2017=True)
-    cuda: bool = flag(False, "(cifar.py's 2017 flag, accepted here too; see --device)", may_change=True)
-    at_sum_replicas: Optional[int] = shared('at_sum_replicas')
-    at_groups: str = flag('0,1,2,3', 'groups whose attention is transferred, e.g. 2,3')
-    at_mode: str = shared('at_mode', choices=AT_MODES)
-    evaluate: str = flag('', 'only evaluate on val: the --resume student, or an export file (.pth, .hkl, '
-                         'torchvision:NAME)', may_change=True, nargs='?', const='resume')
-    seed: int = shared('seed')
-    device: str = shared('device')
-    compile: bool = shared('compile')
-    tensorboard: Optional[int] = shared('tensorboard')
-    tensorboard_every: int = shared('tensorboard_every')
-    no_progress: bool = shared('no_progress')
-    decoder: str = flag('pil', 'pil: the 2017 pixels; torchvision: torchvision.io decode and a uint8 resize (faster, '
-                        'at most 1 level off); nvjpeg: decode on the GPU', choices=imagenet_data.DECODERS)
-    channels_last: int = flag(1, 'channels_last memory format for inputs and weights', choices=[0, 1],
-                              may_change=True)
-    allow_change: str = shared('allow_change')
-    at_group_list: Optional[list] = derived('at_groups')  # --at_groups as numbers
-    at_weight: Optional[float] = derived('beta', 'ngpu', 'at_sum_replicas')  # beta on the whole batch (options.at_weight)
+    depth = flag(int, 18, '18 or 34', v2017=True)
+    width = flag(float, 1, v2017=True)
+    imagenetpath = flag(str, '', 'folder with train/ and val/ in ImageFolder layout', v2017=True)
+    dtype = shared('dtype')
+    nthread = flag(int, None, 'loader workers per process (2017: 4; default: the CPUs this process may use '
+                   '/ processes per machine)', v2017=True, may_change=True)
+    teacher_params = flag(str, '', 'teacher export: .pth, .hkl, or torchvision:resnet34[:local_state_dict.pth]',
+                          v2017=True)
+    batch_size = shared('batch_size', 256)
+    lr = shared('lr')
+    epochs = shared('epochs', 100)
+    weight_decay = shared('weight_decay', 1e-4)
+    epoch_step = shared('epoch_step', '[30,60,90]')
+    lr_decay_ratio = shared('lr_decay_ratio', 0.1)
+    resume = shared('resume')
+    temperature = shared('temperature')
+    alpha = shared('alpha')
+    beta = shared('beta')
+    save = shared('save')
+    ngpu = shared('ngpu')
+    gpu_id = shared('gpu_id')
+    cuda = shared('cuda')
+    at_sum_replicas = shared('at_sum_replicas')
+    at_groups = flag(str, '0,1,2,3', 'groups whose attention is transferred, e.g. 2,3')
+    at_mode = shared('at_mode', choices=AT_MODES)
+    evaluate = flag(str, '', 'only evaluate on val: the --resume student, or an export file (.pth, .hkl, '
+                    'torchvision:NAME)', may_change=True, nargs='?', const='resume')
+    seed = shared('seed')
+    device = shared('device')
+    compile = shared('compile')
+    tensorboard = shared('tensorboard')
+    tensorboard_every = shared('tensorboard_every')
+    no_progress = shared('no_progress')
+    decoder = flag(str, 'pil', 'pil: the 2017 pixels; torchvision: torchvision.io decode and a uint8 resize (faster, '
+                   'at most 1 level off); nvjpeg: decode on the GPU', choices=imagenet_data.DECODERS)
+    channels_last = flag(int, 1, 'channels_last memory format for inputs and weights', choices=[0, 1],
+                         may_change=True)
+    allow_change = shared('allow_change')
+    at_group_list = derived(list, 'at_groups')  # --at_groups as numbers
+    at_weight = derived(float, 'beta', 'ngpu', 'at_sum_replicas')  # beta on the whole batch (options.at_weight)
 
 
 def build_parser():
@@ -81,28 +80,42 @@ def build_parser():
 
 def parse_args(argv=None):
     opt = ImagenetOptions.from_namespace(build_parser().parse_args(argv))
-    if opt.nthread is None:  # log.txt records the count chosen
-        opt.nthread = imagenet_data.default_workers()
     board.check_option(opt)
     options.check_options(opt)
     if int(64 * opt.width) < 1:
         raise UserError(f'--width {opt.width} leaves a group with no channels')
     if opt.depth not in IMAGENET_BLOCKS:
         raise UserError(f'--depth must be one of {sorted(IMAGENET_BLOCKS)}, got {opt.depth}')
-    try:
-        groups = [int(g) for g in opt.at_groups.split(',')]
-    except ValueError:
-        groups = None
-    if not groups or not all(0 <= g < 4 for g in groups) or len(set(groups)) != len(groups):
-        raise UserError(f'--at_groups must list distinct groups from 0 to 3, like 2,3; got {opt.at_groups!r}')
-    opt.at_group_list = groups
+    at_group_list(opt.at_groups)
     options.check_teacher_needed(opt, bool(opt.teacher_params), '--teacher_params', ['beta', 'alpha'])
-    opt.at_weight = options.at_weight(opt)
     if opt.evaluate == 'resume' and not opt.resume:
         raise UserError('--evaluate without a FILE evaluates the --resume checkpoint: pass --resume too')
     if not opt.imagenetpath:
         raise UserError('pass --imagenetpath DIR (DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG)')
     return opt
+
+
+def at_group_list(text):
+    """--at_groups as numbers."""
+    try:
+        groups = [int(g) for g in text.split(',')]
+    except ValueError:
+        groups = None
+    if not groups or not all(0 <= g < 4 for g in groups) or len(set(groups)) != len(groups):
+        raise UserError(f'--at_groups must list distinct groups from 0 to 3, like 2,3; got {text!r}')
+    return groups
+
+
+def settle(opt, default_save):
+    """The options as the run records them, decided once, here (Options are frozen): --nthread from
+    the CPUs, --tensorboard from what is installed, --resume auto and --save from the run folder, and
+    the derived at_group_list and at_weight. Evaluating writes no run: any --save will do."""
+    resume, save = rundir.run_folder(opt.resume, opt.save, default_save, writes=not opt.evaluate)
+    if opt.evaluate == 'resume' and not resume:
+        raise UserError(f'--evaluate --resume auto: --save {opt.save} holds no model.pt7 to evaluate')
+    return replace(opt, nthread=imagenet_data.default_workers() if opt.nthread is None else opt.nthread,
+                   tensorboard=board.enabled(opt.tensorboard), resume=resume, save=save,
+                   at_group_list=at_group_list(opt.at_groups), at_weight=options.at_weight(opt))
 
 
 def open_split(opt, split):
@@ -176,11 +189,10 @@ def evaluate_only(opt):
 
 
 def main(argv=None):
-    opt = parse_args(argv)
+    opt = settle(parse_args(argv), time.strftime('imagenet_%Y%m%d-%H%M%S'))
     if opt.evaluate:
         return evaluate_only(opt)
     print('parsed options:', vars(opt))
-    rundir.check_save(opt, time.strftime('imagenet_%Y%m%d-%H%M%S'))
     options.check_resume(opt)
     loop.fit(opt, build(opt), PROG)
 

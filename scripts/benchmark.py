@@ -323,8 +323,8 @@ def measure(args, names):
             print(f'# {name}: built in {time.perf_counter() - t:.1f}s (torch.nn modules, torchvision DataLoader)',
                   flush=True)
             continue
-        opt = cifar.parse_args(common + CONFIGS[name])
-        runs[name] = (cifar.build(opt), opt)
+        opt, device = cifar.setup(common + CONFIGS[name])
+        runs[name] = (cifar.build(opt, device), opt)
         print(f'# {name}: built in {time.perf_counter() - t:.1f}s'
               + (' (data decoding included)' if len(runs) == 1 else ' (decoded data shared)'), flush=True)
     device = runs[names[0]][0].device

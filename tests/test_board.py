@@ -85,7 +85,7 @@ def test_epoch_scalars_of_an_imagenet_record():
 
 def test_without_tensorboard(monkeypatch, capfd):
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # as if not installed
-    assert cifar.parse_args([]).tensorboard == 0  # runs go on without event files
+    assert cifar.setup([])[0].tensorboard == 0  # runs go on without event files
     with pytest.raises(SystemExit) as e:
         errors.cli(lambda: cifar.parse_args(['--tensorboard', '1']), 'cifar.py')
     assert e.value.code == 1

@@ -52,12 +52,12 @@ def test_preset_crd_trains_repdistillers_lr_and_every_flag_given_wins():
     defaults = {a.dest: a.default for a in cifar.build_parser()._actions}
     defaults['init'] = '2017'  # None in the parser: decided from --model, 2017 for the WRN
     for name in cifar.PRESETS['crd']:
-        given = cifar.parse_args(['--preset', 'crd', f'--{name}', str(defaults[name])])
+        given = cifar.setup(['--preset', 'crd', f'--{name}', str(defaults[name])])[0]
         assert getattr(given, name) == defaults[name], name
-        assert getattr(cifar.parse_args([]), name) == defaults[name], name
+        assert getattr(cifar.setup([])[0], name) == defaults[name], name
     # the benchmark's networks other than the WRN have their own code's initialisation only, NIN 2017's only
-    assert [cifar.parse_args(['--model', m]).init for m in ('resnet8', 'vgg8', 'nin', 'wrn')] == ['crd', 'crd', '2017', '2017']
-    assert cifar.parse_args(['--preset', 'crd']).init == 'crd'
+    assert [cifar.setup(['--model', m])[0].init for m in ('resnet8', 'vgg8', 'nin', 'wrn')] == ['crd', 'crd', '2017', '2017']
+    assert cifar.setup(['--preset', 'crd'])[0].init == 'crd'
 
 
 LR_001 = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')  # train_student.py and train_teacher.py: lr 0.01 for these
@@ -247,8 +247,8 @@ def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
     for transfer in (['--beta', '1e+3'], ['--factt_beta', '1e+4', '--alpha', '0.9']):
         with pytest.raises(UserError, match=r'^teacher resnet56 has 3 group outputs and student vgg8 4: AT \(--beta, '
                                             r'--factt_beta\) pairs them one to one; KD \(--alpha\) needs none$'):
-            cifar.build(cifar.parse_args(base + transfer))
-    run = cifar.build(cifar.parse_args(base + ['--alpha', '0.9']))
+            cifar.build(*cifar.setup(base + transfer))
+    run = cifar.build(*cifar.setup(base + ['--alpha', '0.9']))
     x, y = next(iter(run.train_loader))
     _, losses = run.distiller(x, y, True)
     assert set(losses) == {'loss'} and losses['loss'].isfinite()  # KD alone: no AT term to log
@@ -258,8 +258,8 @@ def test_preset_builds_the_wrn_with_the_crd_init(tmp_path, monkeypatch):
     data = make_class_folders(tmp_path / 'c', classes=3, train_per_class=1, test_per_class=1, size=8)
     monkeypatch.chdir(tmp_path)
     common = ['--depth', '10', '--width', '2', '--dataroot', str(data), '--device', 'cpu', '--nthread', '0']
-    crd = cifar.build(cifar.parse_args(['--preset', 'crd', *common])).params_s
-    old = cifar.build(cifar.parse_args(common)).params_s
+    crd = cifar.build(*cifar.setup(['--preset', 'crd', *common])).params_s
+    old = cifar.build(*cifar.setup(common)).params_s
     assert (crd['bn.weight'] == 1).all() and (crd['fc.bias'] == 0).all()
     assert not (old['bn.weight'] == 1).any()
 

@@ -179,7 +179,7 @@ def test_two_gpu_data_parallel_with_at_losses():
 IMAGENET_2017_DEFAULTS = dict(  # the 2017 imagenet.py's flags and defaults
     depth=18, width=1, imagenetpath='', nthread=4, teacher_params='', batch_size=256, lr=0.1, epochs=100,
     weight_decay=1e-4, epoch_step='[30,60,90]', lr_decay_ratio=0.1, temperature=4, alpha=0, beta=0, dtype='float',
-    resume='', save='', ngpu=1, gpu_id='0')
+    resume='', save='', ngpu=1, gpu_id='0', cuda=False)
 
 
 def test_imagenet_defaults_are_2017s_but_nthreads():
@@ -188,8 +188,8 @@ def test_imagenet_defaults_are_2017s_but_nthreads():
     assert {k: opt[k] for k in IMAGENET_2017_DEFAULTS} == {**IMAGENET_2017_DEFAULTS, 'nthread': None}
     # 2017: 4 workers; now the CPUs this process may use, and an explicit --nthread as given
     from training import imagenet_data
-    assert imagenet.parse_args(['--imagenetpath', 'x']).nthread == imagenet_data.default_workers()
-    assert imagenet.parse_args(['--imagenetpath', 'x', '--nthread', '4']).nthread == 4
+    assert imagenet.settle(imagenet.parse_args(['--imagenetpath', 'x']), 'x').nthread == imagenet_data.default_workers()
+    assert imagenet.settle(imagenet.parse_args(['--imagenetpath', 'x', '--nthread', '4']), 'x').nthread == 4
     assert opt['at_groups'] == '0,1,2,3' and opt['evaluate'] == ''  # new flags: every group, and training
 
 
@@ -199,14 +199,17 @@ def test_beta_under_ngpu_and_the_2017_sum_over_replicas(capsys):
     import imagenet
     from training.distill import Distiller
     from training.distill import FunctionalNet
+
+    def settled(argv):
+        return imagenet.settle(imagenet.parse_args(argv), 'x')
     base = ['--imagenetpath', 'x', '--ngpu', '2', '--beta', '1e3', '--teacher_params', 'x.pth']
-    assert imagenet.parse_args(base).at_weight == 1000
+    assert settled(base).at_weight == 1000
     note = capsys.readouterr().err.strip().splitlines()
     assert len(note) == 1 and 'by 1000' in note[0] and 'a weight of 2000' in note[0] and '--at_sum_replicas 1' in note[0]
-    opt = imagenet.parse_args(base + ['--at_sum_replicas', '1'])
-    assert opt.at_weight == 2000 and imagenet.parse_args(base + ['--at_sum_replicas', '0']).at_weight == 1000
-    assert imagenet.parse_args(['--imagenetpath', 'x', '--beta', '1e3', '--teacher_params', 'x.pth',
-                                '--at_sum_replicas', '1']).at_weight == 1000
+    opt = settled(base + ['--at_sum_replicas', '1'])
+    assert opt.at_weight == 2000 and settled(base + ['--at_sum_replicas', '0']).at_weight == 1000
+    assert settled(['--imagenetpath', 'x', '--beta', '1e3', '--teacher_params', 'x.pth',
+                    '--at_sum_replicas', '1']).at_weight == 1000
     assert capsys.readouterr().err == ''
     torch.manual_seed(0)
     params_s = resnet_imagenet_params(18, 0.25, 6)

@@ -1,13 +1,15 @@
 """The options are one typed object (training/options.py): each script's dataclass builds its command
 line, is what log.txt and model.pt7 hold, and is read back, typed, where a resume compares it."""
 import re
+from dataclasses import FrozenInstanceError, fields
 
 import pytest
+import torch
 
 import cifar
 import imagenet
 from conftest import ROOT
-from training import options
+from training import board, imagenet_data, options
 from training.errors import UserError
 
 SCRIPTS = [(cifar, cifar.CifarOptions, ['--dataroot', 'x']),
@@ -23,7 +25,6 @@ def test_parsed_options_are_the_scripts_typed_object(module, cls, base):
     assert (type(opt.lr), type(opt.width), type(opt.batch_size), type(opt.seed), type(opt.temperature)) == \
         (float, float, int, int, float)
     assert (opt.lr, opt.width, opt.batch_size, opt.seed, opt.epoch_step, opt.compile) == (1.0, 2.0, 3, 5, '[1]', True)
-    assert opt.at_weight == 0  # derived after parsing: no teacher, no AT
 
 
 @pytest.mark.parametrize('module,cls,base', SCRIPTS, ids=['cifar', 'imagenet'])
@@ -61,3 +62,22 @@ def test_reliability_page_lists_the_options_that_may_change():
     listed = text[text.index('Options that may change'):text.index('Every other flag')]
     documented = set(re.findall(r'`--(\w+)`', listed))
     assert documented == cifar.CifarOptions.may_change() | imagenet.ImagenetOptions.may_change()
+
+
+@pytest.mark.parametrize('module,cls,base', SCRIPTS, ids=['cifar', 'imagenet'])
+def test_after_parsing_only_settle_decides_options(module, cls, base, tmp_path, monkeypatch):
+    """Parsed options are frozen; settle alone decides the flags left open (None, auto) and the derived
+    fields, which log.txt records as decided."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'model.pt7').touch()
+    opt = module.parse_args(base + ['--resume', 'auto', '--save', 'run'])
+    with pytest.raises(FrozenInstanceError):
+        opt.lr = 1.0
+    settled = cifar.settle(opt, torch.device('cpu'), 'x') if module is cifar else imagenet.settle(opt, 'x')
+    changed = {f.name: getattr(settled, f.name) for f in fields(cls) if getattr(opt, f.name) != getattr(settled, f.name)}
+    tensorboard = int(board.writer_class() is not None)
+    assert changed == (dict(init='2017', channels_last=1, tensorboard=tensorboard, resume='run/model.pt7', at_weight=0)
+                       if module is cifar else
+                       dict(nthread=imagenet_data.default_workers(), tensorboard=tensorboard, resume='run/model.pt7',
+                            at_group_list=[0, 1, 2, 3], at_weight=0))

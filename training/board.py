@@ -29,13 +29,16 @@ def writer_class():
 
 
 def check_option(opt):
-    """--tensorboard: unset means on wherever tensorboard is installed; 1 insists on it."""
+    """--tensorboard 1 insists on event files; --tensorboard_every counts steps."""
     if opt.tensorboard_every < 1:
         raise UserError(f'--tensorboard_every must be 1 or more, got {opt.tensorboard_every}')
-    if opt.tensorboard is None:
-        opt.tensorboard = int(writer_class() is not None)
-    elif opt.tensorboard and writer_class() is None:
+    if opt.tensorboard and writer_class() is None:
         raise UserError('--tensorboard 1 needs the tensorboard package: pip install tensorboard')
+
+
+def enabled(tensorboard):
+    """--tensorboard decided: unset means on wherever tensorboard is installed."""
+    return int(writer_class() is not None) if tensorboard is None else tensorboard
 
 
 def lr_at(record):

@@ -8,8 +8,8 @@ import json
 import math
 import os
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import get_args
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Optional, get_args
 
 from training.errors import UserError, die
 from training.rundir import load_checkpoint
@@ -40,19 +40,21 @@ AT_MODE_HELP = ('AT loss: code (the 2017 code\'s mean of squared differences of 
                 'docs/losses.md)')
 
 
-def flag(default, help=None, *, v2017=False, may_change=False, **argparse_kw):
-    """A command-line option, declared as a field of an Options dataclass: its annotation is its type,
-    `v2017` puts it in the 2017 group of --help, and `may_change` lets it differ from the checkpoint's
-    on resume (how long, where or how fast a run goes, not what it trains; docs/reliability.md)."""
-    return field(default=default, metadata=dict(help=help, group=GROUP_2017 if v2017 else GROUP_NEW,
-                                                may_change=may_change, argparse=argparse_kw))
+def flag(type, default, help=None, *, v2017=False, may_change=False, **argparse_kw):
+    """A command-line option, declared whole as a field of an Options class: its type (Optional where
+    the default is None: decided after parsing), default and help; `v2017` puts it in the 2017 group of
+    --help, and `may_change` lets it differ from the checkpoint's on resume (how long, where or how
+    fast a run goes, not what it trains; docs/reliability.md)."""
+    return field(default=default, metadata=dict(
+        type=Optional[type] if default is None else type, help=help, group=GROUP_2017 if v2017 else GROUP_NEW,
+        may_change=may_change, argparse=argparse_kw))
 
 
-def derived(*sources):
-    """An option decided from the others (`sources`) after parsing (at_weight): saved and compared with
-    them, but no flag. None until decided, and not compared against a checkpoint that lacks it; free
-    to differ on resume where one of its sources is."""
-    return field(default=None, metadata=dict(sources=sources))  # no 'group': Options.parser makes no flag of it
+def derived(type, *sources):
+    """An option of `type` decided from the others (`sources`) after parsing (at_weight): saved and
+    compared with them, but no flag. None until decided, and not compared against a checkpoint that
+    lacks it; free to differ on resume where one of its sources is."""
+    return field(default=None, metadata=dict(type=Optional[type], sources=sources))  # no 'group': no flag
 
 
 # Options --allow_change may not name: a resumed run could not take their new value, so it would be
@@ -65,41 +67,56 @@ NOT_ON_RESUME = {
 }
 
 
-# The flags both scripts take, declared once: help, whether they may change on resume, and the default
-# where both share it; each script gives its own defaults, group and order (shared's arguments).
+# The flags both scripts take, declared once (flag's arguments); where the scripts' defaults differ
+# the declaration has none, and each script gives its own (shared's default).
 SHARED_FLAGS = {
-    'dtype': dict(default='float', help='float, double, or half / bfloat16 (autocast)'),
-    'batch_size': dict(), 'lr': dict(default=0.1), 'epochs': dict(may_change=True),
-    'weight_decay': dict(),
-    'epoch_step': dict(help='JSON list: epochs at whose start lr *= lr_decay_ratio'),
-    'lr_decay_ratio': dict(),
-    'resume': dict(default='', may_change=True, help='model.pt7 to continue from, or auto (the one in --save, if any)'),
-    'temperature': dict(default=4, help='KD temperature'),
-    'alpha': dict(default=0, help='KD weight'),
-    'beta': dict(default=0, help='AT weight'),
-    'at_mode': dict(default='code', help=AT_MODE_HELP),  # choices: utils.AT_MODES, which imports torch
-    'save': dict(default='', may_change=True,
+    'dtype': dict(type=str, default='float', v2017=True,
+                  help='float (or float32), double (float64); half (float16) or bfloat16: autocast, the weights '
+                       'kept float32'),
+    'batch_size': dict(type=int, help='images a step, over all devices', v2017=True),
+    'lr': dict(type=float, default=0.1, help='SGD learning rate (momentum 0.9)', v2017=True),
+    'epochs': dict(type=int, may_change=True, v2017=True),
+    'weight_decay': dict(type=float, help='on every trained tensor, batch norm included', v2017=True),
+    'epoch_step': dict(type=str, help='JSON list: epochs at whose start lr *= lr_decay_ratio', v2017=True),
+    'lr_decay_ratio': dict(type=float, v2017=True),
+    'resume': dict(type=str, default='', may_change=True, v2017=True,
+                   help='model.pt7 to continue from, or auto (the one in --save, if any)'),
+    'temperature': dict(type=float, default=4, help='KD temperature', v2017=True),
+    'alpha': dict(type=float, default=0, help='KD weight', v2017=True),
+    'beta': dict(type=float, default=0, help='AT weight', v2017=True),
+    'at_mode': dict(type=str, default='code', help=AT_MODE_HELP),  # choices: utils.AT_MODES, which imports torch
+    'cuda': dict(type=bool, default=False, may_change=True, v2017=True,
+                 help='(2017 flag, kept for compatibility; see --device)'),
+    'save': dict(type=str, default='', may_change=True, v2017=True,
                  help='run folder for model.pt7 and log.txt (default: logs/<script>_<time>)'),
-    'ngpu': dict(default=1, help='GPUs to split each batch over'),
-    'gpu_id': dict(default='0', may_change=True, help='CUDA_VISIBLE_DEVICES'),
-    'at_sum_replicas': dict(default=None, choices=[0, 1], help=AT_SUM_REPLICAS_HELP),
-    'seed': dict(default=0, help='seeds torch, numpy, random and the data order'),
-    'device': dict(default='', may_change=True, help='cpu or cuda (default: cuda when available)'),
-    'compile': dict(default=False, may_change=True, help='torch.compile the student and teacher forward passes'),
-    'tensorboard': dict(default=None, may_change=True, choices=[0, 1],
+    'ngpu': dict(type=int, default=1, help='GPUs to split each batch over', v2017=True),
+    'gpu_id': dict(type=str, default='0', may_change=True, help='CUDA_VISIBLE_DEVICES', v2017=True),
+    'at_sum_replicas': dict(type=int, default=None, choices=[0, 1], help=AT_SUM_REPLICAS_HELP),
+    'seed': dict(type=int, default=0, help='seeds torch, numpy, random and the data order'),
+    'device': dict(type=str, default='', may_change=True, help='cpu or cuda (default: cuda when available)'),
+    'compile': dict(type=bool, default=False, may_change=True,
+                    help='torch.compile the student and teacher forward passes'),
+    'tensorboard': dict(type=int, default=None, may_change=True, choices=[0, 1],
                         help='TensorBoard event files in the run folder (default: 1 where the tensorboard package '
                              'is installed)'),
-    'tensorboard_every': dict(default=50, may_change=True, help='steps between points of the running train loss'),
-    'no_progress': dict(default=False, may_change=True, help='no tqdm bars'),
-    'allow_change': dict(default='', may_change=True, help=ALLOW_CHANGE_HELP),
+    'tensorboard_every': dict(type=int, default=50, may_change=True,
+                              help='steps between points of the running train loss'),
+    'no_progress': dict(type=bool, default=False, may_change=True, help='no tqdm bars'),
+    'allow_change': dict(type=str, default='', may_change=True, help=ALLOW_CHANGE_HELP),
 }
 
 
-def shared(name, default=MISSING, v2017=False, **argparse_kw):
-    """The field of SHARED_FLAGS[name], with this script's default where it has its own."""
-    spec = dict(SHARED_FLAGS[name], **argparse_kw)
-    spec['default'] = spec['default'] if default is MISSING else default
-    return flag(v2017=v2017, **spec)
+def shared(name, default=MISSING, **argparse_kw):
+    """The field of SHARED_FLAGS[name]; `default`: this script's, where the scripts differ."""
+    return flag(**SHARED_FLAGS[name], **({} if default is MISSING else dict(default=default)), **argparse_kw)
+
+
+def options_class(cls):
+    """An Options subclass made a frozen dataclass: its fields (flag, shared, derived) in the order
+    written, each typed by its own declaration. Frozen: once decided (a script's settle), the options
+    the run records are the options it trains with."""
+    cls.__annotations__ = {k: v.metadata['type'] for k, v in vars(cls).items() if isinstance(v, Field)}
+    return dataclass(frozen=True)(cls)
 
 
 def _scalar(annotation):
@@ -108,11 +125,11 @@ def _scalar(annotation):
     return args[0] if args else annotation
 
 
-@dataclass
 class Options:
-    """A run's options, one typed object: a subclass declares them as fields (flag, shared, derived),
-    from which its command line is built. log.txt and model.pt7 hold them (record()); a resume reads
-    the checkpoint's back into the same type (from_record) and compares them field by field."""
+    """A run's options, one typed object: a subclass (made by options_class) declares them as fields
+    (flag, shared, derived), from which its command line is built. log.txt and model.pt7 hold them
+    (record()); a resume reads the checkpoint's back into the same type (from_record) and compares
+    them field by field."""
 
     @classmethod
     def parser(cls, prog, description):
@@ -187,12 +204,12 @@ def check_options(opt, positive=(), not_negative=()):
     Schedule(opt)  # --epoch_step parses
     from training.device import NAMES  # torch: not at the top, which rundir's status imports
     if opt.dtype not in NAMES:
-        raise UserError(f'--dtype must be float, double, half or bfloat16, got {opt.dtype!r}')
+        raise UserError(f'--dtype must be one of {", ".join(NAMES)}, got {opt.dtype!r}')
     for name in ('batch_size', 'epochs', 'ngpu', 'width', 'temperature', 'lr_decay_ratio', *positive):
         if not getattr(opt, name) > 0:
             raise UserError(f'--{name} must be positive, got {getattr(opt, name)}')
     for name in ('nthread', 'lr', 'weight_decay', 'beta', *not_negative):
-        if not getattr(opt, name) >= 0:
+        if getattr(opt, name) is not None and not getattr(opt, name) >= 0:  # None: decided in settle
             raise UserError(f'--{name} must not be negative, got {getattr(opt, name)}')
     if not 0 <= opt.alpha <= 1:  # the KD term's weight; the cross-entropy's is 1 - alpha
         raise UserError(f'--alpha must be between 0 and 1, got {opt.alpha}')

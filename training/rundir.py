@@ -18,19 +18,22 @@ from contextlib import contextmanager
 from training.errors import UserError
 
 
-def check_save(opt, default_name):
-    """Resolves --save and --resume auto; refuses to touch a folder that holds a run, unless resuming it."""
-    if opt.resume == 'auto':
-        if not opt.save:
+def run_folder(resume, save, default_name, writes=True):
+    """(--resume, --save) decided: --resume auto is --save's model.pt7 where there is one, else '' (a
+    fresh start); --save defaults to the --resume folder, else logs/<default_name>. A run that `writes`
+    may not start over a folder that holds a run: only resume it."""
+    if resume == 'auto':
+        if not save:
             raise UserError('--resume auto continues the run in --save: pass --save too')
-        path = os.path.join(opt.save, 'model.pt7')
-        opt.resume = path if os.path.exists(path) else ''
-    if not opt.save:
-        opt.save = (os.path.dirname(opt.resume) or '.') if opt.resume else os.path.join('logs', default_name)
-    existing = [n for n in ('model.pt7', 'log.txt') if os.path.exists(os.path.join(opt.save, n))]
-    if existing and not opt.resume:
-        raise UserError(f'--save {opt.save} already holds a run ({existing[0]}); pass --resume '
-                        f'{os.path.join(opt.save, "model.pt7")} (or auto) to continue it, or choose another --save')
+        path = os.path.join(save, 'model.pt7')
+        resume = path if os.path.exists(path) else ''
+    if not save:
+        save = (os.path.dirname(resume) or '.') if resume else os.path.join('logs', default_name)
+    existing = [n for n in ('model.pt7', 'log.txt') if os.path.exists(os.path.join(save, n))]
+    if writes and existing and not resume:
+        raise UserError(f'--save {save} already holds a run ({existing[0]}); pass --resume '
+                        f'{os.path.join(save, "model.pt7")} (or auto) to continue it, or choose another --save')
+    return resume, save
 
 
 def make_save(folder):
