@@ -65,8 +65,8 @@ class CifarOptions(options.Options):
     epoch_step = shared('epoch_step', '[60,120,160]')
     lr_decay_ratio = shared('lr_decay_ratio', 0.2)
     resume = shared('resume')
-    randomcrop_pad = flag(float, 4, 'pixels of padding (--pad_mode) before the random crop back to the image size',
-                          v2017=True)
+    randomcrop_pad = flag(float, 4, 'pixels of padding (--pad_mode) before the random crop back to the image size '
+                          '(2017 declared it and always padded 4)', v2017=True)
     temperature = shared('temperature')
     alpha = shared('alpha')
     beta = shared('beta')
@@ -100,7 +100,8 @@ class CifarOptions(options.Options):
     beta_decay = flag(str, 'none', 'AT weight schedule: none (2017), step (times lr_decay_ratio whenever the lr '
                       'drops), linear (down to beta/epochs at the last epoch)',
                       choices=['none', 'step', 'linear'])
-    factt_beta = flag(float, 0, 'F-ActT (full-activation transfer) weight')
+    factt_beta = flag(float, 0, 'F-ActT (full-activation transfer) weight; 1x1 adapters where the channels differ, '
+                      'trained with the student and saved as adapter.*')
     grad_beta = flag(float, 0, 'gradient-based AT weight (paper section 3.2; needs a teacher)')
     sym_beta = flag(float, 0, 'flip-symmetry weight on the gradient attention')
     seed = shared('seed')
@@ -132,8 +133,10 @@ def parse_args(argv=None):
         raise UserError(f'--init {opt.init}: {cifar_model_name(opt.model, opt.depth, opt.width)} has only the '
                         f'{own[0]} initialisation; pass --init {own[0]}')
     board.check_option(opt)
-    if opt.model not in WIDTH_MODELS and opt.width != 1:
+    if opt.model not in WIDTH_MODELS and opt.width != CifarOptions.width:
         raise UserError(f'--model {opt.model} has no --width: its name fixes its channels (drop --width {opt.width:g})')
+    if opt.model != 'wrn' and opt.depth != CifarOptions.depth:
+        raise UserError(f'--model {opt.model} has no --depth: its name fixes its layers (drop --depth {opt.depth})')
     options.check_options(opt, positive=['width'] if opt.model in WIDTH_MODELS else [],
                        not_negative=['randomcrop_pad', 'factt_beta', 'grad_beta', 'sym_beta'])
     if opt.randomcrop_pad != int(opt.randomcrop_pad):

@@ -33,7 +33,7 @@ PROG = 'imagenet.py'
 class ImagenetOptions(options.Options):
     """imagenet.py's options, typed, in --help's order."""
     depth = flag(int, 18, '18 or 34', v2017=True)
-    width = flag(float, 1, v2017=True)
+    width = flag(float, 1, 'widening factor of the groups\' channels (the stem keeps 64)', v2017=True)
     imagenetpath = flag(str, '', 'folder with train/ and val/ in ImageFolder layout', v2017=True)
     dtype = shared('dtype')
     nthread = flag(int, None, 'loader workers per process (2017: 4; default: the CPUs this process may use '
@@ -174,7 +174,13 @@ def evaluate_only(opt):
             check_params(params, expected, f'--resume {opt.resume}')
         f, params = resnet_imagenet, {k: params[k] for k in expected}
     else:
-        f, params = load_teacher_export(opt.evaluate)
+        try:
+            f, params = load_teacher_export(opt.evaluate)
+        except UserError:
+            if is_run_checkpoint(opt.evaluate):  # an export's names are not a run's: say what was meant
+                raise UserError(f'--evaluate {opt.evaluate} is a run\'s checkpoint, not an export: pass --evaluate '
+                                f'--resume {opt.evaluate}') from None
+            raise
         if params['fc.weight'].shape[0] != num_classes:
             raise UserError(f'{opt.evaluate} has {params["fc.weight"].shape[0]} classes, val/ has {num_classes}: '
                             f'its errors would mean nothing')
@@ -186,6 +192,14 @@ def evaluate_only(opt):
         name = opt.resume if opt.evaluate == 'resume' else opt.evaluate
         print(f'{name}: top-1 error {100 - top1:.2f}%, top-5 error {100 - top5:.2f}% on {n} images')
     return top1, top5
+
+
+def is_run_checkpoint(path):
+    """Whether `path` is a model.pt7 that a run wrote ({params, optimizer, epoch}), not an export."""
+    try:
+        return 'epoch' in load_checkpoint(path)
+    except UserError:
+        return False
 
 
 def main(argv=None):

@@ -14,9 +14,10 @@
 #   EPOCH_STEP [the preset's [151,181,211], i.e. lr x 0.1 after epochs 150, 180, 210, scaled by
 #                         EPOCHS/240, never below 2, each epoch after the one before]
 #   SEEDS [0]             student seeds ("0 1 2"); TEACHER_SEEDS [0]: students learn from the first
-#   PAIRS [all 13, teacher then student: wrn_40_2_16_2 wrn_40_2_40_1 resnet56_20 resnet110_20
-#         resnet110_32 resnet32x4_8x4 vgg13_8 vgg13_MobileNetV2 ResNet50_MobileNetV2 ResNet50_vgg8
-#         resnet32x4_ShuffleV1 resnet32x4_ShuffleV2 wrn_40_2_ShuffleV1]   (ROWS, its earlier name, too)
+#   PAIRS [all 13, student then teacher, as 2017 and RepDistiller name them: wrn_16_2_40_2
+#         wrn_40_1_40_2 resnet20_56 resnet20_110 resnet32_110 resnet8x4_32x4 vgg8_13 MobileNetV2_vgg13
+#         MobileNetV2_ResNet50 vgg8_ResNet50 ShuffleV1_resnet32x4 ShuffleV2_resnet32x4 ShuffleV1_wrn_40_2]
+#         (ROWS, its earlier name, too)
 #   METHODS [student at kd]   (teachers always run)
 #   BETA [1e+3] ALPHA [0.9]   AT weight on every group output; KD weight (T = 4, cross-entropy 0.1)
 #   LOGS [logs/cifar100]  PYTHON [python]  EXTRA ['']    EXTRA is added to every cifar.py command
@@ -31,13 +32,13 @@ PROG=cifar100.sh CIFAR_FLAGS="--preset crd"
 script_args "$@"
 DATAROOT=$(from_caller "${DATAROOT:-.}")
 EPOCHS=${EPOCHS:-240}
-[[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
+positive EPOCHS
 EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 240 1 150 180 210)}
 SEEDS=${SEEDS:-0}
 TEACHER_SEEDS=${TEACHER_SEEDS:-0}
-ALL_ROWS="wrn_40_2_16_2 wrn_40_2_40_1 resnet56_20 resnet110_20 resnet110_32 resnet32x4_8x4 vgg13_8"  # same family
-ALL_ROWS+=" vgg13_MobileNetV2 ResNet50_MobileNetV2 ResNet50_vgg8 resnet32x4_ShuffleV1 resnet32x4_ShuffleV2"
-ALL_ROWS+=" wrn_40_2_ShuffleV1"  # across families
+ALL_ROWS="wrn_16_2_40_2 wrn_40_1_40_2 resnet20_56 resnet20_110 resnet32_110 resnet8x4_32x4 vgg8_13"  # same family
+ALL_ROWS+=" MobileNetV2_vgg13 MobileNetV2_ResNet50 vgg8_ResNet50 ShuffleV1_resnet32x4 ShuffleV2_resnet32x4"
+ALL_ROWS+=" ShuffleV1_wrn_40_2"  # across families
 ROWS=${PAIRS:-${ROWS:-$ALL_ROWS}}
 METHODS=${METHODS:-student at kd}
 BETA=${BETA:-1e+3}; ALPHA=${ALPHA:-0.9}
@@ -53,13 +54,13 @@ declare -A NET=(
   [MobileNetV2]="--model MobileNetV2" [ShuffleV1]="--model ShuffleV1" [ShuffleV2]="--model ShuffleV2"
 )
 # row: student teacher
-declare -A PAIR=( [wrn_40_2_16_2]="wrn_16_2 wrn_40_2" [wrn_40_2_40_1]="wrn_40_1 wrn_40_2"
-                  [resnet56_20]="resnet20 resnet56" [resnet110_20]="resnet20 resnet110"
-                  [resnet110_32]="resnet32 resnet110" [resnet32x4_8x4]="resnet8x4 resnet32x4"
-                  [vgg13_8]="vgg8 vgg13" [vgg13_MobileNetV2]="MobileNetV2 vgg13"
-                  [ResNet50_MobileNetV2]="MobileNetV2 ResNet50" [ResNet50_vgg8]="vgg8 ResNet50"
-                  [resnet32x4_ShuffleV1]="ShuffleV1 resnet32x4" [resnet32x4_ShuffleV2]="ShuffleV2 resnet32x4"
-                  [wrn_40_2_ShuffleV1]="ShuffleV1 wrn_40_2" )
+declare -A PAIR=( [wrn_16_2_40_2]="wrn_16_2 wrn_40_2" [wrn_40_1_40_2]="wrn_40_1 wrn_40_2"
+                  [resnet20_56]="resnet20 resnet56" [resnet20_110]="resnet20 resnet110"
+                  [resnet32_110]="resnet32 resnet110" [resnet8x4_32x4]="resnet8x4 resnet32x4"
+                  [vgg8_13]="vgg8 vgg13" [MobileNetV2_vgg13]="MobileNetV2 vgg13"
+                  [MobileNetV2_ResNet50]="MobileNetV2 ResNet50" [vgg8_ResNet50]="vgg8 ResNet50"
+                  [ShuffleV1_resnet32x4]="ShuffleV1 resnet32x4" [ShuffleV2_resnet32x4]="ShuffleV2 resnet32x4"
+                  [ShuffleV1_wrn_40_2]="ShuffleV1 wrn_40_2" )
 # AT on every group output with cross-entropy and no KD; KD with T = 4: 0.9 KL + 0.1 cross-entropy
 declare -A METHOD=( [at]="--beta $BETA" [kd]="--alpha $ALPHA --temperature 4" )
 

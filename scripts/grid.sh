@@ -1,5 +1,5 @@
-# Sourced by table1.sh and cifar100.sh (imagenet.sh takes script_args, scaled_steps, from_caller and
-# run_status): the arguments, the settings checks, the scaled lr schedule, whether a run is done, and
+# Sourced by table1.sh and cifar100.sh (imagenet.sh takes script_args, positive, scaled_steps, from_caller
+# and run_status): the arguments, the settings checks, the scaled lr schedule, whether a run is done, and
 # the grid of runs they share.
 # The caller sets PROG, then LOGS, EPOCHS, EPOCH_STEP, SEEDS, TEACHER_SEEDS, PYTHON, EXTRA, CIFAR_FLAGS,
 # and for run_grid: ROWS, ALL_ROWS, METHODS, and the NET, PAIR and METHOD arrays.
@@ -16,6 +16,12 @@ script_args() {  # script_args "$@": --dry-run sets DRY=1, --help prints the scr
       *) die "unknown argument $a (try --help)" ;;
     esac
   done
+}
+
+positive() {  # positive NAME...: each variable a whole number from 1 on, written plainly (010 is octal
+  # to bash and 10 to Python: refused, not guessed)
+  local v
+  for v in "$@"; do [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, got '${!v}'"; done
 }
 
 check_settings() {  # check_settings WEIGHT_VARIABLE...: every setting, before the first run starts

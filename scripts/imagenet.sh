@@ -30,7 +30,7 @@
 # it again (a run whose model.pt7 is newer than its eval.txt is evaluated again by itself).
 set -euo pipefail
 PROG=imagenet.sh
-. "$(dirname "$0")/grid.sh"  # die, script_args, scaled_steps, from_caller, run_status
+. "$(dirname "$0")/grid.sh"  # die, script_args, positive, scaled_steps, from_caller, run_status
 script_args "$@"
 CALLER=$(pwd -P)
 cd "$(dirname "$0")/.."
@@ -46,14 +46,12 @@ for split in train val; do
 done
 LOGS=$(from_caller "${LOGS:-logs}")
 EPOCHS=${EPOCHS:-100}
-{ is_int "$EPOCHS" && [ "$EPOCHS" -ge 1 ]; } || die "EPOCHS must be a whole number of at least 1, got '$EPOCHS'"
-EPOCHS=$((10#$EPOCHS))  # 010 is 10, not octal
+positive EPOCHS
 EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 100 0 30 60 90)}
 [[ "$EPOCH_STEP" =~ ^\[\ *([1-9][0-9]*\ *(,\ *[1-9][0-9]*\ *)*)?\]$ ]] ||
   die "EPOCH_STEP must be a JSON list of epochs from 1 on, like [30,60,90]; got '$EPOCH_STEP'"
 BATCH=${BATCH:-256}
-{ is_int "$BATCH" && [ "$BATCH" -ge 1 ]; } || die "BATCH must be a whole number of at least 1, got '$BATCH'"
-BATCH=$((10#$BATCH))
+positive BATCH
 NTHREAD=${NTHREAD:-}
 if [ -n "$NTHREAD" ]; then
   is_int "$NTHREAD" || die "NTHREAD must be a whole number, got '$NTHREAD'"

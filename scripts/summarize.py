@@ -7,7 +7,7 @@ beside the published figures.
     python scripts/summarize.py logs/cifar100 --table cifar100 --out docs/results/cifar100
 
 Runs are found by the names scripts/table1.sh and scripts/cifar100.sh give them (resnet_16_2_teacher,
-at_16_1_16_2, kd_resnet56_20_s1, ...). Each cell is reported twice, in separate columns, never mixed:
+at_16_1_16_2, kd_resnet20_56_s1, ...). Each cell is reported twice, in separate columns, never mixed:
 the last epoch's figure, beside the published one (RepDistiller's figures are last-epoch ones, as the
 comment beside best_acc in its train_student.py and train_teacher.py says), and the best epoch's (what
 its code prints as best accuracy), each as the median and the mean +- sample std over the seeds, with
@@ -86,23 +86,23 @@ TABLE1 = Table(
 # RepDistiller's CIFAR-100 tables (Tian et al., ICLR 2020, Tables 1 and 2), top-1 accuracy (%): teacher,
 # student, AT, KD, from its README.md ("Benchmark Results on CIFAR-100"). They are last-epoch figures: "The
 # results reported in the paper/README is from the last epoch", says the comment beside best_acc in its
-# train_student.py and train_teacher.py. Pair names are cifar100.sh's: teacher, then student.
+# train_student.py and train_teacher.py. Pair names are cifar100.sh's: student, then teacher.
 CIFAR100_SAME = {
-    'wrn_40_2_16_2': ('WRN-16-2', 'WRN-40-2', [75.61, 73.26, 74.08, 74.92]),
-    'wrn_40_2_40_1': ('WRN-40-1', 'WRN-40-2', [75.61, 71.98, 72.77, 73.54]),
-    'resnet56_20': ('resnet20', 'resnet56', [72.34, 69.06, 70.55, 70.66]),
-    'resnet110_20': ('resnet20', 'resnet110', [74.31, 69.06, 70.22, 70.67]),
-    'resnet110_32': ('resnet32', 'resnet110', [74.31, 71.14, 72.31, 73.08]),
-    'resnet32x4_8x4': ('resnet8x4', 'resnet32x4', [79.42, 72.50, 73.44, 73.33]),
-    'vgg13_8': ('vgg8', 'vgg13', [74.64, 70.36, 71.43, 72.98]),
+    'wrn_16_2_40_2': ('WRN-16-2', 'WRN-40-2', [75.61, 73.26, 74.08, 74.92]),
+    'wrn_40_1_40_2': ('WRN-40-1', 'WRN-40-2', [75.61, 71.98, 72.77, 73.54]),
+    'resnet20_56': ('resnet20', 'resnet56', [72.34, 69.06, 70.55, 70.66]),
+    'resnet20_110': ('resnet20', 'resnet110', [74.31, 69.06, 70.22, 70.67]),
+    'resnet32_110': ('resnet32', 'resnet110', [74.31, 71.14, 72.31, 73.08]),
+    'resnet8x4_32x4': ('resnet8x4', 'resnet32x4', [79.42, 72.50, 73.44, 73.33]),
+    'vgg8_13': ('vgg8', 'vgg13', [74.64, 70.36, 71.43, 72.98]),
 }
 CIFAR100_CROSS = {
-    'vgg13_MobileNetV2': ('MobileNetV2', 'vgg13', [74.64, 64.60, 59.40, 67.37]),
-    'ResNet50_MobileNetV2': ('MobileNetV2', 'ResNet50', [79.34, 64.60, 58.58, 67.35]),
-    'ResNet50_vgg8': ('vgg8', 'ResNet50', [79.34, 70.36, 71.84, 73.81]),
-    'resnet32x4_ShuffleV1': ('ShuffleV1', 'resnet32x4', [79.42, 70.50, 71.73, 74.07]),
-    'resnet32x4_ShuffleV2': ('ShuffleV2', 'resnet32x4', [79.42, 71.82, 72.73, 74.45]),
-    'wrn_40_2_ShuffleV1': ('ShuffleV1', 'WRN-40-2', [75.61, 70.50, 73.32, 74.83]),
+    'MobileNetV2_vgg13': ('MobileNetV2', 'vgg13', [74.64, 64.60, 59.40, 67.37]),
+    'MobileNetV2_ResNet50': ('MobileNetV2', 'ResNet50', [79.34, 64.60, 58.58, 67.35]),
+    'vgg8_ResNet50': ('vgg8', 'ResNet50', [79.34, 70.36, 71.84, 73.81]),
+    'ShuffleV1_resnet32x4': ('ShuffleV1', 'resnet32x4', [79.42, 70.50, 71.73, 74.07]),
+    'ShuffleV2_resnet32x4': ('ShuffleV2', 'resnet32x4', [79.42, 71.82, 72.73, 74.45]),
+    'ShuffleV1_wrn_40_2': ('ShuffleV1', 'WRN-40-2', [75.61, 70.50, 73.32, 74.83]),
 }
 CIFAR100_PAPER = {**CIFAR100_SAME, **CIFAR100_CROSS}
 CIFAR100_NETS = {'WRN-16-2': 'wrn_16_2', 'WRN-40-1': 'wrn_40_1', 'WRN-40-2': 'wrn_40_2'}  # cifar100.sh's run names

@@ -27,7 +27,7 @@ PROG=table1.sh CIFAR_FLAGS=
 script_args "$@"
 DATAROOT=$(from_caller "${DATAROOT:-.}")
 EPOCHS=${EPOCHS:-200}
-[[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "EPOCHS must be a positive whole number, got '$EPOCHS'"
+positive EPOCHS
 EPOCH_STEP=${EPOCH_STEP:-$(scaled_steps "$EPOCHS" 200 0 60 120 160)}
 SEEDS=${SEEDS:-0}
 TEACHER_SEEDS=${TEACHER_SEEDS:-0}

@@ -183,6 +183,8 @@ def test_entry_script_flags(prog, flag, value, says, data, sandbox, capfd):
 CIFAR_COMBOS = [
     (['--model', 'nin', '--init', 'crd'], 'NIN-1 has only the 2017 initialisation'),
     (['--model', 'vgg8', '--init', '2017'], 'vgg8 has only the crd initialisation'),
+    (['--model', 'vgg8', '--depth', '28'], '--model vgg8 has no --depth: its name fixes its layers'),
+    (['--model', 'nin', '--depth', '28'], '--model nin has no --depth'),
     (['--preset', 'crd', '--model', 'nin'], '--init crd: NIN-1 has only the 2017'),  # the preset's init
     (['--model', 'resnet8', '--at_pool', 'features', '--at_mode', 'paper', '--init', '2017'], '--init 2017'),
 ]
@@ -370,14 +372,15 @@ SHELL = [  # (script, arguments, environment)
     ('table1.sh', [], {'EPOCH_STEP': 'x'}), ('table1.sh', [], {'BETA': 'x'}), ('table1.sh', [], {'ALPHA': 'nan'}),
     ('table1.sh', [], {'FACTT_BETA': '-1'}), ('table1.sh', [], {'GRAD_BETA': 'x'}),
     ('table1.sh', [], {'PYTHON': 'no-such-python'}), ('table1.sh', [], {'DATAROOT': '{missing}'}),
-    ('table1.sh', [], {'LOGS': '{data}/a_file'}),
+    ('table1.sh', [], {'LOGS': '{data}/a_file'}), ('table1.sh', [], {'EPOCHS': '010'}),
     ('cifar100.sh', ['--nope'], {}), ('cifar100.sh', [], {'EPOCHS': 'x'}), ('cifar100.sh', [], {'SEEDS': '1 x'}),
     ('cifar100.sh', [], {'ROWS': 'x'}), ('cifar100.sh', [], {'PAIRS': 'x'}), ('cifar100.sh', [], {'PAIRS': 'nin'}),
     ('cifar100.sh', [], {'METHODS': 'factt'}), ('cifar100.sh', [], {'BETA': '-1'}),
     ('cifar100.sh', [], {'ALPHA': 'x'}), ('cifar100.sh', [], {'EPOCH_STEP': '[0]'}),
     ('cifar100.sh', [], {'PYTHON': 'no-such-python'}),
     ('imagenet.sh', ['--nope'], {}), ('imagenet.sh', [], {'IMAGENETPATH': '{missing}'}),
-    ('imagenet.sh', [], {'EPOCHS': 'x'}), ('imagenet.sh', [], {'BATCH': '0'}), ('imagenet.sh', [], {'NTHREAD': 'x'}),
+    ('imagenet.sh', [], {'EPOCHS': 'x'}), ('imagenet.sh', [], {'EPOCHS': '010'}), ('imagenet.sh', [], {'BATCH': '0'}),
+    ('imagenet.sh', [], {'NTHREAD': 'x'}),
     ('imagenet.sh', [], {'LAUNCH': 'x'}), ('imagenet.sh', [], {'BETA': 'x'}), ('imagenet.sh', [], {'EPOCH_STEP': 'x'}),
     ('imagenet.sh', [], {'LOGS': '{data}/a_file'}), ('imagenet.sh', [], {'TEACHER_WEIGHTS': '{missing}'}),
     ('imagenet.sh', [], {'IMAGENETPATH': ''}), ('imagenet.sh', [], {'IMAGENETPATH': '{data}/imagenet/train'}),
@@ -397,6 +400,8 @@ SHELL_SAYS = {  # what the line says, where it matters: (script, arguments, envi
     ('imagenet.sh', '', "LAUNCH='torchrun'"): 'LAUNCH=torchrun', ('imagenet.sh', '', "LAUNCH='ngpu:0'"): 'LAUNCH=ngpu:0',
     ('imagenet.sh', '', "EPOCHS='0'"): 'EPOCHS must be', ('imagenet.sh', '', "BETA='x'"): 'BETA must be a number',
     ('imagenet.sh', '', ''): 'cannot download',
+    **{(script, '', "EPOCHS='010'"): "EPOCHS must be a positive whole number, got '010'"  # one rule, not octal
+       for script in ('table1.sh', 'imagenet.sh')},
 }
 
 
@@ -412,7 +417,7 @@ def test_shell_script_input(script, argv, env, data, tmp_path):
     if script == 'table1.sh':
         env = {'DATAROOT': str(data / 'cifar'), 'EPOCHS': '1', 'ROWS': '16_1_16_2', 'METHODS': 'student', **env}
     if script == 'cifar100.sh':
-        env = {'DATAROOT': str(data / 'cifar'), 'EPOCHS': '1', 'ROWS': 'resnet56_20', 'METHODS': 'student', **env}
+        env = {'DATAROOT': str(data / 'cifar'), 'EPOCHS': '1', 'ROWS': 'resnet20_56', 'METHODS': 'student', **env}
     if script == 'imagenet.sh':
         env = {'IMAGENETPATH': str(data / 'imagenet'), 'EPOCHS': '1', **env}
     env = {'LOGS': str(tmp_path / 'logs'), 'PYTHON': sys.executable, **env}

@@ -142,9 +142,9 @@ def saves(lines):
     return [line.split('--save ')[1].split()[0].rsplit('/', 1)[1] for line in lines if '--save' in line]
 
 
-SAME = ['wrn_40_2_16_2', 'wrn_40_2_40_1', 'resnet56_20', 'resnet110_20', 'resnet110_32', 'resnet32x4_8x4', 'vgg13_8']
-CROSS = ['vgg13_MobileNetV2', 'ResNet50_MobileNetV2', 'ResNet50_vgg8', 'resnet32x4_ShuffleV1', 'resnet32x4_ShuffleV2',
-         'wrn_40_2_ShuffleV1']
+SAME = ['wrn_16_2_40_2', 'wrn_40_1_40_2', 'resnet20_56', 'resnet20_110', 'resnet32_110', 'resnet8x4_32x4', 'vgg8_13']
+CROSS = ['MobileNetV2_vgg13', 'MobileNetV2_ResNet50', 'vgg8_ResNet50', 'ShuffleV1_resnet32x4', 'ShuffleV2_resnet32x4',
+         'ShuffleV1_wrn_40_2']
 
 
 def test_dry_run_lists_every_run(tmp_path):
@@ -165,14 +165,17 @@ def test_dry_run_lists_every_run(tmp_path):
     for pair in SAME + CROSS:
         at = next(line for line in lines if f'--save {tmp_path}/at_{pair} ' in line)
         student, teacher = (summarize.CIFAR100.run_name(pair, m) for m in ('student', 'teacher'))
+        # student first, as 2017's at_16_1_16_2 (16-1 taught by 16-2) and RepDistiller's S:..._T:... name them
+        assert pair.startswith(student + '_') and teacher.removesuffix('_teacher').endswith(pair[len(student) + 1:])
         assert at.endswith(f'{" ".join(flags(student))} --teacher_id {tmp_path}/{teacher} --beta 1e+3'), at
-    short = cifar100_sh('--dry-run', LOGS=str(tmp_path), EPOCHS='24', SEEDS='0 1', PAIRS='resnet32x4_8x4',
+    short = cifar100_sh('--dry-run', LOGS=str(tmp_path), EPOCHS='24', SEEDS='0 1', PAIRS='resnet8x4_32x4',
                         METHODS='at').stdout.splitlines()
-    assert saves(short) == ['resnet32x4_teacher', 'at_resnet32x4_8x4', 'at_resnet32x4_8x4_s1']
+    assert saves(short) == ['resnet32x4_teacher', 'at_resnet8x4_32x4', 'at_resnet8x4_32x4_s1']
     assert "--epochs 24 --epoch_step '[16,19,22]'" in short[0] and '--seed 1' in short[-1]
-    assert cifar100_sh('--dry-run', LOGS=str(tmp_path), ROWS='vgg13_8', METHODS='kd').stdout.count('\n') == 2
+    assert cifar100_sh('--dry-run', LOGS=str(tmp_path), ROWS='vgg8_13', METHODS='kd').stdout.count('\n') == 2
     for env, message in (({'PAIRS': 'resnet56'}, 'unknown row resnet56'), ({'METHODS': 'fitnet'}, 'unknown method fitnet'),
-                         ({'EPOCHS': 'x'}, 'EPOCHS must be a positive whole number')):
+                         ({'EPOCHS': 'x'}, 'EPOCHS must be a positive whole number'),
+                         ({'EPOCHS': '010'}, "EPOCHS must be a positive whole number, got '010'")):
         p = cifar100_sh('--dry-run', **env)
         assert p.returncode == 2 and p.stderr.count('\n') == 1 and message in p.stderr
 
@@ -192,7 +195,7 @@ def test_stops_at_the_first_run_that_does_not_finish(tmp_path):
     fake.write_text('#!/bin/sh\nif [ "$1" = -m ]; then echo new; exit 0; fi\n'
                     'echo "$@" >> "$(dirname "$0")/calls"\nexit 143\n')
     fake.chmod(0o755)
-    p = cifar100_sh(LOGS=str(tmp_path / 'logs'), PYTHON=str(fake), ROWS='vgg13_8')
+    p = cifar100_sh(LOGS=str(tmp_path / 'logs'), PYTHON=str(fake), ROWS='vgg8_13')
     assert p.returncode == 143
     assert (tmp_path / 'calls').read_text().count('\n') == 1  # no run after the interrupted one
     d = f'{tmp_path}/logs/vgg13_teacher'
@@ -205,12 +208,12 @@ def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
     """resnet56 -> resnet20 with AT for 1 epoch on a tiny 100-class folder (the teacher, then the student);
     a second call finds both done; the table has their cells and shows the others missing."""
     data = make_class_folders(tmp_path / 'c100', classes=100, train_per_class=1, test_per_class=1)
-    env = dict(LOGS=str(tmp_path / 'logs'), DATAROOT=str(data), EPOCHS='1', ROWS='resnet56_20', METHODS='at',
+    env = dict(LOGS=str(tmp_path / 'logs'), DATAROOT=str(data), EPOCHS='1', ROWS='resnet20_56', METHODS='at',
                PYTHON=sys.executable, EXTRA='--no_progress --nthread 0', OMP_NUM_THREADS='1')
     p = cifar100_sh(**env)
     assert p.returncode == 0, p.stderr[-2000:]
     logs = tmp_path / 'logs'
-    at = read_log(logs / 'at_resnet56_20')[0]
+    at = read_log(logs / 'at_resnet20_56')[0]
     assert (at['preset'], at['model'], at['num_classes'], at['lr_restart_momentum'], at['batch_size']) == \
         ('crd', 'resnet20', 100, 0, 64)
     assert len(at['at_losses']) == 3 and at['beta'] == 1000 and at['alpha'] == 0
@@ -219,15 +222,15 @@ def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
     assert read_log(logs / 'resnet56_teacher')[0]['n_parameters'] == 861_620 + 2 * 2_128
     again = cifar100_sh(**env)
     assert again.returncode == 0 and again.stdout.splitlines() == [
-        f'# done: {logs}/{n}' for n in ('resnet56_teacher', 'at_resnet56_20')]
+        f'# done: {logs}/{n}' for n in ('resnet56_teacher', 'at_resnet20_56')]
 
     sys.path.insert(0, str(ROOT / 'scripts'))
     import summarize
     summarize.main([str(logs), '--table', 'cifar100', '--out', str(tmp_path / 'out' / 'c100')])
     rows = {(r['pair'], r['method']): r for r in json.loads((tmp_path / 'out' / 'c100.json').read_text())}
-    assert rows['resnet56_20', 'at']['last']['median'] == pytest.approx(at['test_acc'])
-    assert rows['resnet56_20', 'at']['paper'] == 70.55 and rows['resnet56_20', 'at']['seeds'] == 1
-    assert rows['resnet56_20', 'teacher']['seeds'] == 1 and rows['resnet110_20', 'teacher']['seeds'] == 0
+    assert rows['resnet20_56', 'at']['last']['median'] == pytest.approx(at['test_acc'])
+    assert rows['resnet20_56', 'at']['paper'] == 70.55 and rows['resnet20_56', 'at']['seeds'] == 1
+    assert rows['resnet20_56', 'teacher']['seeds'] == 1 and rows['resnet20_110', 'teacher']['seeds'] == 0
     md = (tmp_path / 'out' / 'c100.md').read_text()
     assert '| vgg8 | vgg13 | KD | 72.98 | — | — | — | — | 0 |' in md and 'top-1 accuracy %' in md
     # two tables, as published: the same-family pairs, then the cross-family ones with their figures
@@ -235,8 +238,8 @@ def test_one_row_end_to_end_then_summarized(tmp_path, monkeypatch):
     assert same < md.index('| resnet20 | resnet56 | AT | 70.55 |') < cross < md.index(
         '| MobileNetV2 | ResNet50 | AT | 58.58 | — | — | — | — | 0 |')
     assert '| ShuffleV1 | WRN-40-2 | teacher | 75.61 |' in md[cross:] and 'last-epoch figures' in md
-    assert rows['vgg13_MobileNetV2', 'kd']['paper'] == 67.37 and len(rows) == 13 * 4
-    summarize.main([str(logs), '--table', 'cifar100', '--rows', 'ResNet50_vgg8', '--out', str(tmp_path / 'out' / 'x')])
+    assert rows['MobileNetV2_vgg13', 'kd']['paper'] == 67.37 and len(rows) == 13 * 4
+    summarize.main([str(logs), '--table', 'cifar100', '--rows', 'vgg8_ResNet50', '--out', str(tmp_path / 'out' / 'x')])
     md = (tmp_path / 'out' / 'x.md').read_text()
     assert 'same family' not in md and md.count('| vgg8 | ResNet50 |') == 4 and '| 73.81 |' in md
 

@@ -141,6 +141,16 @@ def test_tiny_run_with_teacher(imagenet_work):
     # the student checkpoint evaluates by itself, and the teacher export too
     out = run_imagenet(['--imagenetpath', 'data', '--evaluate', '--resume', 'logs/at/model.pt7'], w).stdout
     assert f'top-1 error {100 - top1:.2f}%' in out and f'top-5 error {100 - top5:.2f}%' in out
+    # --resume auto finds it in --save; given as an export, one line says what was meant
+    auto = run_imagenet(['--imagenetpath', 'data', '--evaluate', '--resume', 'auto', '--save', 'logs/at'], w).stdout
+    assert auto == out
+    p = run_imagenet(['--imagenetpath', 'data', '--evaluate', 'logs/at/model.pt7'], w, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "imagenet.py: error: --evaluate logs/at/model.pt7 is a run's checkpoint, not an export: pass --evaluate "
+        "--resume logs/at/model.pt7"]
+    p = run_imagenet(['--imagenetpath', 'data', '--evaluate', '--resume', 'auto', '--save', 'logs/none'], w, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        'imagenet.py: error: --evaluate --resume auto: --save logs/none holds no model.pt7 to evaluate']
     out = run_imagenet(['--imagenetpath', 'data', '--evaluate', 'resnet-34-export.pth'], w).stdout
     assert 'top-1 error' in out and 'on 6 images' in out
 

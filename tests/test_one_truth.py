@@ -134,7 +134,7 @@ def test_paths_with_spaces_quotes_and_dollars_arrive_whole(tmp_path, script):
     fake.chmod(0o755)
     data, logs = tmp_path / "my data 'q' $HOME", tmp_path / 'runs $x "y"'
     env = {**OFFLINE_ENV, 'PYTHON': str(fake), 'DATAROOT': str(data), 'LOGS': str(logs), 'EPOCHS': '1',
-           'ROWS': '16_1_16_2' if script == 'table1.sh' else 'resnet56_20', 'METHODS': 'at'}
+           'ROWS': '16_1_16_2' if script == 'table1.sh' else 'resnet20_56', 'METHODS': 'at'}
     p = subprocess.run(['bash', str(ROOT / 'scripts' / script)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     calls = [json.loads(line) for line in record.read_text().splitlines()]
