@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import OFFLINE_ENV, ROOT
 
@@ -113,3 +114,51 @@ def test_command_parses(page, command, monkeypatch, tmp_path):
         p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                            env={**OFFLINE_ENV, 'PYTHON': sys.executable, **env})
         assert p.returncode == 0, p.stderr
+
+
+def test_flags_page_is_what_the_options_say():
+    p = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'flags_doc.py')], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (ROOT / 'docs' / 'flags.md').read_text() == p.stdout, \
+        'docs/flags.md differs from the options: python scripts/flags_doc.py > docs/flags.md'
+
+
+def counts(text):
+    return [int(n.replace(',', '')) for n in re.findall(r'\b\d{1,3}(?:,\d{3})+\b', text)]
+
+
+def count_of(name, classes, trained=True):
+    """The parameters of a network named as the docs name it (WRN-16-1, NIN-thin, ResNet-18, resnet8x4)."""
+    import resnet
+    import utils
+    with torch.device('meta'):
+        if name.startswith('WRN-'):
+            depth, width = name[4:].split('-')
+            params = resnet.wrn_params(int(depth), float(width), classes)
+        elif name.startswith('NIN-'):
+            params = resnet.nin_params({'thin': 0.45, 'wide': 1}[name[4:]], classes)
+        elif name.startswith('ResNet-'):
+            params = resnet.resnet_imagenet_params(int(name[7:]), 1, classes)
+        else:
+            params = resnet.cifar_model_params(name, 16, 1, classes)
+    return utils.n_trained(params) if trained else sum(v.numel() for v in params.values())
+
+
+def test_parameter_counts_in_the_docs_are_the_codes():
+    """Every parameter count the docs give, against the networks built here."""
+    page = {name: (ROOT / 'docs' / name).read_text() for name in ('tests.md', 'formats.md', 'imagenet.md',
+                                                                  'table1.md', 'cifar100.md')}
+    r18, r34 = count_of('ResNet-18', 1000), count_of('ResNet-34', 1000)
+    assert counts(page['tests.md'].split('parameter counts (')[1].split(');')[0]) == \
+        [count_of('WRN-16-1', 10), count_of('WRN-40-2', 10), r18, r34]
+    assert counts(page['formats.md'].split('`n_parameters` is the 2017 count')[1].split('\n\n')[0]) == \
+        [count_of('WRN-16-1', 10, trained=False), count_of('WRN-16-1', 10)]
+    assert counts(page['imagenet.md'].split('trained parameters')[0].split('\n')[-1]) == [r18, r34]
+    assert counts(page['table1.md'].split('NIN-thin is NIN-wide')[1].split('mlpconv')[0]) == \
+        [count_of('NIN-thin', 10), count_of('NIN-wide', 10)]
+    table = page['cifar100.md'].split('Trainable parameters, 100 classes')[1].split('\n\n')[1]
+    rows = re.findall(r'\| ([\w-]+) \| ([\d,]+) \|', table)
+    assert len(rows) == 21 and all(int(n.replace(',', '')) == count_of(name, 100) for name, n in rows), rows
+    totals = page['cifar100.md'].split('also counts the batch-norm statistics')[1].split('\n\n')[0]
+    assert counts(totals) == [count_of(n, 100, trained=False) for n in ('ResNet50', 'MobileNetV2', 'ShuffleV1',
+                                                                         'ShuffleV2')]

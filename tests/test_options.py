@@ -81,3 +81,9 @@ def test_after_parsing_only_settle_decides_options(module, cls, base, tmp_path, 
                        if module is cifar else
                        dict(nthread=imagenet_data.default_workers(), tensorboard=tensorboard, resume='run/model.pt7',
                             at_group_list=[0, 1, 2, 3], at_weight=0))
+
+
+def test_dtype_help_names_every_dtype_it_takes():
+    from training.device import NAMES
+    words = set(re.findall(r'\w+', options.SHARED_FLAGS['dtype']['help']))
+    assert set(NAMES) <= words, set(NAMES) - words
