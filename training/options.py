@@ -183,12 +183,8 @@ class Options:
 
 def at_weight(opt):
     """The AT weight on the mean over the whole batch, whatever the device count. The 2017 code summed
-    one AT loss per GPU, so its --ngpu N trained with N x beta: --at_sum_replicas 1 asks for that.
-    It means nothing under torchrun, which is refused rather than ignored."""
-    if opt.at_sum_replicas is not None and int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        raise UserError('--at_sum_replicas weighs the AT loss of --ngpu replicas inside one process; under torchrun '
-                        'each process takes the AT loss of its share and DistributedDataParallel averages the '
-                        'gradients, so beta already weighs the whole batch: drop --at_sum_replicas')
+    one AT loss per GPU, so its --ngpu N trained with N x beta: --at_sum_replicas 1 asks for that
+    (meaningless under torchrun: check_options refuses it there)."""
     if opt.ngpu > 1 and opt.beta and opt.at_sum_replicas is None:
         print(f'note: --ngpu {opt.ngpu} --beta {opt.beta:g} weighs the whole batch\'s AT loss by {opt.beta:g}; '
               f'the 2017 code summed one AT loss per GPU, a weight of {opt.ngpu * opt.beta:g}: pass '
@@ -216,6 +212,10 @@ def check_options(opt, positive=(), not_negative=()):
         raise UserError(f'--alpha must be between 0 and 1, got {opt.alpha}')
     if not 0 <= opt.seed < 2 ** 32:  # numpy's seed range
         raise UserError(f'--seed must be between 0 and 2**32 - 1, got {opt.seed}')
+    if opt.at_sum_replicas is not None and int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        raise UserError('--at_sum_replicas weighs the AT loss of --ngpu replicas inside one process; under torchrun '
+                        'each process takes the AT loss of its share and DistributedDataParallel averages the '
+                        'gradients, so beta already weighs the whole batch: drop --at_sum_replicas')
     if opt.ngpu > 1 and opt.compile:
         # DataParallel's replicas call one compiled function; dynamo guards on the device, so it compiles once
         # per GPU and, past its recompile limit, runs eagerly after a very long first step
