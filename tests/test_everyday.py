@@ -34,3 +34,14 @@ def test_every_module_is_touched_by_a_test_the_everyday_loop_runs():
 def test_readme_names_the_everyday_loop_after_the_full_suite():
     text = (ROOT / 'README.md').read_text()
     assert text.index('python -m pytest -q\n') < text.index('python -m pytest -q -m "not slow"')
+
+
+def test_the_layers_import_one_way():
+    """The paper's math and the networks import nothing from the machinery (docs/code.md), which
+    has at most ten modules; at most six files at the top."""
+    for name in ('utils.py', 'resnet.py', 'cifar_nets.py'):
+        imports = [n for n in ast.walk(ast.parse((ROOT / name).read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [getattr(n, 'module', None) or a.name for n in imports for a in n.names]
+        assert not [m for m in names if m and m.split('.')[0] == 'training'], name
+    assert len([p for p in (ROOT / 'training').glob('*.py') if p.name != '__init__.py']) <= 10
+    assert len(list(ROOT.glob('*.py'))) <= 6
