@@ -428,9 +428,9 @@ def fit(opt, run, prog):
         restore(opt.resume, state, {k: v for k, v in run.saved.items() if not (new_teacher and is_teacher(k))},
                 optimizer)
         # the options' lr and weight decay at the resume epoch, not the checkpoint's: equal to them
-        # bit for bit unless --allow_change lets them differ, and then the new ones take effect
-        for group, new in zip(optimizer.param_groups, run.make_optimizer(run.schedule.lr(state['epoch'])).param_groups):
-            group.update({k: v for k, v in new.items() if k != 'params'})
+        # bit for bit (Schedule.lr) unless --allow_change lets them differ, and then the new ones take effect
+        for group in optimizer.param_groups:
+            group.update(lr=run.schedule.lr(state['epoch']), weight_decay=opt.weight_decay)
     epoch = state['epoch'] if state else 0
     model = distributed(run.distiller, run.device)  # every rank starts from rank 0's weights
     signals, plan = Signals(prog), SignalPlan()
@@ -445,8 +445,7 @@ def fit(opt, run, prog):
             rundir.record_session(opt.save, run.device, dist.world, epoch,
                                   **{k: v for k, v in (run.data or {}).items() if k.startswith('teacher_')})
             if opt.tensorboard:
-                writer.board = Board(opt.save, len(run.train_loader),
-                                     (n_images(run.train_loader), n_images(run.test_loader)), opt.tensorboard_every,
+                writer.board = Board(opt.save, len(run.train_loader), run.data['images'], opt.tensorboard_every,
                                      epoch, rundir.read_json_stats(writer.log_path) if os.path.exists(writer.log_path) else [])
         except rundir.WriteError as e:
             raise writer.failed(e) from None
